@@ -1,0 +1,138 @@
+"""The ``fpengine`` command line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from finephys.errors import InputError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Bad input becomes one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="fpengine")
+def main():
+    """fpengine: fast inference for FinePhys pose-guided human action video generation."""
+
+
+PATH = click.Path(path_type=Path)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    return path
+
+
+@main.command()
+@click.option("--poses", "poses", type=PATH, required=True, help="Pose clip (clip.npz v1).")
+@click.option("--prompt", required=True, help="What the video shows.")
+@click.option("--negative-prompt", default="", help="What to steer away from.")
+@click.option("--ckpt", type=PATH, default=None, help="FinePhys checkpoint folder (default: embedded demo model).")
+@click.option("--backend", type=click.Choice(["reference"]), default="reference", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--frames", "num_frames", type=int, default=None, help="Frames to generate (default: the model's window).")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--steps", "num_inference_steps", type=int, default=None, help="Denoising steps.")
+@click.option("--guidance", "guidance_scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=PATH, required=True, help="Video (.mp4) or a folder for PNG frames (no suffix).")
+@click.option("--save-poses", type=PATH, default=None, help="Write every pose stage to this .npz.")
+@click.option("--preview", type=PATH, default=None, help="Render input and projected skeletons to this .mp4.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def generate(poses, prompt, negative_prompt, ckpt, backend, device, num_frames, height, width,
+             num_inference_steps, guidance_scale, seed, out, save_poses, preview, overwrite):
+    """Generate a video of a person moving as the pose clip shows."""
+    from finephys.clip import load_clip
+
+    from .generate import GenerateOptions, generate as run, load_model, pick_device
+    from .outputs import check_distinct, check_output, save_npz, write_frames, write_pose_preview
+
+    check_output(out, overwrite, "--out", () if Path(out).suffix == "" else (".mp4",))
+    check_output(save_poses, overwrite, "--save-poses", (".npz",))
+    check_output(preview, overwrite, "--preview", (".mp4",))
+    check_distinct({"--out": out, "--save-poses": save_poses, "--preview": preview, "--poses": poses})
+    clip = load_clip(_existing(poses, "--poses"))
+    if ckpt is not None:
+        _existing(ckpt, "--ckpt")
+    model = load_model(ckpt, device=pick_device(device))
+    opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                           guidance_scale, seed)
+    result = run(model, clip, opts)
+    for note in result.notes:
+        click.echo(note, err=True)
+    write_frames(result.frames, out, model.config.fps, overwrite)
+    if save_poses is not None:
+        save_npz(save_poses, result.stages.to_npz_dict())
+    if preview is not None:
+        write_pose_preview(result.stages, preview, overwrite)
+    f, h, w = result.frames.shape[:3]
+    click.echo(f"wrote {out}: {f} frames of {h}x{w} at {model.config.fps:g} fps", err=True)
+
+
+@main.command()
+@click.option("--poses", "poses", type=PATH, required=True, help="Pose clip (clip.npz v1).")
+@click.option("--ckpt", type=PATH, default=None, help="FinePhys checkpoint folder (default: embedded demo model).")
+@click.option("--out", type=PATH, required=True, help="Pose stages .npz.")
+@click.option("--preview", type=PATH, default=None, help="Render input and projected skeletons to this .mp4.")
+@click.option("--overwrite", is_flag=True)
+def poses(poses, ckpt, out, preview, overwrite):
+    """Run the pose stack alone (lift, physics, fuse, project) and save every stage."""
+    from finephys.clip import load_clip
+    from finephys.pipeline import prepare_clip, run_pose_stack
+
+    from .generate import load_model
+    from .outputs import check_distinct, check_output, save_npz, write_pose_preview
+
+    check_output(out, overwrite, "--out", (".npz",))
+    check_output(preview, overwrite, "--preview", (".mp4",))
+    check_distinct({"--out": out, "--preview": preview, "--poses": poses})
+    clip = load_clip(_existing(poses, "--poses"))
+    model = load_model(None if ckpt is None else _existing(ckpt, "--ckpt"))
+    clip, notes = prepare_clip(clip, model)
+    for note in notes:
+        click.echo(note, err=True)
+    stages = run_pose_stack(model, clip)
+    save_npz(out, stages.to_npz_dict())
+    if preview is not None:
+        write_pose_preview(stages, preview, overwrite)
+    click.echo(f"wrote {out}: {stages.s_fused.shape[0]} frames", err=True)
+
+
+@main.command()
+@click.argument("out", type=PATH)
+@click.option("--demo", is_flag=True, help="Write the small seeded demo model.")
+@click.option("--overwrite", is_flag=True)
+def init(out, demo, overwrite):
+    """Compose a FinePhys checkpoint folder OUT."""
+    import tempfile
+
+    from finephys.checkpoint import prepare_output_dir, save_checkpoint
+    from finephys.demo import make_demo_parts
+    from finephys.text import write_clip_tokenizer
+
+    prepare_output_dir(out, overwrite)
+    if not demo:
+        raise InputError("init: pass --demo (composing from public weights is not available yet)")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(Path(tmp))
+        save_checkpoint(make_demo_parts(Path(tmp)), out, Path(tmp), overwrite=overwrite)
+    click.echo(f"wrote the demo checkpoint to {out}", err=True)

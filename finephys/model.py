@@ -1,0 +1,137 @@
+"""Assembly of the whole FinePhys model from its configs: pose stack, heatmap encoder, and the
+SD 1.5 + AnimateDiff + LoRA backbone built with diffusers / transformers / peft."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import FinePhysConfig
+from .encoder import HeatmapEncoder
+from .lifter import Lifter
+from .physnet import PhysNet
+from .unet import PoseGuidedUNet
+
+UNET_LORA_PATTERN = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.({})"
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def build_unet(cfg: FinePhysConfig):
+    from diffusers import UNetMotionModel
+
+    return UNetMotionModel.from_config(dict(cfg.unet))
+
+
+def build_vae(cfg: FinePhysConfig):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_config(dict(cfg.vae))
+
+
+def build_text_encoder(cfg: FinePhysConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))
+
+
+def build_scheduler(cfg: FinePhysConfig):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(dict(cfg.scheduler))
+
+
+@dataclass
+class FinePhysParts:
+    """The un-merged components as stored in a checkpoint (LoRA kept apart, peft naming)."""
+
+    config: FinePhysConfig
+    lifter: Lifter
+    physnet: PhysNet
+    encoder: HeatmapEncoder
+    unet: nn.Module  # diffusers UNetMotionModel without LoRA
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    lora: dict = field(default_factory=dict)  # "unet.<module>.lora_A.weight" / "text_encoder...."
+
+
+def new_parts(cfg: FinePhysConfig, tokenizer, seed: int = 0) -> FinePhysParts:
+    """Randomly initialised components (seeded) for ``cfg``."""
+    torch.manual_seed(seed)
+    return FinePhysParts(
+        config=cfg,
+        lifter=Lifter(cfg.pose.lifter),
+        physnet=PhysNet(cfg.pose.physnet),
+        encoder=HeatmapEncoder(cfg.encoder),
+        unet=build_unet(cfg),
+        vae=build_vae(cfg),
+        text_encoder=build_text_encoder(cfg),
+        tokenizer=tokenizer,
+    )
+
+
+def _lora_state(lora: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1 :]: v for k, v in lora.items() if k.startswith(prefix + ".")}
+
+
+def apply_lora(parts: FinePhysParts) -> None:
+    """Attach the checkpoint's LoRA to the UNet / text encoder as peft adapters (unmerged)."""
+    cfg = parts.config.lora
+    if cfg is None or not parts.lora:
+        return
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    unet_sd = _lora_state(parts.lora, "unet")
+    if unet_sd:
+        pattern = UNET_LORA_PATTERN.format("|".join(t.replace(".", r"\.") for t in cfg.target_modules))
+        parts.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=pattern))
+        _set_strict(parts.unet, unet_sd, set_peft_model_state_dict, "LoRA (unet)")
+    text_sd = _lora_state(parts.lora, "text_encoder")
+    if text_sd:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(
+            LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(TEXT_LORA_TARGETS)), parts.text_encoder
+        )
+        _set_strict(parts.text_encoder, text_sd, set_peft_model_state_dict, "LoRA (text encoder)")
+
+
+def _set_strict(module, sd, setter, what):
+    from .weights import check_state_dict
+
+    expected = {
+        re.sub(r"\.(lora_[AB])\.default\.", r".\1.", k): v for k, v in module.state_dict().items() if ".lora_" in k
+    }
+    check_state_dict(expected, sd, what)
+    result = setter(module, sd)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{what}: peft left keys unused: {result.unexpected_keys[:5]}")
+
+
+@dataclass
+class FinePhysModel:
+    parts: FinePhysParts
+    unet: PoseGuidedUNet
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def config(self) -> FinePhysConfig:
+        return self.parts.config
+
+    def scheduler(self):
+        return build_scheduler(self.config)
+
+
+def assemble(parts: FinePhysParts, device="cpu", dtype=torch.float32) -> FinePhysModel:
+    apply_lora(parts)
+    for m in (parts.lifter, parts.physnet, parts.encoder, parts.unet, parts.vae, parts.text_encoder):
+        m.eval().requires_grad_(False)
+    # The pose stack always runs in fp32: it is small and its outputs guide everything else.
+    parts.lifter.to(device)
+    parts.physnet.to(device)
+    for m in (parts.encoder, parts.unet, parts.vae, parts.text_encoder):
+        m.to(device=device, dtype=dtype)
+    return FinePhysModel(parts=parts, unet=PoseGuidedUNet(parts.unet), device=torch.device(device), dtype=dtype)

@@ -1,0 +1,132 @@
+"""The reference pipeline: pose stack (lift, physics, fuse, project), heatmaps, and DDIM with
+classifier-free guidance over the pose-guided UNet, then VAE decode. Eager PyTorch; the ground
+truth that every other backend is checked against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kernels.heatmap import render_heatmaps_ref
+
+from .camera import fit_and_project
+from .clip import PoseClip, resample, to_layout
+from .errors import InputError
+from .lifter import normalise_2d
+from .model import FinePhysModel
+from .text import encode_prompts
+
+
+@dataclass(frozen=True)
+class PoseStages:
+    """Every stage of the pose stack for one clip, in the model's layout and frame rate."""
+
+    input_2d: np.ndarray  # (T,J,2) pixels
+    scores: np.ndarray  # (T,J)
+    s_dd: np.ndarray  # (T,J,3) metres, root-relative
+    s_pp: np.ndarray
+    s_fused: np.ndarray
+    projected_2d: np.ndarray  # (T,J,2) pixels
+    image_size: tuple[int, int]
+    fps: float
+    layout: str
+
+    def to_npz_dict(self) -> dict:
+        return {
+            "input_2d": self.input_2d, "scores": self.scores, "s_dd": self.s_dd, "s_pp": self.s_pp,
+            "s_fused": self.s_fused, "projected_2d": self.projected_2d,
+            "image_size": np.asarray(self.image_size, dtype=np.int64), "fps": np.float64(self.fps),
+            "layout": np.asarray(self.layout),
+        }
+
+
+def prepare_clip(clip: PoseClip, model: FinePhysModel) -> tuple[PoseClip, list[str]]:
+    """Convert to the model's layout and frame rate; returns the clip and notes for the user."""
+    notes = []
+    cfg = model.config
+    clip = to_layout(clip, cfg.layout)
+    if abs(clip.fps - cfg.fps) > 1e-6:
+        before = clip.num_frames
+        clip = resample(clip, cfg.fps)
+        notes.append(f"resampled the clip from {before} frames at its fps to {clip.num_frames} frames at {cfg.fps:g} fps")
+    if clip.num_frames < 3:
+        raise InputError(f"clip: at least 3 frames needed at {cfg.fps:g} fps, got {clip.num_frames}")
+    return clip, notes
+
+
+@torch.no_grad()
+def run_pose_stack(model: FinePhysModel, clip: PoseClip) -> PoseStages:
+    """Lift, re-estimate with physics, fuse and project back; ``clip`` must be prepared."""
+    p = model.parts
+    dev = model.device
+    kp = torch.as_tensor(clip.keypoints, dtype=torch.float32, device=dev)[None]
+    sc = torch.as_tensor(clip.scores, dtype=torch.float32, device=dev)[None]
+    height, width = clip.image_size
+    s_dd = p.lifter(normalise_2d(kp, sc, width), sc)
+    s_pp, s_fused, _ = p.physnet(s_dd, dt=1.0 / model.config.fps, fuse_weight=model.config.pose.fuse_weight)
+    K = None if clip.camera_matrix is None else torch.as_tensor(clip.camera_matrix, dtype=torch.float32)
+    dist = None if clip.dist_coeffs is None else torch.as_tensor(clip.dist_coeffs, dtype=torch.float32)
+    projected = fit_and_project(s_fused, kp, sc, K, dist)
+    f = lambda x: x[0].float().cpu().numpy()  # noqa: E731
+    return PoseStages(
+        input_2d=clip.keypoints, scores=clip.scores, s_dd=f(s_dd), s_pp=f(s_pp), s_fused=f(s_fused),
+        projected_2d=f(projected), image_size=tuple(clip.image_size), fps=clip.fps, layout=clip.layout,
+    )
+
+
+def pose_heatmaps(model: FinePhysModel, stages: PoseStages, height: int, width: int) -> torch.Tensor:
+    """Heatmaps (T, J, H, W) at the video size from the projected skeleton."""
+    ih, iw = stages.image_size
+    kp = torch.as_tensor(stages.projected_2d, dtype=torch.float32, device=model.device).clone()
+    kp[..., 0] *= width / iw
+    kp[..., 1] *= height / ih
+    vis = torch.ones(kp.shape[:-1], device=model.device)
+    sigma = model.config.pose.heatmap_sigma * max(height, width) / 512.0
+    return render_heatmaps_ref(kp[None], vis[None], height, width, sigma)[0]
+
+
+def check_video_size(height: int, width: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % 8:
+            raise InputError(f"{name}: expected a positive multiple of 8, got {v}")
+
+
+@torch.no_grad()
+def denoise(model, heatmaps, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, progress=True):
+    """DDIM with classifier-free guidance; heatmaps (F,J,H,W) -> final latents (1,4,F,H/8,W/8)."""
+    p = model.parts
+    frames, _, height, width = heatmaps.shape
+    sched = model.scheduler()
+    sched.set_timesteps(num_inference_steps, device=model.device)
+    cfg_on = guidance_scale > 1.0
+    texts = [negative_prompt, prompt] if cfg_on else [prompt]
+    emb = encode_prompts(p.tokenizer, p.text_encoder, texts).to(model.dtype)
+    emb = emb.repeat_interleave(frames, dim=0)  # UNetMotionModel takes B*F text embeddings
+    feats = p.encoder(heatmaps.to(model.dtype))  # once per clip, reused at every step
+    if cfg_on:
+        feats = [torch.cat([f, f]) for f in feats]
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    shape = (1, p.unet.config.in_channels, frames, height // 8, width // 8)
+    latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device, model.dtype)
+    latents = latents * sched.init_noise_sigma
+    for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
+        x = torch.cat([latents, latents]) if cfg_on else latents
+        x = sched.scale_model_input(x, t)
+        noise = model.unet(x, t, emb, feats)
+        if cfg_on:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        latents = sched.step(noise, t, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode(model: FinePhysModel, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
+    """(1,4,F,h,w) latents -> (F,H,W,3) uint8 frames."""
+    vae = model.parts.vae
+    z = latents[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
+    out = [vae.decode(z[i : i + chunk].to(model.dtype)).sample.float() for i in range(0, z.shape[0], chunk)]
+    img = torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return img.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,45 @@
+import torch
+
+from finephys.camera import (
+    fit_and_project, fit_pinhole_translation, fit_weak_perspective, project_pinhole, project_weak_perspective,
+)
+
+
+def _skeleton(b=2, t=5, j=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, j, 3, generator=g) * 0.3
+
+
+def test_weak_perspective_round_trip_with_missing_joints():
+    s = _skeleton()
+    scale = torch.tensor([310.0, 170.0])
+    offset = torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(1)) * 200
+    kp = project_weak_perspective(s, scale, offset)
+    w = torch.rand(2, 5, 17, generator=torch.Generator().manual_seed(2))
+    w[:, :, :5] = 0
+    kp_noisy = kp.clone()
+    kp_noisy[:, :, :5] += 1000  # missing joints' coordinates must not matter
+    fs, fo = fit_weak_perspective(s, kp_noisy, w)
+    torch.testing.assert_close(fs, scale, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(fo, offset, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(fit_and_project(s, kp_noisy, w)[:, :, 5:], kp[:, :, 5:], rtol=1e-4, atol=1e-2)
+
+
+def test_frames_without_joints_take_the_nearest_frame():
+    s = _skeleton(b=1, t=4)
+    kp = project_weak_perspective(s, torch.tensor([200.0]), torch.tensor([[[10.0, 10], [20, 20], [30, 30], [40, 40]]]))
+    w = torch.ones(1, 4, 17)
+    w[0, 3] = 0
+    _, off = fit_weak_perspective(s, kp, w)
+    torch.testing.assert_close(off[0, 3], off[0, 2])
+
+
+def test_pinhole_with_distortion_round_trip():
+    s = _skeleton()
+    K = torch.tensor([[900.0, 0, 640], [0, 880, 360], [0, 0, 1]])
+    dist = torch.tensor([-0.2, 0.05, 0.001, -0.002, 0.01])
+    trans = torch.tensor([0.3, -0.1, 4.0]) + torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(3)) * 0.2
+    kp = project_pinhole(s, trans, K, dist)
+    w = torch.ones(2, 5, 17)
+    torch.testing.assert_close(fit_pinhole_translation(s, kp, w, K, dist), trans, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fit_and_project(s, kp, w, K, dist), kp, rtol=1e-4, atol=1e-2)

@@ -1,0 +1,130 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.generate import GenerateOptions, generate, load_model
+from engine.video import read_video
+
+SMALL = ["--frames", "4", "--height", "64", "--width", "96", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_model(None)
+
+
+def test_generate_frames_and_determinism(demo_model, walk_clip):
+    opts = GenerateOptions("a person walking", num_frames=5, height=64, width=96, num_inference_steps=2, seed=3)
+    a = generate(demo_model, walk_clip, opts, progress=False)
+    b = generate(demo_model, walk_clip, opts, progress=False)
+    c = generate(demo_model, walk_clip, GenerateOptions(**{**opts.__dict__, "seed": 4}), progress=False)
+    assert a.frames.shape == (5, 64, 96, 3) and a.frames.dtype == np.uint8
+    assert np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.frames, c.frames)
+    assert a.frames.std() > 0
+
+
+def test_cli_generate_writes_video_poses_and_preview(tmp_path, demo_ckpt):
+    out, poses, prev = tmp_path / "v.mp4", tmp_path / "s.npz", tmp_path / "p.mp4"
+    args = ["generate", "--poses", "examples/walk.npz", "--prompt", "a person walking", "--ckpt", str(demo_ckpt),
+            "--out", str(out), "--save-poses", str(poses), "--preview", str(prev), *SMALL]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert read_video(out).shape == (4, 64, 96, 3)
+    stages = np.load(poses, allow_pickle=False)
+    assert stages["s_fused"].shape == (24, 17, 3) and stages["projected_2d"].shape == (24, 17, 2)
+    assert read_video(prev).shape[0] == 24
+    r = CliRunner().invoke(main, args)  # outputs exist now
+    assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output
+
+
+def test_cli_poses(tmp_path):
+    r = CliRunner().invoke(main, ["poses", "--poses", "examples/walk.npz", "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "s.npz")["s_dd"].shape == (24, 17, 3)
+
+
+def _bad_clip(tmp_path, **change):
+    base = dict(np.load("examples/walk.npz", allow_pickle=False))
+    base.update(change)
+    for k in [k for k, v in change.items() if v is None]:
+        del base[k]
+    path = tmp_path / "bad.npz"
+    np.savez(path, **base)
+    return str(path)
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(scores=None), "scores"),
+    (dict(layout=np.asarray("coco18")), "layout"),
+    (dict(image_size=None), "image_size"),
+    ("nan", "NaN"),
+    ("wide", "17"),
+    ("short", "3 frames"),
+    ("zeros", "scores"),
+    ("range", "[0"),
+])
+def test_cli_bad_clips_one_line(tmp_path, change, words):
+    kp = np.load("examples/walk.npz")["keypoints"]
+    sc = np.load("examples/walk.npz")["scores"]
+    if change == "nan":
+        kp = kp.copy(); kp[2, 3, 0] = np.nan; change = dict(keypoints=kp)
+    elif change == "wide":
+        change = dict(keypoints=np.concatenate([kp, kp[:, :1]], 1), scores=np.concatenate([sc, sc[:, :1]], 1))
+    elif change == "short":
+        change = dict(keypoints=kp[:2], scores=sc[:2])
+    elif change == "zeros":
+        change = dict(scores=np.zeros_like(sc))
+    elif change == "range":
+        sc = sc.copy(); sc[0, 0] = 1.5; change = dict(scores=sc)
+    out = tmp_path / "v.mp4"
+    r = CliRunner().invoke(main, ["generate", "--poses", _bad_clip(tmp_path, **change), "--prompt", "x", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert words.lower() in r.output.lower(), r.output
+    assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output
+    assert not out.exists() and not list(tmp_path.glob(".v*"))
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--height", "60"], "multiple of 8"),
+    (["--out", "nodir/v.mp4"], "does not exist"),
+    (["--frames", "40"], "frames"),
+    (["--ckpt", "nope"], "does not exist"),
+    (["--poses", "missing.npz"], "does not exist"),
+])
+def test_cli_bad_options(tmp_path, extra, words):
+    args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_cli_bad_checkpoint_weights(tmp_path, demo_ckpt):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(demo_ckpt, ck)
+    (ck / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 10)
+    r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--ckpt", str(ck),
+                                  "--out", str(tmp_path / "v.mp4")])
+    assert r.exit_code == 2 and "unet" in r.output and not (tmp_path / "v.mp4").exists(), r.output
+
+
+def test_long_prompt_warns_and_runs(tmp_path):
+    r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "jump " * 90,
+                                  "--out", str(tmp_path / "v.mp4"), *SMALL])
+    assert r.exit_code == 0, r.output
+
+
+def test_real_subprocess(tmp_path):
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "engine", "generate", "--poses", "examples/walk.npz", "--prompt", "a walk",
+           "--out", str(out), *SMALL]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert read_video(out).shape == (4, 64, 96, 3)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
