@@ -44,15 +44,17 @@ def project_weak_perspective(s3d, scale, offset):
 
 
 def distort(xn, dist):
-    """Normalised coords (...,2) -> distorted normalised coords with OpenCV k1,k2,p1,p2[,k3]."""
+    """Normalised coords (...,2) -> distorted, OpenCV model: k1,k2,p1,p2[,k3[,k4,k5,k6]]."""
     if dist is None:
         return xn
-    k = torch.zeros(5, dtype=xn.dtype, device=xn.device)
-    dist = torch.as_tensor(dist, dtype=xn.dtype, device=xn.device).flatten()[:5]
+    k = torch.zeros(8, dtype=xn.dtype, device=xn.device)
+    dist = torch.as_tensor(dist, dtype=xn.dtype, device=xn.device).flatten()
+    if dist.numel() not in (4, 5, 8):
+        raise ValueError(f"dist_coeffs: expected 4, 5 or 8 numbers, got {dist.numel()}")
     k[: dist.numel()] = dist
     x, y = xn[..., 0], xn[..., 1]
     r2 = x * x + y * y
-    radial = 1 + k[0] * r2 + k[1] * r2 * r2 + k[4] * r2 * r2 * r2
+    radial = (1 + r2 * (k[0] + r2 * (k[1] + r2 * k[4]))) / (1 + r2 * (k[5] + r2 * (k[6] + r2 * k[7])))
     xd = x * radial + 2 * k[2] * x * y + k[3] * (r2 + 2 * x * x)
     yd = y * radial + k[2] * (r2 + 2 * y * y) + 2 * k[3] * x * y
     return torch.stack([xd, yd], dim=-1)

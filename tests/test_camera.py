@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from finephys.camera import (
@@ -34,10 +35,15 @@ def test_frames_without_joints_take_the_nearest_frame():
     torch.testing.assert_close(off[0, 3], off[0, 2])
 
 
-def test_pinhole_with_distortion_round_trip():
+@pytest.mark.parametrize("dist", [
+    [-0.2, 0.05, 0.001, -0.002],
+    [-0.2, 0.05, 0.001, -0.002, 0.01],
+    [-0.2, 0.05, 0.001, -0.002, 0.01, 0.02, -0.01, 0.003],
+])
+def test_pinhole_with_distortion_round_trip(dist):
     s = _skeleton()
     K = torch.tensor([[900.0, 0, 640], [0, 880, 360], [0, 0, 1]])
-    dist = torch.tensor([-0.2, 0.05, 0.001, -0.002, 0.01])
+    dist = torch.tensor(dist)
     trans = torch.tensor([0.3, -0.1, 4.0]) + torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(3)) * 0.2
     kp = project_pinhole(s, trans, K, dist)
     w = torch.ones(2, 5, 17)

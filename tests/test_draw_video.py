@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+from engine.video import VideoWriter, read_video, write_frames_dir, write_video
+from finephys.draw import BACKGROUND, SIDE_COLORS, draw_skeleton, render_pose_frames
+from finephys.errors import InputError
+
+
+def pose():
+    kp = np.array([[32, 40], [24, 40], [24, 52], [24, 62], [40, 40], [40, 52], [40, 62],
+                   [32, 30], [32, 20], [32, 15], [32, 10], [42, 20], [50, 24], [56, 28],
+                   [22, 20], [14, 24], [8, 28]], np.float64)
+    return kp, np.ones(17)
+
+
+def test_draw_skeleton_pixels():
+    kp, sc = pose()
+    sc[16] = 0  # right wrist missing
+    kp[16] = np.nan
+    img = np.zeros((64, 64, 3), np.uint8)
+    out = draw_skeleton(img, kp, sc, radius=2, thickness=2)
+    assert out is img
+    assert tuple(img[28, 56]) == SIDE_COLORS["left"]  # l_wrist
+    assert tuple(img[24, 14]) == SIDE_COLORS["right"]  # r_elbow
+    assert tuple(img[10, 32]) == SIDE_COLORS["center"]  # head
+    assert tuple(img[46, 24]) == SIDE_COLORS["right"]  # middle of the r_hip - r_knee limb
+    assert img[28, 8].sum() == 0 and img[26, 11].sum() == 0  # missing wrist and its limb
+    lit = np.argwhere(img.any(axis=2))
+    dist = np.min(np.linalg.norm(lit[:, None, ::-1] - kp[None, :16], axis=2), axis=1)
+    assert dist.max() < 9  # nothing far from the skeleton
+    assert not img[:5].any() and not img[:, 60:].any() and not img[:, :5].any()
+    one = draw_skeleton(np.zeros((64, 64, 3), np.uint8), kp, sc, color=(1, 2, 3))
+    assert set(map(tuple, one.reshape(-1, 3))) == {(0, 0, 0), (1, 2, 3)}
+
+
+def test_draw_off_image_and_bad_input():
+    kp, sc = pose()
+    img = np.zeros((64, 64, 3), np.uint8)
+    draw_skeleton(img, kp + 1000, sc)
+    assert not img.any()
+    with pytest.raises(InputError, match=r"\(17, 2\)"):
+        draw_skeleton(img, kp[:5], sc)
+    with pytest.raises(InputError, match="uint8"):
+        draw_skeleton(img.astype(np.float32), kp, sc)
+
+
+def test_render_pose_frames():
+    kp, sc = pose()
+    a = np.stack([kp, kp + 2, kp + 4])
+    s = np.ones((3, 17))
+    frames = render_pose_frames([a, a], [s, s], (64, 64), titles=["in", "out"])
+    assert frames.shape == (3, 64, 128, 3) and frames.dtype == np.uint8
+    assert tuple(frames[0, 63, 0]) == BACKGROUND
+    assert tuple(frames[0, 28, 56]) == SIDE_COLORS["left"]
+    assert tuple(frames[0, 28, 64 + 56]) == SIDE_COLORS["left"]
+    assert tuple(frames[2, 32, 60]) == SIDE_COLORS["left"]
+    assert (frames[0, :12, :30] != BACKGROUND).any()  # the title
+    with pytest.raises(InputError, match="clip 1"):
+        render_pose_frames([a, a[:2]], [s, s[:2]], (64, 64))
+
+
+def test_video_round_trip(tmp_path):
+    frames = np.zeros((5, 48, 64, 3), np.uint8)
+    for t in range(5):
+        frames[t, 8:24, 8 + 4 * t:24 + 4 * t] = (255, 255, 255)
+    path = write_video(frames, tmp_path / "v.mp4", fps=8)
+    back = read_video(path)
+    assert back.shape == (5, 48, 64, 3)
+    assert np.abs(back.astype(int) - frames).mean() < 8
+    with pytest.raises(InputError, match="already exists"):
+        write_video(frames, path, fps=8)
+    write_video(iter(frames[:3]), path, fps=8, overwrite=True)
+    assert read_video(path).shape[0] == 3
+    with pytest.raises(InputError, match="parent folder"):
+        write_video(frames, tmp_path / "no" / "v.mp4", fps=8)
+    odd = write_video(np.zeros((2, 27, 41, 3), np.uint8), tmp_path / "odd.mp4", fps=8)
+    assert read_video(odd).shape == (2, 28, 42, 3)  # padded to even sizes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mp4", "v.mp4"]
+
+
+def test_interrupted_writer_leaves_nothing(tmp_path):
+    path = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path, fps=8) as writer:
+            writer.append(np.zeros((16, 16, 3), np.uint8))
+            raise KeyboardInterrupt
+    with pytest.raises(InputError, match="frame 1"):
+        write_video([np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)], path, 8)
+    with pytest.raises(InputError, match="no frames"):
+        write_video([], path, 8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_frames_dir(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (3, 8, 10, 3), dtype=np.uint8)
+    folder = write_frames_dir(frames, tmp_path / "f")
+    assert sorted(p.name for p in folder.iterdir()) == [f"frame_0000{i}.png" for i in range(3)]
+    with pytest.raises(InputError, match="already exists"):
+        write_frames_dir(frames, folder)
+    write_frames_dir(frames[:1], folder, overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["frame_00000.png"]
+    with pytest.raises(InputError, match="frame 1"):
+        write_frames_dir([frames[0], frames[0, :4]], tmp_path / "g")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "frame_00000.png")), frames[0])
