@@ -112,6 +112,13 @@ def _set_strict(module, sd, setter, what):
 
 @dataclass
 class FinePhysModel:
+    """The reference backend: eager PyTorch over the assembled parts.
+
+    Every backend offers the same four calls the sampler needs (``encode_text``,
+    ``encode_pose``, ``predict_noise``, ``decode_latents``) plus ``config``, ``device`` and
+    ``dtype``; ``finephys.pipeline`` drives any of them.
+    """
+
     parts: FinePhysParts
     unet: PoseGuidedUNet
     device: torch.device = torch.device("cpu")
@@ -121,8 +128,32 @@ class FinePhysModel:
     def config(self) -> FinePhysConfig:
         return self.parts.config
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.unet.get("in_channels", 4))
+
     def scheduler(self):
         return build_scheduler(self.config)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        from .text import tokenize
+
+        ids = tokenize(self.parts.tokenizer, prompts).to(self.device)
+        return self.parts.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_pose(self, heatmaps: torch.Tensor) -> list[torch.Tensor]:
+        return self.parts.encoder(heatmaps.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor:
+        return self.unet(sample, timestep, text, pose_features)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.parts.vae
+        return vae.decode(latents.to(self.device, self.dtype) / vae.config.scaling_factor).sample
 
 
 def assemble(parts: FinePhysParts, device="cpu", dtype=torch.float32) -> FinePhysModel:
@@ -133,5 +164,7 @@ def assemble(parts: FinePhysParts, device="cpu", dtype=torch.float32) -> FinePhy
     parts.lifter.to(device)
     parts.physnet.to(device)
     for m in (parts.encoder, parts.unet, parts.vae, parts.text_encoder):
-        m.to(device=device, dtype=dtype)
+        m.to(device)
+        if dtype != torch.float32:
+            m.to(dtype)
     return FinePhysModel(parts=parts, unet=PoseGuidedUNet(parts.unet), device=torch.device(device), dtype=dtype)

@@ -16,7 +16,6 @@ from .clip import PoseClip, resample, to_layout
 from .errors import InputError
 from .lifter import normalise_2d
 from .model import FinePhysModel
-from .text import encode_prompts
 
 
 @dataclass(frozen=True)
@@ -95,26 +94,28 @@ def check_video_size(height: int, width: int) -> None:
 
 @torch.no_grad()
 def denoise(model, heatmaps, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, progress=True):
-    """DDIM with classifier-free guidance; heatmaps (F,J,H,W) -> final latents (1,4,F,H/8,W/8)."""
-    p = model.parts
+    """DDIM with classifier-free guidance; heatmaps (F,J,H,W) -> final latents (1,C,F,H/8,W/8).
+
+    ``model`` is any backend (see ``FinePhysModel``): text and pose features are computed once
+    per clip, both guidance halves run as one batch.
+    """
     frames, _, height, width = heatmaps.shape
     sched = model.scheduler()
     sched.set_timesteps(num_inference_steps, device=model.device)
     cfg_on = guidance_scale > 1.0
-    texts = [negative_prompt, prompt] if cfg_on else [prompt]
-    emb = encode_prompts(p.tokenizer, p.text_encoder, texts).to(model.dtype)
-    emb = emb.repeat_interleave(frames, dim=0)  # UNetMotionModel takes B*F text embeddings
-    feats = p.encoder(heatmaps.to(model.dtype))  # once per clip, reused at every step
+    text = model.encode_text([negative_prompt, prompt] if cfg_on else [prompt])
+    text = text.repeat_interleave(frames, dim=0)  # UNetMotionModel takes B*F text embeddings
+    feats = model.encode_pose(heatmaps)
     if cfg_on:
         feats = [torch.cat([f, f]) for f in feats]
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (1, p.unet.config.in_channels, frames, height // 8, width // 8)
-    latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device, model.dtype)
+    shape = (1, model.latent_channels, frames, height // 8, width // 8)
+    latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
     latents = latents * sched.init_noise_sigma
     for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
         x = torch.cat([latents, latents]) if cfg_on else latents
-        x = sched.scale_model_input(x, t)
-        noise = model.unet(x, t, emb, feats)
+        x = sched.scale_model_input(x, t).to(model.dtype)
+        noise = model.predict_noise(x, t, text, feats).float()
         if cfg_on:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)
@@ -123,10 +124,9 @@ def denoise(model, heatmaps, prompt, negative_prompt, num_inference_steps, guida
 
 
 @torch.no_grad()
-def decode(model: FinePhysModel, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
-    """(1,4,F,h,w) latents -> (F,H,W,3) uint8 frames."""
-    vae = model.parts.vae
-    z = latents[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
-    out = [vae.decode(z[i : i + chunk].to(model.dtype)).sample.float() for i in range(0, z.shape[0], chunk)]
+def decode(model, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
+    """(1,C,F,h,w) latents -> (F,H,W,3) uint8 frames, decoded ``chunk`` frames at a time."""
+    z = latents[0].permute(1, 0, 2, 3)
+    out = [model.decode_latents(z[i : i + chunk]).float().cpu() for i in range(0, z.shape[0], chunk)]
     img = torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return img.permute(0, 2, 3, 1).cpu().numpy()
+    return img.permute(0, 2, 3, 1).numpy()

@@ -90,9 +90,3 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
         removed = tokenizer.batch_decode(full[:, MAX_LENGTH - 1 : -1])
         log.warning("The prompt is longer than %d CLIP tokens; this part was truncated: %s", MAX_LENGTH, removed)
     return ids
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
-    return text_encoder(ids)[0]

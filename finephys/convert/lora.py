@@ -230,7 +230,7 @@ def load_lora(path, unet_module_names, text_module_names=None) -> LoraWeights:
     problems, modules = [], {}
     for (part, module), slot in sorted(entries.items()):
         if "A" not in slot or "B" not in slot:
-            have = next(iter(slot.values()))[0]
+            have = (slot.get("A") or slot.get("B") or slot["alpha"])[0]
             problems.append(f"{have} has no {'down/A' if 'A' not in slot else 'up/B'} partner")
             continue
         (ka, a), (kb, b) = slot["A"], slot["B"]
