@@ -41,9 +41,9 @@ _ORIGINAL_REST = [  # (pattern on the part after temporal_transformer., diffuser
     (re.compile(r"^transformer_blocks\.(\d+)\.attention_blocks\.0\.to_out\.0\.(weight|bias)$"), r"transformer_blocks.\1.attn1.to_out.0.\2"),
     (re.compile(r"^transformer_blocks\.(\d+)\.attention_blocks\.1\.to_out\.0\.(weight|bias)$"), r"transformer_blocks.\1.attn2.to_out.0.\2"),
     (re.compile(r"^transformer_blocks\.(\d+)\.attention_blocks\.0\.pos_encoder\.pe$"), r"transformer_blocks.\1.pos_embed.pe"),
-    (re.compile(r"^transformer_blocks\.(\d+)\.norms\.0\.(weight|bias)$"), r"transformer_blocks.\1.norm3.\2"),
+    (re.compile(r"^transformer_blocks\.(\d+)\.norms\.0\.(weight|bias)$"), r"transformer_blocks.\1.norm1.\2"),
     (re.compile(r"^transformer_blocks\.(\d+)\.norms\.1\.(weight|bias)$"), r"transformer_blocks.\1.norm2.\2"),
-    (re.compile(r"^transformer_blocks\.(\d+)\.ff_norm\.(weight|bias)$"), r"transformer_blocks.\1.norm1.\2"),
+    (re.compile(r"^transformer_blocks\.(\d+)\.ff_norm\.(weight|bias)$"), r"transformer_blocks.\1.norm3.\2"),
     (re.compile(r"^transformer_blocks\.(\d+)\.ff\.net\.(0\.proj|2)\.(weight|bias)$"), r"transformer_blocks.\1.ff.net.\2.\3"),
 ]
 _SECOND_PE = re.compile(r"^transformer_blocks\.(\d+)\.attention_blocks\.1\.pos_encoder\.pe$")
