@@ -120,19 +120,32 @@ def poses(poses, ckpt, out, preview, overwrite):
 @main.command()
 @click.argument("out", type=PATH)
 @click.option("--demo", is_flag=True, help="Write the small seeded demo model.")
+@click.option("--base", type=PATH, default=None, help="SD 1.5: a diffusers folder or a single .safetensors/.ckpt.")
+@click.option("--motion-module", type=PATH, default=None, help="AnimateDiff motion module (.ckpt/.safetensors).")
+@click.option("--lora", type=PATH, default=None, help="LoRA file (diffusers or kohya keys).")
+@click.option("--pose-weights", type=PATH, default=None, help="Pose-stack weights from `fpengine train-pose`.")
 @click.option("--overwrite", is_flag=True)
-def init(out, demo, overwrite):
-    """Compose a FinePhys checkpoint folder OUT."""
+def init(out, demo, base, motion_module, lora, pose_weights, overwrite):
+    """Compose a FinePhys checkpoint folder OUT (from public parts, or --demo)."""
     import tempfile
 
     from finephys.checkpoint import prepare_output_dir, save_checkpoint
+    from finephys.compose import compose, tokenizer_source
     from finephys.demo import make_demo_parts
     from finephys.text import write_clip_tokenizer
 
+    if demo == (base is not None) or (base is None) != (motion_module is None):
+        raise InputError("init: pass either --demo, or --base and --motion-module")
+    if demo and (lora is not None or pose_weights is not None):
+        raise InputError("init: --lora and --pose-weights go with --base, not --demo")
     prepare_output_dir(out, overwrite)
-    if not demo:
-        raise InputError("init: pass --demo (composing from public weights is not available yet)")
     with tempfile.TemporaryDirectory() as tmp:
-        write_clip_tokenizer(Path(tmp))
-        save_checkpoint(make_demo_parts(Path(tmp)), out, Path(tmp), overwrite=overwrite)
-    click.echo(f"wrote the demo checkpoint to {out}", err=True)
+        tok = Path(tmp)
+        if demo:
+            write_clip_tokenizer(tok)
+            parts = make_demo_parts(tok)
+        else:
+            tok = tokenizer_source(base) or (write_clip_tokenizer(tok) or tok)
+            parts = compose(base, motion_module, tok, lora=lora, pose_weights=pose_weights)
+        save_checkpoint(parts, out, tok, overwrite=overwrite)
+    click.echo(f"wrote the {'demo ' if demo else ''}checkpoint to {out}", err=True)

@@ -42,8 +42,7 @@ class PoseConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 64
-    alpha: float = 64.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    alpha: float = 64.0  # every module's update is (alpha / rank) * B @ A
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,5 @@ class FinePhysConfig:
             enc["channels"] = tuple(enc["channels"])
         d["encoder"] = EncoderConfig(**enc)
         if d.get("lora") is not None:
-            lora = dict(d["lora"])
-            lora["target_modules"] = tuple(lora.get("target_modules", LoraConfig.target_modules))
-            d["lora"] = LoraConfig(**lora)
+            d["lora"] = LoraConfig(**d["lora"])
         return FinePhysConfig(**d)

@@ -2,16 +2,20 @@
 seconds, built from a fixed seed (no files, no network). ``fpengine init --demo DIR`` saves it."""
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import EncoderConfig, FinePhysConfig, LifterConfig, LoraConfig, PhysNetConfig, PoseConfig
-from .model import FinePhysParts, TEXT_LORA_TARGETS, new_parts
+from .model import FinePhysParts, new_parts
 from .text import load_tokenizer, write_clip_tokenizer
 
 DEMO_SEED = 0
+# The demo LoRA targets the spatial attention projections (not the motion modules) and CLIP's.
+_UNET_LORA = re.compile(r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)")
+_TEXT_LORA = ("q_proj", "k_proj", "v_proj", "out_proj")
 CHANNELS = (32, 64, 64, 64)
 
 SCHEDULER = {
@@ -88,15 +92,10 @@ def demo_config() -> FinePhysConfig:
 
 def _random_lora(parts: FinePhysParts, rank: int, gen: torch.Generator) -> dict:
     """Small random LoRA factors in peft naming for every targeted projection."""
-    from .model import UNET_LORA_PATTERN
-    import re
-
-    cfg = parts.config.lora
-    pattern = re.compile(UNET_LORA_PATTERN.format("|".join(re.escape(t) for t in cfg.target_modules)))
     lora = {}
-    targets = [("unet", n, m) for n, m in parts.unet.named_modules() if pattern.fullmatch(n)]
+    targets = [("unet", n, m) for n, m in parts.unet.named_modules() if _UNET_LORA.fullmatch(n)]
     targets += [
-        ("text_encoder", n, m) for n, m in parts.text_encoder.named_modules() if n.split(".")[-1] in TEXT_LORA_TARGETS
+        ("text_encoder", n, m) for n, m in parts.text_encoder.named_modules() if n.split(".")[-1] in _TEXT_LORA
     ]
     for prefix, name, mod in targets:
         lora[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=gen) * 0.1

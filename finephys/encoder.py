@@ -32,6 +32,7 @@ class HeatmapEncoder(nn.Module):
         self.conv_in = nn.Conv2d(c_in, cfg.channels[0], 3, padding=1)
         self.downs = nn.ModuleList()
         self.stages = nn.ModuleList()
+        self.outs = nn.ModuleList(nn.Conv2d(c, c, 1) for c in cfg.channels)  # zero them: no effect
         prev = cfg.channels[0]
         for i, c in enumerate(cfg.channels):
             self.downs.append(nn.Identity() if i == 0 else nn.Conv2d(prev, c, 3, stride=2, padding=1))
@@ -42,7 +43,14 @@ class HeatmapEncoder(nn.Module):
         """heatmaps (N, J, H, W) with H, W multiples of the unshuffle factor -> list of features."""
         x = self.conv_in(self.unshuffle(heatmaps))
         feats = []
-        for down, stage in zip(self.downs, self.stages):
+        for down, stage, out in zip(self.downs, self.stages, self.outs):
             x = stage(down(x))
-            feats.append(x)
+            feats.append(out(x))
         return feats
+
+    def zero_outputs(self) -> "HeatmapEncoder":
+        """ControlNet-style start: an untrained encoder leaves the UNet unchanged."""
+        for conv in self.outs:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        return self

@@ -14,8 +14,6 @@ from .lifter import Lifter
 from .physnet import PhysNet
 from .unet import PoseGuidedUNet
 
-UNET_LORA_PATTERN = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.({})"
-TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def build_unet(cfg: FinePhysConfig):
@@ -76,26 +74,30 @@ def _lora_state(lora: dict, prefix: str) -> dict:
     return {k[len(prefix) + 1 :]: v for k, v in lora.items() if k.startswith(prefix + ".")}
 
 
+def lora_weights(parts: FinePhysParts):
+    """The checkpoint's LoRA as ``LoraWeights`` (uniform scale alpha / rank, per-module ranks)."""
+    from .convert.lora import LoraWeights
+
+    cfg = parts.config.lora
+    return LoraWeights(
+        unet=_lora_state(parts.lora, "unet"), text_encoder=_lora_state(parts.lora, "text_encoder"),
+        rank=cfg.rank, alpha=cfg.alpha,
+    )
+
+
 def apply_lora(parts: FinePhysParts) -> None:
     """Attach the checkpoint's LoRA to the UNet / text encoder as peft adapters (unmerged)."""
-    cfg = parts.config.lora
-    if cfg is None or not parts.lora:
+    if parts.config.lora is None or not parts.lora:
         return
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    unet_sd = _lora_state(parts.lora, "unet")
-    if unet_sd:
-        pattern = UNET_LORA_PATTERN.format("|".join(t.replace(".", r"\.") for t in cfg.target_modules))
-        parts.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=pattern))
-        _set_strict(parts.unet, unet_sd, set_peft_model_state_dict, "LoRA (unet)")
-    text_sd = _lora_state(parts.lora, "text_encoder")
-    if text_sd:
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(
-            LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(TEXT_LORA_TARGETS)), parts.text_encoder
-        )
-        _set_strict(parts.text_encoder, text_sd, set_peft_model_state_dict, "LoRA (text encoder)")
+    lw = lora_weights(parts)
+    if lw.unet:
+        parts.unet.add_adapter(lw.lora_config("unet"))
+        _set_strict(parts.unet, lw.unet, set_peft_model_state_dict, "LoRA (unet)")
+    if lw.text_encoder:
+        inject_adapter_in_model(lw.lora_config("text_encoder"), parts.text_encoder)
+        _set_strict(parts.text_encoder, lw.text_encoder, set_peft_model_state_dict, "LoRA (text encoder)")
 
 
 def _set_strict(module, sd, setter, what):
