@@ -1,12 +1,16 @@
 """The ``fpengine`` command line."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from finephys.errors import InputError
+
+from .cli_detect import detect, detect_options, generate_input
 
 
 def _fail(message: str) -> None:
@@ -35,6 +39,19 @@ def main():
 PATH = click.Path(path_type=Path)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM stops a run the way Ctrl-C does, so its outputs are finished cleanly."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _existing(path: Path, what: str) -> Path:
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")
@@ -42,50 +59,68 @@ def _existing(path: Path, what: str) -> Path:
 
 
 @main.command()
-@click.option("--poses", "poses", type=PATH, required=True, help="Pose clip (clip.npz v1).")
+@click.option("--poses", "poses", type=PATH, default=None, help="Pose clip (clip.npz v1); or --video.")
+@click.option("--video", type=PATH, default=None, help="Reference video: detect its poses first (as `fpengine detect`).")
+@detect_options
+@click.option("--save-clip", type=PATH, default=None, help="With --video: write the detected clip.npz.")
 @click.option("--prompt", required=True, help="What the video shows.")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--ckpt", type=PATH, default=None, help="FinePhys checkpoint folder (default: embedded demo model).")
 @click.option("--backend", type=click.Choice(["reference"]), default="reference", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--frames", "num_frames", type=int, default=None, help="Frames to generate (default: the model's window).")
+@click.option("--frames", "num_frames", type=int, default=None, help="Frames to generate (default: the whole clip).")
 @click.option("--height", type=int, default=None)
 @click.option("--width", type=int, default=None)
 @click.option("--steps", "num_inference_steps", type=int, default=None, help="Denoising steps.")
 @click.option("--guidance", "guidance_scale", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=PATH, required=True, help="Video (.mp4) or a folder for PNG frames (no suffix).")
+@click.option("--context-length", type=int, default=None, help="Frames per denoising window (default: the model's).")
+@click.option("--context-stride", type=int, default=None, help="Window step (default: 3/4 of the window).")
+@click.option("--out", type=PATH, default=None, help="Video (.mp4), written as frames become final.")
+@click.option("--frames-dir", type=PATH, default=None, help="Folder for PNG frames, written as they become final.")
 @click.option("--save-poses", type=PATH, default=None, help="Write every pose stage to this .npz.")
 @click.option("--preview", type=PATH, default=None, help="Render input and projected skeletons to this .mp4.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def generate(poses, prompt, negative_prompt, ckpt, backend, device, num_frames, height, width,
-             num_inference_steps, guidance_scale, seed, out, save_poses, preview, overwrite):
-    """Generate a video of a person moving as the pose clip shows."""
-    from finephys.clip import load_clip
+             num_inference_steps, guidance_scale, seed, context_length, context_stride, out, frames_dir,
+             save_poses, preview, overwrite, video=None, save_clip=None, **detect_kw):
+    """Generate a video of a person moving as the pose clip shows (any length, streamed).
 
-    from .generate import GenerateOptions, generate as run, load_model, pick_device
-    from .outputs import check_distinct, check_output, save_npz, write_frames, write_pose_preview
+    With --video instead of --poses, the poses are detected first (see `fpengine detect`).
+    """
+    from .generate import GenerateOptions, generate_stream, load_model, pick_device
+    from .outputs import check_distinct, check_output, save_npz, stream_frames, write_pose_preview
 
-    check_output(out, overwrite, "--out", () if Path(out).suffix == "" else (".mp4",))
+    if out is None and frames_dir is None:
+        raise InputError("generate: pass --out VIDEO.mp4 and/or --frames-dir DIR")
+    check_output(out, overwrite, "--out", (".mp4",))
+    check_output(frames_dir, overwrite, "--frames-dir", ())
     check_output(save_poses, overwrite, "--save-poses", (".npz",))
     check_output(preview, overwrite, "--preview", (".mp4",))
-    check_distinct({"--out": out, "--save-poses": save_poses, "--preview": preview, "--poses": poses})
-    clip = load_clip(_existing(poses, "--poses"))
+    check_output(save_clip, overwrite, "--save-clip", (".npz",))
+    check_distinct({"--out": out, "--frames-dir": frames_dir, "--save-poses": save_poses, "--preview": preview,
+                    "--poses": poses, "--video": video, "--save-clip": save_clip})
+    clip, detected = generate_input(poses, video, save_clip, overwrite, detect_kw)
     if ckpt is not None:
         _existing(ckpt, "--ckpt")
     model = load_model(ckpt, device=pick_device(device))
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                           guidance_scale, seed)
-    result = run(model, clip, opts)
-    for note in result.notes:
+                           guidance_scale, seed, context_length, context_stride)
+    stream = generate_stream(model, clip, opts)
+    for note in stream.notes:
         click.echo(note, err=True)
-    write_frames(result.frames, out, model.config.fps, overwrite)
     if save_poses is not None:
-        save_npz(save_poses, result.stages.to_npz_dict())
+        save_npz(save_poses, {**stream.stages.to_npz_dict(), **detected})
     if preview is not None:
-        write_pose_preview(result.stages, preview, overwrite)
-    f, h, w = result.frames.shape[:3]
-    click.echo(f"wrote {out}: {f} frames of {h}x{w} at {model.config.fps:g} fps", err=True)
+        write_pose_preview(stream.stages, preview, overwrite)
+    target = " and ".join(str(p) for p in (out, frames_dir) if p is not None)
+    with _terminate_as_interrupt():
+        count, interrupted = stream_frames(stream, stream.fps, out, frames_dir, overwrite)
+    if interrupted:
+        click.echo(f"interrupted: {target} holds the {count} frames finished so far", err=True)
+        sys.exit(130)
+    p = stream.plan
+    click.echo(f"wrote {target}: {count} frames of {p.height}x{p.width} at {stream.fps:g} fps", err=True)
 
 
 @main.command()
@@ -149,3 +184,6 @@ def init(out, demo, base, motion_module, lora, pose_weights, overwrite):
             parts = compose(base, motion_module, tok, lora=lora, pose_weights=pose_weights)
         save_checkpoint(parts, out, tok, overwrite=overwrite)
     click.echo(f"wrote the {'demo ' if demo else ''}checkpoint to {out}", err=True)
+
+
+main.add_command(detect)

@@ -1,4 +1,4 @@
-"""Running one clip end to end on a backend (the reference backend today)."""
+"""Running one clip end to end on a backend, streaming frames out as soon as they are final."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from finephys.demo import load_demo
 from finephys.errors import InputError
 from finephys.model import FinePhysModel, assemble
 from finephys.pipeline import (
-    PoseStages, check_video_size, decode, denoise, pose_heatmaps, prepare_clip, run_pose_stack,
+    PoseStages, check_video_size, decode, denoise_windows, pose_heatmaps, prepare_clip, run_pose_stack,
 )
 
 BACKENDS = ("reference",)
@@ -23,18 +23,31 @@ BACKENDS = ("reference",)
 class GenerateOptions:
     prompt: str
     negative_prompt: str = ""
-    num_frames: int | None = None
+    num_frames: int | None = None  # default: the whole clip
     height: int | None = None
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int = 0
+    context_length: int | None = None  # frames the video model sees at once (default: the model's)
+    context_stride: int | None = None  # window step (default: 3/4 of the window)
+
+
+@dataclass(frozen=True)
+class Plan:
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    length: int
+    stride: int
 
 
 @dataclass(frozen=True)
 class Generation:
     frames: np.ndarray  # (F,H,W,3) uint8
-    latents: torch.Tensor  # (1,4,F,h,w) final latents
+    latents: torch.Tensor  # (1,C,F,h,w) final latents
     stages: PoseStages
     notes: list[str]
 
@@ -52,33 +65,71 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32) -> F
     return assemble(parts, device=device, dtype=dtype)
 
 
-def prepare(model: FinePhysModel, clip: PoseClip, opts: GenerateOptions):
-    """Validate the options against the model and the clip; returns (clip, stages, sizes, notes)."""
+def _pick(value, default):
+    return default if value is None else value
+
+
+def plan(model: FinePhysModel, clip: PoseClip, opts: GenerateOptions) -> Plan:
+    """Validate the options against the model and the (prepared) clip."""
     cfg = model.config
-    clip, notes = prepare_clip(clip, model)
-    height = cfg.height if opts.height is None else opts.height
-    width = cfg.width if opts.width is None else opts.width
+    height, width = _pick(opts.height, cfg.height), _pick(opts.width, cfg.width)
     check_video_size(height, width)
-    frames = min(clip.num_frames, cfg.num_frames) if opts.num_frames is None else opts.num_frames
-    max_frames = int(cfg.unet.get("motion_max_seq_length", 32))
-    if frames < 1:
-        raise InputError(f"--frames: expected at least 1, got {frames}")
-    if frames > clip.num_frames:
-        raise InputError(f"--frames {frames}: the clip has only {clip.num_frames} frames at {cfg.fps:g} fps")
-    if frames > max_frames:
-        raise InputError(f"--frames {frames}: this model's motion modules see at most {max_frames} frames")
-    steps = cfg.num_inference_steps if opts.num_inference_steps is None else opts.num_inference_steps
-    if steps < 1 or steps > 1000:
+    frames = _pick(opts.num_frames, clip.num_frames)
+    if frames < 1 or frames > clip.num_frames:
+        raise InputError(f"--frames {frames}: expected 1..{clip.num_frames} (the clip's frames at {cfg.fps:g} fps)")
+    max_len = int(cfg.unet.get("motion_max_seq_length", 32))
+    length = _pick(opts.context_length, min(cfg.num_frames, max_len))
+    if length < 1 or length > max_len:
+        raise InputError(f"--context-length {length}: expected 1..{max_len} (the motion modules' longest sequence)")
+    stride = _pick(opts.context_stride, max(1, length * 3 // 4))
+    if frames > length and not 1 <= stride < length:
+        raise InputError(f"--context-stride {stride}: expected 1..{length - 1} so that windows overlap")
+    steps = _pick(opts.num_inference_steps, cfg.num_inference_steps)
+    if not 1 <= steps <= 1000:
         raise InputError(f"--steps: expected 1..1000, got {steps}")
-    guidance = cfg.guidance_scale if opts.guidance_scale is None else opts.guidance_scale
+    guidance = _pick(opts.guidance_scale, cfg.guidance_scale)
     if not np.isfinite(guidance) or guidance < 0:
         raise InputError(f"--guidance: expected a finite number >= 0, got {guidance}")
-    stages = run_pose_stack(model, clip)
-    return stages, (frames, height, width, steps, guidance), notes
+    if opts.seed < 0:
+        raise InputError(f"--seed: expected a number >= 0, got {opts.seed}")
+    return Plan(frames, height, width, steps, float(guidance), length, stride)
 
 
-def generate(model: FinePhysModel, clip: PoseClip, opts: GenerateOptions, progress: bool = True) -> Generation:
-    stages, (frames, height, width, steps, guidance), notes = prepare(model, clip, opts)
-    heatmaps = pose_heatmaps(model, stages, height, width)[:frames]
-    latents = denoise(model, heatmaps, opts.prompt, opts.negative_prompt, steps, guidance, opts.seed, progress)
-    return Generation(frames=decode(model, latents), latents=latents, stages=stages, notes=notes)
+class GenerationStream:
+    """``generate_stream``'s result: iterate it for frames ((H,W,3) uint8) as soon as they are
+    final; ``chunks()`` gives (start, latents, frames) per finished range. The pose stack runs
+    once over the whole clip (PhysNet sees full context) when the stream is made."""
+
+    def __init__(self, model: FinePhysModel, clip: PoseClip, opts: GenerateOptions, progress: bool = True):
+        self.model, self.opts, self.progress = model, opts, progress
+        clip, self.notes = prepare_clip(clip, model)
+        self.plan = plan(model, clip, opts)
+        self.stages = run_pose_stack(model, clip)
+        self.fps = model.config.fps
+
+    def chunks(self):
+        p, o, m = self.plan, self.opts, self.model
+        heatmaps = lambda a, b: pose_heatmaps(m, self.stages, p.height, p.width, a, b)  # noqa: E731
+        for start, stop, latents in denoise_windows(
+            m, heatmaps, p.frames, o.prompt, o.negative_prompt, p.steps, p.guidance, o.seed,
+            p.length, p.stride, self.progress,
+        ):
+            yield start, latents, decode(m, latents)
+
+    def __iter__(self):
+        for _, _, frames in self.chunks():
+            yield from frames
+
+
+def generate_stream(model, clip: PoseClip, opts: GenerateOptions, progress: bool = True) -> GenerationStream:
+    return GenerationStream(model, clip, opts, progress)
+
+
+def generate(model, clip: PoseClip, opts: GenerateOptions, progress: bool = True) -> Generation:
+    """The whole clip at once (frames and final latents), through the same stream."""
+    stream = generate_stream(model, clip, opts, progress)
+    chunks = list(stream.chunks())
+    return Generation(
+        frames=np.concatenate([c[2] for c in chunks]), latents=torch.cat([c[1] for c in chunks], dim=2),
+        stages=stream.stages, notes=stream.notes,
+    )

@@ -3,6 +3,7 @@ to a temporary name and renamed, never overwritten without ``--overwrite``."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from finephys.draw import render_pose_frames
 from finephys.errors import InputError
 from finephys.pipeline import PoseStages
 
-from .video import write_frames_dir, write_video
+from .video import VideoWriter, write_video
 
 
 def check_output(path: Path | None, overwrite: bool, option: str, suffixes: tuple[str, ...]) -> None:
@@ -51,12 +52,51 @@ def save_npz(path: Path, arrays: dict) -> None:
         raise
 
 
-def write_frames(frames, path: Path, fps: float, overwrite: bool) -> None:
-    """An .mp4 path gets a video; a path without a suffix gets a folder of PNGs."""
-    if Path(path).suffix.lower() == ".mp4":
-        write_video(frames, path, fps, overwrite=overwrite)
-    else:
-        write_frames_dir(frames, path, overwrite=overwrite)
+class PngSequence:
+    """Frames written one by one as ``folder/frame_00000.png`` ...: each file appears complete
+    (temporary name, then rename), so an interrupted run leaves every finished frame."""
+
+    def __init__(self, folder: Path, overwrite: bool):
+        self.folder, self.count = Path(folder), 0
+        if self.folder.exists():
+            if not overwrite:
+                raise InputError(f"{self.folder} already exists (pass --overwrite to replace it)")
+            shutil.rmtree(self.folder) if self.folder.is_dir() else self.folder.unlink()
+        self.folder.mkdir()
+
+    def append(self, frame: np.ndarray) -> None:
+        from PIL import Image
+
+        final = self.folder / f"frame_{self.count:05d}.png"
+        tmp = final.with_name(f".{final.name}.tmp")
+        Image.fromarray(frame).save(tmp, format="PNG")
+        os.replace(tmp, final)
+        self.count += 1
+
+
+def stream_frames(frames, fps: float, out: Path | None, frames_dir: Path | None, overwrite: bool):
+    """Write frames to an mp4 (growing under a temporary name, renamed when done) and/or a PNG
+    folder as they arrive. Ctrl-C / SIGTERM (as KeyboardInterrupt) stops the run and finishes the
+    mp4 with every frame so far: a valid, playable file. Returns (frames written, interrupted)."""
+    video = VideoWriter(out, fps, overwrite=overwrite) if out is not None else None
+    pngs = PngSequence(frames_dir, overwrite) if frames_dir is not None else None
+    count, interrupted = 0, False
+    try:
+        for frame in frames:
+            if video is not None:
+                video.append(frame)
+            if pngs is not None:
+                pngs.append(frame)
+            count += 1
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException:
+        if video is not None:
+            video.abort()
+        raise
+    if video is not None:
+        video.close() if video.count else video.abort()
+    return count, interrupted
 
 
 def write_pose_preview(stages: PoseStages, path: Path, overwrite: bool) -> None:

@@ -75,10 +75,11 @@ def run_pose_stack(model: FinePhysModel, clip: PoseClip) -> PoseStages:
     )
 
 
-def pose_heatmaps(model: FinePhysModel, stages: PoseStages, height: int, width: int) -> torch.Tensor:
-    """Heatmaps (T, J, H, W) at the video size from the projected skeleton."""
+def pose_heatmaps(model: FinePhysModel, stages: PoseStages, height: int, width: int,
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Heatmaps (stop-start, J, H, W) at the video size from the projected skeleton."""
     ih, iw = stages.image_size
-    kp = torch.as_tensor(stages.projected_2d, dtype=torch.float32, device=model.device).clone()
+    kp = torch.as_tensor(stages.projected_2d[start:stop], dtype=torch.float32, device=model.device).clone()
     kp[..., 0] *= width / iw
     kp[..., 1] *= height / ih
     vis = torch.ones(kp.shape[:-1], device=model.device)
@@ -92,35 +93,85 @@ def check_video_size(height: int, width: int) -> None:
             raise InputError(f"{name}: expected a positive multiple of 8, got {v}")
 
 
-@torch.no_grad()
-def denoise(model, heatmaps, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, progress=True):
-    """DDIM with classifier-free guidance; heatmaps (F,J,H,W) -> final latents (1,C,F,H/8,W/8).
+def frame_noise(seed: int, start: int, stop: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Initial noise (1,C,n,h,w) for frames start..stop-1; each frame's noise depends only on
+    (seed, frame index), so overlapping windows and any window layout see the same noise."""
+    out = []
+    for i in range(start, stop):
+        state = np.random.SeedSequence([int(seed), i]).generate_state(2, np.uint32)
+        gen = torch.Generator("cpu").manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        out.append(torch.randn(shape, generator=gen, dtype=torch.float32))
+    return torch.stack(out, dim=1)[None]
 
-    ``model`` is any backend (see ``FinePhysModel``): text and pose features are computed once
-    per clip, both guidance halves run as one batch.
+
+def context_windows(num_frames: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """Overlapping windows [start, stop) covering the clip; the last one ends at the clip's end."""
+    if num_frames <= length:
+        return [(0, num_frames)]
+    starts = list(range(0, num_frames - length, stride)) + [num_frames - length]
+    return [(s, s + length) for s in starts]
+
+
+@torch.no_grad()
+def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num_inference_steps,
+                    guidance_scale, seed, length, stride, progress=True):
+    """DDIM with classifier-free guidance over overlapping context windows, one window at a time.
+
+    Yields ``(start, stop, latents)`` for consecutive frame ranges as soon as they are final
+    (latents (1,C,stop-start,h,w)). Window k's first frames overlap window k-1's last ones; after
+    every step they are blended with window k-1's latents of the same step, with weights ramping
+    from window k-1 to window k across the overlap, so seams do not show. Memory holds one
+    window and the overlap's trajectory, whatever the clip's length. ``heatmaps_fn(start, stop)``
+    gives the window's heatmaps; text and the guidance batch are computed once per clip.
     """
-    frames, _, height, width = heatmaps.shape
     sched = model.scheduler()
     sched.set_timesteps(num_inference_steps, device=model.device)
     cfg_on = guidance_scale > 1.0
     text = model.encode_text([negative_prompt, prompt] if cfg_on else [prompt])
-    text = text.repeat_interleave(frames, dim=0)  # UNetMotionModel takes B*F text embeddings
-    feats = model.encode_pose(heatmaps)
-    if cfg_on:
-        feats = [torch.cat([f, f]) for f in feats]
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (1, model.latent_channels, frames, height // 8, width // 8)
-    latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
-    latents = latents * sched.init_noise_sigma
-    for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
-        x = torch.cat([latents, latents]) if cfg_on else latents
-        x = sched.scale_model_input(x, t).to(model.dtype)
-        noise = model.predict_noise(x, t, text, feats).float()
+    windows = context_windows(num_frames, length, stride)
+    bar = tqdm(total=len(windows) * len(sched.timesteps), desc="denoising", disable=not progress, leave=False)
+    prev_stop, prev_traj = 0, []
+    for k, (start, stop) in enumerate(windows):
+        keep = windows[k + 1][0] if k + 1 < len(windows) else stop  # frames >= keep go on to window k+1
+        heatmaps = heatmaps_fn(start, stop)
+        _, _, height, width = heatmaps.shape
+        n = stop - start
+        feats = model.encode_pose(heatmaps)
         if cfg_on:
-            uncond, cond = noise.chunk(2)
-            noise = uncond + guidance_scale * (cond - uncond)
-        latents = sched.step(noise, t, latents).prev_sample
-    return latents
+            feats = [torch.cat([f, f]) for f in feats]
+        ehs = text.repeat_interleave(n, dim=0)  # UNetMotionModel takes B*F text embeddings
+        latents = frame_noise(seed, start, stop, (model.latent_channels, height // 8, width // 8))
+        latents = latents.to(model.device) * sched.init_noise_sigma
+        overlap = max(prev_stop - start, 0)
+        ramp = (torch.arange(1, overlap + 1, device=model.device) / (overlap + 1)).view(1, 1, -1, 1, 1)
+        traj = []
+        for i, t in enumerate(sched.timesteps):
+            x = torch.cat([latents, latents]) if cfg_on else latents
+            x = sched.scale_model_input(x, t).to(model.dtype)
+            noise = model.predict_noise(x, t, ehs, feats).float()
+            if cfg_on:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            latents = sched.step(noise, t, latents).prev_sample
+            if overlap:
+                latents[:, :, :overlap] = ramp * latents[:, :, :overlap] + (1 - ramp) * prev_traj[i]
+            if keep < stop:
+                traj.append(latents[:, :, keep - start :].clone())
+            bar.update(1)
+        yield start, keep, latents[:, :, : keep - start]
+        prev_stop, prev_traj = stop, traj
+    bar.close()
+
+
+@torch.no_grad()
+def denoise(model, heatmaps, prompt, negative_prompt, num_inference_steps, guidance_scale, seed,
+            progress=True, length=None, stride=None):
+    """All final latents (1,C,F,H/8,W/8) for heatmaps (F,J,H,W); one window unless ``length``."""
+    frames = heatmaps.shape[0]
+    length = length or frames
+    chunks = denoise_windows(model, lambda a, b: heatmaps[a:b], frames, prompt, negative_prompt,
+                             num_inference_steps, guidance_scale, seed, length, stride or length, progress)
+    return torch.cat([lat for _, _, lat in chunks], dim=2)
 
 
 @torch.no_grad()

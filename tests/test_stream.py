@@ -1,0 +1,156 @@
+"""Streaming generation: windows, blending across seams, progressive output, bounded memory."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.generate import GenerateOptions, generate, generate_stream, load_model
+from engine.video import read_video
+from finephys.clip import PoseClip, save_clip
+from finephys.demo import SCHEDULER
+from finephys.pipeline import context_windows, denoise_windows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_context_windows_cover_the_clip():
+    assert context_windows(10, 16, 12) == [(0, 10)]
+    assert context_windows(40, 16, 12) == [(0, 16), (12, 28), (24, 40)]
+    assert context_windows(30, 16, 12) == [(0, 16), (12, 28), (14, 30)]
+
+
+class WindowBiasModel:
+    """A fake backend: each window pushes its latents towards its own constant (taken from the
+    'heatmaps' the test hands in), so without blending every seam would jump by the difference."""
+
+    device, dtype, latent_channels = torch.device("cpu"), torch.float32, 1
+
+    def scheduler(self):
+        from diffusers import DDIMScheduler
+
+        self.sched = DDIMScheduler.from_config(SCHEDULER)
+        return self.sched
+
+    def encode_text(self, prompts):
+        return torch.zeros(len(prompts), 1, 1)
+
+    def encode_pose(self, heatmaps):
+        return [heatmaps]
+
+    def predict_noise(self, x, t, text, feats):
+        """The epsilon for which DDIM's clean-sample estimate is the window's constant."""
+        a = self.sched.alphas_cumprod[int(t)]
+        target = feats[0][:, :1, :1, :1].reshape(1, 1, -1, 1, 1)
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+
+def test_blending_ramps_across_seams():
+    model = WindowBiasModel()
+    levels = {0: 0.0, 6: 3.0, 12: -3.0}
+
+    def heatmaps(a, b):
+        return torch.full((b - a, 1, 8, 8), levels[a])
+
+    chunks = list(denoise_windows(model, heatmaps, 20, "", "", 10, 1.0, 0, 8, 6, progress=False))
+    assert [(a, b) for a, b, _ in chunks] == [(0, 6), (6, 12), (12, 20)]
+    lat = torch.cat([c for _, _, c in chunks], dim=2)[0, 0].mean(dim=(1, 2))  # one value per frame
+    steps = (lat[1:] - lat[:-1]).abs()
+    # Away from the overlaps every frame sits at its window's level ...
+    for frames, level in ((slice(0, 6), 0.0), (slice(8, 12), 3.0), (slice(14, 20), -3.0)):
+        assert (lat[frames] - level).abs().max() < 0.1
+    # ... and across each overlap (2 frames) the change is spread out: a hard seam would jump by
+    # the full difference (3, then 6) in one frame; the largest single step is at most 55% of it.
+    assert steps[5:8].max() <= 0.55 * 3.0 and steps[11:14].max() <= 0.55 * 6.0
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_model(None)
+
+
+def test_stream_gives_exactly_the_frames_asked(demo_model, walk_clip):
+    opts = GenerateOptions("a walk", num_frames=22, height=32, width=32, num_inference_steps=1,
+                           context_length=8, context_stride=6)
+    stream = generate_stream(demo_model, walk_clip, opts, progress=False)
+    chunks = list(stream.chunks())
+    assert [c[0] for c in chunks] == [0, 6, 12, 14]  # windows [0,8) [6,14) [12,20) [14,22)
+    assert sum(len(c[2]) for c in chunks) == 22
+    whole = generate(demo_model, walk_clip, opts, progress=False)
+    assert whole.frames.shape == (22, 32, 32, 3) and whole.latents.shape[2] == 22
+    assert np.array_equal(np.concatenate([c[2] for c in chunks]), whole.frames)
+
+
+def test_static_pose_shows_no_seam(demo_model, walk_clip):
+    static = dataclasses.replace(walk_clip, keypoints=np.repeat(walk_clip.keypoints[:1], 20, 0),
+                                 scores=np.repeat(walk_clip.scores[:1], 20, 0))
+    opts = GenerateOptions("a person standing", height=64, width=64, num_inference_steps=3,
+                           context_length=8, context_stride=6)
+    frames = generate(demo_model, static, opts, progress=False).frames.astype(np.float32)
+    jumps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+    seams = [5, 11]  # frame 5 -> 6 and 11 -> 12 cross from one window's output to the next
+    inside = np.delete(jumps, seams)
+    # margin: a seam's jump is at most 10% above the largest jump between frames of one window
+    assert jumps[seams].max() <= 1.1 * inside.max()
+
+
+def _long_clip(path, frames):
+    from finephys.clip import load_clip
+
+    walk = load_clip(os.path.join(ROOT, "examples", "walk.npz"))
+    idx = np.arange(frames) % (2 * walk.num_frames - 2)
+    idx = np.where(idx < walk.num_frames, idx, 2 * walk.num_frames - 2 - idx)  # ping-pong
+    save_clip(dataclasses.replace(walk, keypoints=walk.keypoints[idx], scores=walk.scores[idx]), path)
+    return str(path)
+
+
+def test_interrupted_run_leaves_a_playable_partial_file(tmp_path):
+    clip = _long_clip(tmp_path / "long.npz", 48)
+    out, pngs = tmp_path / "v.mp4", tmp_path / "frames"
+    cmd = [sys.executable, "-m", "engine", "generate", "--poses", clip, "--prompt", "a walk", "--out", str(out),
+           "--frames-dir", str(pngs), "--height", "64", "--width", "64", "--steps", "3",
+           "--context-length", "4", "--context-stride", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(pngs.glob("frame_*.png"))) < 3:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    done = len(list(pngs.glob("frame_*.png")))
+    video = read_video(out)
+    assert 3 <= done < 48 and done <= len(video) < 48
+    assert video.shape[1:] == (64, 64, 3)
+    assert not list(tmp_path.glob(".v.*"))
+
+
+PEAK = """
+import resource, sys
+from engine.generate import GenerateOptions, generate_stream, load_model
+from finephys.clip import load_clip
+m = load_model(None)
+n = 0
+for frame in generate_stream(m, load_clip(sys.argv[1]), GenerateOptions("a walk", height=32, width=32,
+                             num_inference_steps=1, guidance_scale=1.0), progress=False):
+    n += 1
+print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_clip(tmp_path):
+    peaks = {}
+    for frames in (64, 256):
+        clip = _long_clip(tmp_path / f"c{frames}.npz", frames)
+        p = subprocess.run([sys.executable, "-c", PEAK, clip], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        count, peak = map(int, p.stdout.split())
+        assert count == frames
+        peaks[frames] = peak
+    assert peaks[256] <= 1.10 * peaks[64], peaks
