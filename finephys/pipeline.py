@@ -93,6 +93,29 @@ def check_video_size(height: int, width: int) -> None:
             raise InputError(f"{name}: expected a positive multiple of 8, got {v}")
 
 
+class DdimSchedule:
+    """DDIM (eta = 0) from a diffusers ``DDIMScheduler``'s own timesteps and alphas, with every
+    coefficient precomputed as a Python float: stepping never reads device memory back, so the
+    denoising loop has no host synchronisation on any backend."""
+
+    def __init__(self, scheduler, num_inference_steps: int, device):
+        if scheduler.config.prediction_type != "epsilon":
+            raise InputError(f"scheduler: prediction_type {scheduler.config.prediction_type!r}, expected 'epsilon'")
+        scheduler.set_timesteps(num_inference_steps)
+        ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        alphas = scheduler.alphas_cumprod.double()
+        final = float(scheduler.final_alpha_cumprod)
+        steps = [int(t) for t in scheduler.timesteps]
+        self.coeffs = [(float(alphas[t]), float(alphas[t - ratio]) if t >= ratio else final) for t in steps]
+        self.timesteps = torch.tensor(steps, device=device)
+        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+
+    def step(self, i: int, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, a_prev = self.coeffs[i]
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
 def frame_noise(seed: int, start: int, stop: int, shape: tuple[int, int, int]) -> torch.Tensor:
     """Initial noise (1,C,n,h,w) for frames start..stop-1; each frame's noise depends only on
     (seed, frame index), so overlapping windows and any window layout see the same noise."""
@@ -124,8 +147,7 @@ def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num
     window and the overlap's trajectory, whatever the clip's length. ``heatmaps_fn(start, stop)``
     gives the window's heatmaps; text and the guidance batch are computed once per clip.
     """
-    sched = model.scheduler()
-    sched.set_timesteps(num_inference_steps, device=model.device)
+    sched = DdimSchedule(model.scheduler(), num_inference_steps, model.device)
     cfg_on = guidance_scale > 1.0
     text = model.encode_text([negative_prompt, prompt] if cfg_on else [prompt])
     windows = context_windows(num_frames, length, stride)
@@ -147,12 +169,11 @@ def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num
         traj = []
         for i, t in enumerate(sched.timesteps):
             x = torch.cat([latents, latents]) if cfg_on else latents
-            x = sched.scale_model_input(x, t).to(model.dtype)
-            noise = model.predict_noise(x, t, ehs, feats).float()
+            noise = model.predict_noise(x.to(model.dtype), t, ehs, feats).float()
             if cfg_on:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(noise, t, latents).prev_sample
+            latents = sched.step(i, noise, latents)
             if overlap:
                 latents[:, :, :overlap] = ramp * latents[:, :, :overlap] + (1 - ramp) * prev_traj[i]
             if keep < stop:

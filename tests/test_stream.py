@@ -154,3 +154,22 @@ def test_peak_memory_does_not_grow_with_the_clip(tmp_path):
         assert count == frames
         peaks[frames] = peak
     assert peaks[256] <= 1.10 * peaks[64], peaks
+
+
+def test_ddim_schedule_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    from finephys.pipeline import DdimSchedule
+
+    ref = DDIMScheduler.from_config(SCHEDULER)
+    ref.set_timesteps(7)
+    ours = DdimSchedule(DDIMScheduler.from_config(SCHEDULER), 7, "cpu")
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    for i, t in enumerate(ref.timesteps):
+        eps = torch.randn(x.shape, generator=g)
+        want = ref.step(eps, t, x).prev_sample
+        got = ours.step(i, eps, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        x = want
