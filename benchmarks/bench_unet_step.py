@@ -54,26 +54,53 @@ def meta() -> dict:
     import diffusers
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    import os
+
+    commit = os.environ.get("FPENGINE_COMMIT", "")  # the device's copy of the tree has no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
     return {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": triton.__version__, "diffusers": diffusers.__version__, "commit": commit or "unknown",
     }
 
 
-def profile_eager(unet, args, path):
-    from torch.profiler import ProfilerActivity, profile
+CATEGORIES = (  # kernel-name fragments -> where the time goes
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("convolution", ("fprop", "conv", "implicit_gemm", "nchwtonhwc", "nhwctonchw")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "mm_")),
+    ("group norm", ("group_norm", "rowwisemoments", "computefused", "native_group_norm", "red_fused")),
+    ("elementwise / copies", ("elementwise", "triton_poi", "copy", "cat", "upsample", "memset")),
+)
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        unet(*args)
+
+def profile(fn, path):
+    """One call under torch.profiler: the top kernels and the time per category, written to path."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    events = prof.key_averages()
+    totals, total = {}, 0.0
+    for e in events:
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        totals[cat] = totals.get(cat, 0.0) + us
+        total += us
+    lines = [f"{c:>22}: {v / 1e3:8.2f} ms  {100 * v / total:5.1f}%" for c, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    summary = "\n".join(lines + [f"{'total':>22}: {total / 1e3:8.2f} ms"])
     with open(path, "w") as f:
-        f.write(table)
-    return table
+        f.write(summary + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40))
+    print(summary, flush=True)
 
 
 def main():
@@ -113,7 +140,7 @@ def main():
         if "eager" in modes:
             record("diffusers eager", time_ms(lambda: unet(sample, t, text), a.reps))
             if a.profile:
-                profile_eager(unet, (sample, t, text), a.profile)
+                profile(lambda: unet(sample, t, text), a.profile + ".eager.txt")
         if "compile" in modes:
             compiled = torch.compile(unet, dynamic=False)
             t0 = time.perf_counter()
@@ -121,6 +148,8 @@ def main():
             torch.cuda.synchronize()
             record("torch.compile default", time_ms(lambda: compiled(sample, t, text), a.reps),
                    round(time.perf_counter() - t0, 1))
+            if a.profile:
+                profile(lambda: compiled(sample, t, text), a.profile + ".compile.txt")
             del compiled
             torch._dynamo.reset()
         if "fast" in modes:
@@ -134,6 +163,8 @@ def main():
             torch.cuda.synchronize()
             name = f"fast ({a.fast_compile_mode}{'' if a.no_channels_last else ', cl'}{'' if a.no_graph else ', graph'})"
             record(name, time_ms(lambda: call(sample, t, text, feats), a.reps), round(time.perf_counter() - t0, 1))
+            if a.profile:
+                profile(lambda: fn(sample, t, text, feats), a.profile + ".fast.txt")
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {info['gpu']}")
     if a.out:
         with open(a.out, "a") as f:

@@ -27,10 +27,7 @@ from safetensors.torch import save_file
 
 from .config import FORMAT_VERSION, FinePhysConfig
 from .errors import InputError
-from .model import FinePhysParts, build_text_encoder, build_unet, build_vae
-from .encoder import HeatmapEncoder
-from .lifter import Lifter
-from .physnet import PhysNet
+from .model import FinePhysParts, new_parts
 from .text import load_tokenizer
 from .weights import check_state_dict, load_strict, read_safetensors
 
@@ -133,16 +130,7 @@ def load_checkpoint(folder: Path, verify_hashes: bool = False) -> FinePhysParts:
                 raise InputError(f"{folder}: file {rel} listed in {MANIFEST} is missing")
             if sha256(folder / rel) != digest:
                 raise InputError(f"{folder}: file {rel} does not match its sha256 in {MANIFEST}")
-    parts = FinePhysParts(
-        config=cfg,
-        lifter=Lifter(cfg.pose.lifter),
-        physnet=PhysNet(cfg.pose.physnet),
-        encoder=HeatmapEncoder(cfg.encoder),
-        unet=build_unet(cfg),
-        vae=build_vae(cfg),
-        text_encoder=build_text_encoder(cfg),
-        tokenizer=load_tokenizer(folder / "tokenizer"),
-    )
+    parts = new_parts(cfg, load_tokenizer(folder / "tokenizer"))
     for name, rel in WEIGHT_FILES.items():
         load_strict(getattr(parts, name), folder / rel)
     if (folder / LORA_FILE).exists():
