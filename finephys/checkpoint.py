@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from .config import FORMAT_VERSION, FinePhysConfig
