@@ -1,0 +1,68 @@
+"""Counters of the HTTP front end, rendered in the Prometheus text format (``GET /metrics``)."""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+
+import numpy as np
+
+
+class Metrics:
+    def __init__(self, window: int = 1000):
+        self.started = time.time()
+        self.requests: Counter = Counter()  # by HTTP status
+        self.in_flight = 0
+        self.frames = 0
+        self.stream_errors = 0  # videos cut off after their 200 was sent
+        self.batch_sizes: Counter = Counter()
+        self.latency = deque(maxlen=window)  # seconds, request in -> last byte out, 200s only
+        self.first_byte = deque(maxlen=window)  # seconds to the first video bytes
+
+    def done(self, status: int) -> None:
+        self.requests[status] += 1
+
+    def video(self, seconds: float, first_byte: float | None, frames: int, batch_size: int) -> None:
+        self.latency.append(seconds)
+        if first_byte is not None:
+            self.first_byte.append(first_byte)
+        self.frames += frames
+        self.batch_sizes[batch_size] += 1
+
+    def snapshot(self) -> dict:
+        q = lambda xs, p: float(np.percentile(list(xs), p)) if xs else None  # noqa: E731
+        return {
+            "uptime_s": time.time() - self.started, "requests": dict(self.requests), "in_flight": self.in_flight,
+            "frames": self.frames, "stream_errors": self.stream_errors, "batch_sizes": dict(self.batch_sizes),
+            "latency_p50_s": q(self.latency, 50), "latency_p95_s": q(self.latency, 95),
+            "first_byte_p50_s": q(self.first_byte, 50),
+        }
+
+    def prometheus(self, extra: dict | None = None) -> str:
+        lines = [
+            "# HELP fpengine_requests_total Finished POST /generate requests by HTTP status.",
+            "# TYPE fpengine_requests_total counter",
+        ]
+        lines += [f'fpengine_requests_total{{code="{code}"}} {n}' for code, n in sorted(self.requests.items())]
+        lines += [
+            "# HELP fpengine_requests_in_flight Videos being streamed now.",
+            "# TYPE fpengine_requests_in_flight gauge", f"fpengine_requests_in_flight {self.in_flight}",
+            "# HELP fpengine_stream_errors_total Videos cut off after their 200 was sent.",
+            "# TYPE fpengine_stream_errors_total counter", f"fpengine_stream_errors_total {self.stream_errors}",
+            "# HELP fpengine_frames_total Frames streamed out.",
+            "# TYPE fpengine_frames_total counter", f"fpengine_frames_total {self.frames}",
+            "# HELP fpengine_batch_size_total Videos by the size of the batch they were denoised in.",
+            "# TYPE fpengine_batch_size_total counter",
+        ]
+        lines += [f'fpengine_batch_size_total{{size="{b}"}} {n}' for b, n in sorted(self.batch_sizes.items())]
+        for name, values, help_ in (
+            ("fpengine_latency_seconds", self.latency, "Time to the last byte of a video (recent requests)."),
+            ("fpengine_first_byte_seconds", self.first_byte, "Time to the first video bytes (recent requests)."),
+        ):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} summary"]
+            if values:
+                arr = np.asarray(values)
+                lines += [f'{name}{{quantile="{q}"}} {np.quantile(arr, q):.6f}' for q in (0.5, 0.95)]
+            lines += [f"{name}_count {len(values)}", f"{name}_sum {float(sum(values)):.6f}"]
+        for key, value in (extra or {}).items():
+            lines += [f"# TYPE fpengine_{key} gauge", f"fpengine_{key} {value}"]
+        return "\n".join(lines) + "\n"

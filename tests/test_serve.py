@@ -1,0 +1,424 @@
+"""`fpengine serve`: request parsing with the CLI's checks, dynamic batching, the streamed mp4,
+and the real service (the CLI in a subprocess: a local Ray instance, two CPU replicas of the demo
+model on localhost) answering concurrent, bad, oversize and excess requests, then shutting down
+without leaving a process behind.
+
+The service tests need the ``serve`` extra (README's test command installs it; CI=true makes its
+absence a failure instead of a skip). Ray is started once for the module, sized small (2 CPUs,
+100 MB object store, no dashboard, no usage stats, token auth with a throwaway token, its files
+in a temporary folder).
+"""
+import concurrent.futures
+import dataclasses
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.generate import GenerateOptions, generate_stream, load_model
+from engine.serve.batching import group_by_shape, run_group
+from engine.serve.config import Limits
+from engine.serve.files import inside, leftovers, prepare_workdir
+from engine.serve.mp4 import Mp4Stream
+from engine.serve.parse import (
+    PayloadTooLarge, RequestError, UnsupportedMediaType, check_request, clip_from_json, clip_from_npz,
+    display_name, parse_options, parse_request,
+)
+from engine.video import read_video
+from finephys.demo import demo_config
+from finephys.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+WALK = ROOT / "examples" / "walk.npz"
+SMALL = {"prompt": "a person walking", "num_frames": 6, "height": 32, "width": 32,
+         "num_inference_steps": 1, "guidance_scale": 1.0}
+
+
+def _walk_json() -> dict:
+    with np.load(WALK) as d:
+        return {k: d[k].tolist() for k in d.files}
+
+
+def _cli_error(args) -> str:
+    """What `fpengine generate ARGS` prints as its error, without the 'error: ' prefix."""
+    result = CliRunner().invoke(main, ["generate", *args])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    return line.split(": ", 1)[1]
+
+
+# ---- parsing and checking, no Ray -------------------------------------------------------------
+
+def test_options_are_checked_as_the_cli_checks_them(tmp_path):
+    assert parse_options(SMALL) == GenerateOptions("a person walking", num_frames=6, height=32, width=32,
+                                                   num_inference_steps=1, guidance_scale=1.0)
+    for bad, args in (
+        ({**SMALL, "num_frames": "abc"}, ["--frames", "abc"]),
+        ({**SMALL, "guidance_scale": "x"}, ["--guidance", "x"]),
+        ({**SMALL, "seed": 1.5}, ["--seed", "1.5"]),
+    ):
+        with pytest.raises(RequestError) as exc:
+            parse_options(bad)
+        cli = _cli_error(["--poses", str(WALK), "--out", str(tmp_path / "o.mp4"), "--prompt", "p", *args])
+        assert str(exc.value) == cli
+    with pytest.raises(RequestError, match=r"^Missing option '--prompt'\.$"):
+        parse_options({"num_frames": 4})
+    with pytest.raises(RequestError, match="unknown option 'out'"):
+        parse_options({**SMALL, "out": "/etc/passwd"})
+    with pytest.raises(RequestError, match="expected a string"):
+        parse_options({**SMALL, "prompt": ["a"]})
+    # Values the CLI would take but the model rejects: the same messages as `generate`.
+    clip = clip_from_json(_walk_json(), prepare_workdir(tmp_path / "w"), Limits())
+    with pytest.raises(InputError, match=r"^--frames 100: expected 1\.\.24 \(the clip's frames at 8 fps\)$"):
+        check_request(demo_config(), clip, parse_options({**SMALL, "num_frames": 100}), Limits())
+    with pytest.raises(InputError, match=r"^height: expected a positive multiple of 8, got 33$"):
+        check_request(demo_config(), clip, parse_options({**SMALL, "height": 33}), Limits())
+    with pytest.raises(RequestError, match=r"^--steps 101: this service runs at most 100 steps$"):
+        check_request(demo_config(), clip, parse_options({**SMALL, "num_inference_steps": 101}), Limits())
+
+
+def test_uploaded_and_json_clips_get_the_cli_messages(tmp_path):
+    root = prepare_workdir(tmp_path / "work")
+    with np.load(WALK) as d:
+        arrays = {k: d[k] for k in d.files if k != "fps"}
+    bad = tmp_path / "nofps.npz"
+    np.savez(bad, **arrays)
+    cli = _cli_error(["--poses", str(bad), "--out", str(tmp_path / "o.mp4"), "--prompt", "p"])
+    with pytest.raises(RequestError) as exc:
+        clip_from_npz(bad.read_bytes(), "nofps.npz", root, Limits())
+    assert str(exc.value) == cli.replace(str(bad), "nofps.npz")
+    # The same clip as JSON keypoints: the same check, named 'clip'.
+    with pytest.raises(RequestError) as exc:
+        clip_from_json({k: v.tolist() for k, v in arrays.items()}, root, Limits())
+    assert str(exc.value) == cli.replace(str(bad), "clip")
+    with pytest.raises(RequestError, match="ragged"):
+        clip_from_json({**_walk_json(), "scores": [[1.0], [1.0, 0.5]]}, root, Limits())
+    with pytest.raises(RequestError, match="null or mixed"):
+        clip_from_json({**_walk_json(), "fps": None}, root, Limits())
+    with pytest.raises(RequestError, match="opens no file by name"):
+        clip_from_json(str(WALK), root, Limits())
+    with pytest.raises(UnsupportedMediaType):
+        parse_request(b"{}", "text/plain", root, Limits())
+    good = clip_from_json(_walk_json(), root, Limits())
+    assert good.num_frames == 24 and good.layout == "h36m17"
+    assert leftovers(root) == []  # every temp file is gone
+
+
+def test_upload_names_never_become_paths(tmp_path):
+    root = prepare_workdir(tmp_path / "work")
+    outside = tmp_path / "escaped.npz"
+    for name in ("../escaped.npz", str(outside), "..\\..\\escaped.npz", "", ".."):
+        with pytest.raises(RequestError) as exc:
+            clip_from_npz(b"not a zip", name, root, Limits())
+        assert str(exc.value).startswith(display_name(name) + ": is not an npz")
+        assert "/" not in display_name(name) and "\\" not in display_name(name)
+    clip = clip_from_npz(WALK.read_bytes(), "../../escaped.npz", root, Limits())
+    assert clip.num_frames == 24
+    assert not outside.exists() and leftovers(root) == []
+    with pytest.raises(PermissionError):
+        inside(root, root / ".." / "escaped.npz")
+    (root / "uploads" / "link").symlink_to(tmp_path)
+    with pytest.raises(PermissionError):
+        inside(root, root / "uploads" / "link" / "x")
+
+
+def test_size_limits(tmp_path):
+    root = prepare_workdir(tmp_path / "work")
+    with pytest.raises(PayloadTooLarge, match="at most 100 bytes"):
+        parse_request(b"x" * 101, "application/json", root, Limits(max_upload_bytes=100))
+    bomb = io.BytesIO()  # a few KB that unpack to 8 MB
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("keypoints.npy", b"\0" * (8 << 20))
+    with pytest.raises(PayloadTooLarge, match="unpacks to"):
+        clip_from_npz(bomb.getvalue(), "bomb.npz", root, Limits(max_clip_bytes=1 << 20))
+    with pytest.raises(PayloadTooLarge, match="at most 10 frames"):
+        clip_from_npz(WALK.read_bytes(), "walk.npz", root, Limits(max_clip_frames=10))
+    assert leftovers(root) == []
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_model(None)
+
+
+def test_batched_requests_match_single_ones(demo_model, walk_clip):
+    """Two requests of one shape (different prompts, seeds, guidance) denoised as one batch over
+    overlapping windows give the frames each gives alone; another shape is its own group."""
+    a = GenerateOptions("a walk", num_frames=7, height=32, width=32, num_inference_steps=1,
+                        guidance_scale=2.0, seed=1, context_length=4, context_stride=3)
+    b = dataclasses.replace(a, prompt="a run", negative_prompt="blurry", seed=5, guidance_scale=4.0)
+    c = dataclasses.replace(a, num_frames=5)
+    streams = [generate_stream(demo_model, walk_clip, o, progress=False) for o in (a, b, c)]
+    assert group_by_shape(streams) == [[0, 1], [2]]
+    chunks = list(run_group(streams[:2]))
+    assert len(chunks) == 2  # windows (0,4) and (3,7): frames 0-2 final first, then 3-6
+    for i, opts in enumerate((a, b)):
+        batched = np.concatenate([chunk[i] for chunk in chunks])
+        alone = np.stack(list(generate_stream(demo_model, walk_clip, opts, progress=False)))
+        assert batched.shape == alone.shape == (7, 32, 32, 3)
+        assert np.abs(batched.astype(int) - alone).max() <= 2
+    first, second = (np.concatenate([c[i] for c in chunks]).astype(int) for i in (0, 1))
+    assert np.abs(first - second).mean() > 1  # different requests, different videos
+
+
+def test_mp4_is_streamed_while_it_is_written(tmp_path):
+    root = prepare_workdir(tmp_path / "work")
+    video = Mp4Stream(root, fps=8)
+    rng = np.random.default_rng(0)
+    parts = [video.write(rng.integers(0, 255, (4, 32, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    deadline = time.time() + 20
+    while not any(parts) and time.time() < deadline:  # ffmpeg works on its own time
+        time.sleep(0.1)
+        parts.append(video.write(np.zeros((0, 32, 48, 3), np.uint8)))
+    assert any(parts)  # bytes come out before the video is closed
+    parts.append(video.finish())
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"".join(parts))
+    assert read_video(out).shape == (12, 32, 48, 3)
+    assert leftovers(root) == []
+
+
+# ---- the service ------------------------------------------------------------------------------
+
+def _need_ray():
+    if os.environ.get("CI"):
+        import ray.serve  # noqa: F401  (CI installs the serve extra: missing is a failure)
+        return
+    pytest.importorskip("ray.serve", reason="the serve extra is not installed "
+                                            "(python -m pip install -e '.[serve]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":  # zombies are gone in all but name
+                out[int(entry)] = (int(fields[1]), int(fields[3]))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    procs, found, todo = _processes(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, _) in procs.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+class Service:
+    def __init__(self, tmp: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = tmp / "work"
+        self.log_path = tmp / "serve.log"
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="fpr"))  # short: Ray's socket paths must fit
+        env = {**os.environ, "RAY_TMPDIR": str(self.ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--replicas", "2", "--replica-cpus", "0.5",
+             "--num-cpus", "2", "--object-store-mb", "100", "--port", str(self.port),
+             "--workdir", str(self.workdir), "--max-batch-size", "2", "--max-ongoing", "2",
+             "--max-queue", "4", "--batch-wait-ms", "100", "--max-upload-mb", "1"],
+            cwd=tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.t_start = time.time()
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 240):
+        while time.time() - self.t_start < timeout:
+            if self.proc.poll() is not None:
+                pytest.fail(f"fpengine serve exited with {self.proc.returncode}:\n{self.text()[-4000:]}")
+            if "serving demo on" in self.text():
+                return time.time() - self.t_start
+            time.sleep(0.5)
+        pytest.fail(f"fpengine serve not ready after {timeout}s:\n{self.text()[-4000:]}")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    _need_ray()
+    svc = Service(tmp_path_factory.mktemp("serve"))
+    try:
+        svc.ready_s = svc.wait_ready()
+        yield svc
+    finally:
+        svc.kill()
+
+
+def _post(svc, opts=SMALL, clip_file=WALK, filename="walk.npz", timeout=120):
+    import requests
+
+    data = clip_file.read_bytes() if isinstance(clip_file, Path) else clip_file
+    return requests.post(f"{svc.url}/generate", files={"clip": (filename, data)},
+                         data={"options": json.dumps(opts)}, timeout=timeout)
+
+
+def _post_json(svc, body, timeout=120):
+    import requests
+
+    return requests.post(f"{svc.url}/generate", json=body, timeout=timeout)
+
+
+def _video(response, tmp_path: Path) -> np.ndarray:
+    path = tmp_path / f"{secrets.token_hex(4)}.mp4"
+    path.write_bytes(response.content)
+    return read_video(path)
+
+
+def test_service_health_info_and_metrics(service):
+    import requests
+
+    health = requests.get(f"{service.url}/healthz", timeout=30)
+    assert health.status_code == 200, health.text
+    assert health.json()["replicas"]["running"] == 2
+    info = requests.get(f"{service.url}/", timeout=30).json()
+    assert info["model"] == "demo" and info["limits"]["max_upload_bytes"] == 1 << 20
+    assert "fpengine_requests_in_flight 0" in requests.get(f"{service.url}/metrics", timeout=30).text
+
+
+def test_concurrent_requests_get_correct_videos(service, tmp_path):
+    jobs = [("npz", {**SMALL, "seed": 1}), ("json", {**SMALL, "seed": 2}),
+            ("npz", {**SMALL, "num_frames": 4}), ("json", {**SMALL, "num_frames": 4, "seed": 3})]
+
+    def call(job):
+        kind, opts = job
+        return _post(service, opts) if kind == "npz" else _post_json(service, {**opts, "clip": _walk_json()})
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(call, jobs))
+    for (kind, opts), r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "video/mp4"
+        assert r.headers["x-fpengine-frames"] == str(opts["num_frames"])
+        assert _video(r, tmp_path).shape == (opts["num_frames"], 32, 32, 3)
+    # The same request twice gives the same video (seeded), whatever batch it ran in.
+    again = _post(service, {**SMALL, "seed": 1})
+    assert np.abs(_video(again, tmp_path).astype(float) - _video(responses[0], tmp_path)).mean() < 0.5
+
+
+def test_bad_requests_get_4xx_with_the_cli_message(service, tmp_path):
+    cases = [
+        (_post(service, {**SMALL, "num_frames": "abc"}), "Invalid value for '--frames': 'abc' is not a valid integer."),
+        (_post(service, {**SMALL, "num_frames": 100}), "--frames 100: expected 1..24 (the clip's frames at 8 fps)"),
+        (_post(service, {**SMALL, "width": 30}), "width: expected a positive multiple of 8, got 30"),
+        (_post(service, {k: v for k, v in SMALL.items() if k != "prompt"}), "Missing option '--prompt'."),
+        (_post(service, SMALL, b"not a zip", "mine.npz"),
+         "mine.npz: is not an npz (zip) archive, or is truncated, expected a clip.npz file"),
+    ]
+    no_fps = {k: v for k, v in _walk_json().items() if k != "fps"}
+    cases.append((_post_json(service, {**SMALL, "clip": no_fps}),
+                  "clip: missing key 'fps', expected the clip.npz v1 keys keypoints, scores, layout, image_size, fps"))
+    for response, message in cases:
+        assert response.status_code == 400, response.text
+        assert response.json() == {"error": message, "status": 400}
+    import requests
+
+    r = requests.post(f"{service.url}/generate", data=b"{}", headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415 and "expected application/json or multipart/form-data" in r.json()["error"]
+
+
+def test_oversize_upload_is_refused(service):
+    import requests
+
+    big = np.random.default_rng(0).bytes(2 << 20)  # 2 MiB; the service takes 1 MiB
+    r = _post(service, SMALL, big, "big.npz")
+    assert r.status_code == 413 and "this service takes at most 1048576 bytes" in r.json()["error"]
+
+    def chunks():  # no Content-Length: counted while it is read
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = requests.post(f"{service.url}/generate", data=chunks(), headers={"Content-Type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 413, r.text
+
+
+def test_full_queue_gets_503(service, tmp_path):
+    # 2 replicas x 2 ongoing + 4 queued = 8 at once at most; 14 at once overflow.
+    opts = {**SMALL, "num_frames": 8, "num_inference_steps": 2}
+    with concurrent.futures.ThreadPoolExecutor(14) as pool:
+        responses = list(pool.map(lambda i: _post(service, {**opts, "seed": i}), range(14)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503}, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert "the service is busy" in r.json()["error"] and r.headers["retry-after"]
+        else:
+            assert _video(r, tmp_path).shape == (8, 32, 32, 3)
+
+
+def test_requests_cannot_touch_files_outside_the_workdir(service, tmp_path):
+    target = tmp_path / "escaped.npz"
+    rel = os.path.relpath(target, service.workdir / "uploads")
+    for name in (rel, str(target), "../" * 12 + str(target).lstrip("/")):
+        r = _post(service, SMALL, b"PK\x03\x04 not really", name)
+        assert r.status_code == 400 and r.json()["error"].startswith("escaped.npz: ")
+    ok = _post(service, SMALL, WALK, rel)
+    assert ok.status_code == 200
+    r = _post_json(service, {**SMALL, "clip": str(WALK)})
+    assert r.status_code == 400 and "opens no file by name" in r.json()["error"]
+    r = _post_json(service, {**SMALL, "clip": _walk_json(), "ckpt": str(tmp_path)})
+    assert r.status_code == 400 and "unknown option 'ckpt'" in r.json()["error"]
+    assert not target.exists()
+    deadline = time.time() + 10  # the last video's file goes once its stream is closed
+    while leftovers(service.workdir) and time.time() < deadline:
+        time.sleep(0.2)
+    assert leftovers(service.workdir) == []
+
+
+def test_shutdown_is_clean(service):
+    """SIGTERM stops the service and the local Ray instance: exit 0, no process left behind (in
+    the process tree or the session), the working folder emptied."""
+    children = _descendants(service.proc.pid)
+    assert len(children) >= 4  # Ray's GCS, raylet, workers, ...
+    t0 = time.time()
+    os.kill(service.proc.pid, signal.SIGTERM)
+    assert service.proc.wait(timeout=90) == 0, service.text()[-3000:]
+    assert "stopped" in service.text()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        alive = children & set(_processes())
+        session = {p for p, (_, sid) in _processes().items() if sid == service.proc.pid}
+        if not alive and not session:
+            break
+        time.sleep(0.5)
+    assert not alive and not session, (alive, session)
+    assert leftovers(service.workdir) == []
+    print(f"service: ready in {service.ready_s:.1f}s, stopped in {time.time() - t0:.1f}s")
