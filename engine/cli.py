@@ -66,7 +66,9 @@ def _existing(path: Path, what: str) -> Path:
 @click.option("--prompt", required=True, help="What the video shows.")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--ckpt", type=PATH, default=None, help="FinePhys checkpoint folder (default: embedded demo model).")
-@click.option("--backend", type=click.Choice(["reference"]), default="reference", show_default=True)
+@click.option("--engine", type=PATH, default=None, help="Engine directory from `fpengine export` (instead of --ckpt).")
+@click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "tensorrt", "triton"]), default="auto",
+              show_default=True, help="auto: the engine's fastest backend here with --engine, else reference.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--frames", "num_frames", type=int, default=None, help="Frames to generate (default: the whole clip).")
 @click.option("--height", type=int, default=None)
@@ -81,14 +83,14 @@ def _existing(path: Path, what: str) -> Path:
 @click.option("--save-poses", type=PATH, default=None, help="Write every pose stage to this .npz.")
 @click.option("--preview", type=PATH, default=None, help="Render input and projected skeletons to this .mp4.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def generate(poses, prompt, negative_prompt, ckpt, backend, device, num_frames, height, width,
+def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_frames, height, width,
              num_inference_steps, guidance_scale, seed, context_length, context_stride, out, frames_dir,
              save_poses, preview, overwrite, video=None, save_clip=None, **detect_kw):
     """Generate a video of a person moving as the pose clip shows (any length, streamed).
 
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
     """
-    from .generate import GenerateOptions, generate_stream, load_model, pick_device
+    from .generate import GenerateOptions, generate_stream, load_model
     from .outputs import check_distinct, check_output, save_npz, stream_frames, write_pose_preview
 
     if out is None and frames_dir is None:
@@ -103,7 +105,7 @@ def generate(poses, prompt, negative_prompt, ckpt, backend, device, num_frames, 
     clip, detected = generate_input(poses, video, save_clip, overwrite, detect_kw)
     if ckpt is not None:
         _existing(ckpt, "--ckpt")
-    model = load_model(ckpt, device=pick_device(device))
+    model = load_model(ckpt, device=device, engine=engine, backend=backend)
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                            guidance_scale, seed, context_length, context_stride)
     stream = generate_stream(model, clip, opts)
@@ -187,3 +189,17 @@ def init(out, demo, base, motion_module, lora, pose_weights, overwrite):
 
 
 main.add_command(detect)
+
+from .cli_export import check as _check_command, export as _export_command  # noqa: E402
+
+main.add_command(_export_command)
+main.add_command(_check_command)
+
+from .cli_pose import eval_pose_cmd, train_pose_cmd  # noqa: E402
+
+main.add_command(train_pose_cmd)
+main.add_command(eval_pose_cmd)
+
+from .cli_serve import serve as _serve_command  # noqa: E402
+
+main.add_command(_serve_command)

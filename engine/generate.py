@@ -16,7 +16,7 @@ from finephys.pipeline import (
     PoseStages, check_video_size, decode, denoise_windows, pose_heatmaps, prepare_clip, run_pose_stack,
 )
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "onnxruntime", "tensorrt", "triton")  # all but the first run an engine directory (--engine)
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,20 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32) -> FinePhysModel:
+def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engine: Path | None = None,
+               backend: str = "reference"):
+    """The reference model of ``ckpt`` (default: the demo model), or with ``engine`` an engine
+    directory on ``backend`` (``auto``: the fastest one available, see ``engine.backends``)."""
+    if engine is not None:
+        if ckpt is not None:
+            raise InputError("pass --ckpt or --engine, not both (an engine directory names its checkpoint)")
+        from .backends import load_backend
+
+        return load_backend(engine, backend, device)
+    if backend not in ("reference", "auto"):
+        raise InputError(f"--backend {backend} runs an engine directory: pass --engine DIR (fpengine export writes one)")
     parts = load_demo() if ckpt is None else load_checkpoint(ckpt)
-    return assemble(parts, device=device, dtype=dtype)
+    return assemble(parts, device=pick_device(device), dtype=dtype)
 
 
 def _pick(value, default):

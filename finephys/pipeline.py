@@ -9,13 +9,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernels.heatmap import render_heatmaps_ref
+from kernels.heatmap import render_heatmaps
+from kernels.physnet import physnet_fused
 
 from .camera import fit_and_project
 from .clip import PoseClip, resample, to_layout
 from .errors import InputError
 from .lifter import normalise_2d
 from .model import FinePhysModel
+from .physnet import integrate
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,10 @@ def run_pose_stack(model: FinePhysModel, clip: PoseClip) -> PoseStages:
     sc = torch.as_tensor(clip.scores, dtype=torch.float32, device=dev)[None]
     height, width = clip.image_size
     s_dd = p.lifter(normalise_2d(kp, sc, width), sc)
-    s_pp, s_fused, _ = p.physnet(s_dd, dt=1.0 / model.config.fps, fuse_weight=model.config.pose.fuse_weight)
+    minv, jtau, coriolis = p.physnet.predict(s_dd)
+    # The reference integrates in plain torch; backends with use_kernels take the fused Triton kernel.
+    step = physnet_fused if getattr(model, "use_kernels", False) else integrate
+    s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / model.config.fps, model.config.pose.fuse_weight)
     K = None if clip.camera_matrix is None else torch.as_tensor(clip.camera_matrix, dtype=torch.float32)
     dist = None if clip.dist_coeffs is None else torch.as_tensor(clip.dist_coeffs, dtype=torch.float32)
     projected = fit_and_project(s_fused, kp, sc, K, dist)
@@ -84,7 +89,7 @@ def pose_heatmaps(model: FinePhysModel, stages: PoseStages, height: int, width: 
     kp[..., 1] *= height / ih
     vis = torch.ones(kp.shape[:-1], device=model.device)
     sigma = model.config.pose.heatmap_sigma * max(height, width) / 512.0
-    return render_heatmaps_ref(kp[None], vis[None], height, width, sigma)[0]
+    return render_heatmaps(kp[None], vis[None], height, width, sigma, use_kernel=getattr(model, "use_kernels", False))[0]
 
 
 def check_video_size(height: int, width: int) -> None:

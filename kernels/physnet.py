@@ -16,12 +16,15 @@ Shapes: B clips, T >= 3 frames, J joints, D = 3J, P = D(D+1)/2.
 rounded, so ``qdd`` is rounded once and ``s_pp`` is computed from the unrounded fp32 ``qdd``).
 ``physnet_fused_ref`` is the plain-torch ground truth with the same signature and contract.
 
-The Triton kernel does everything in one launch: each program owns a run of ``BLOCK_T`` frames of one
-clip (plus one halo frame on each side, of which only one direction is read), loads each frame's
-packed triangle as three ``HALF x HALF`` register tiles (top-left triangle, bottom-left square,
-bottom-right triangle; rows of the packed triangle are contiguous, so every load is coalesced and
-each stored number is read once), forms ``M f = L f + L^T f - diag(L) f`` with row and column
-reductions of the same tiles, and integrates, averages and fuses as it slides over the frames.
+The Triton kernel does everything in one launch with no recomputation: program ``p`` of clip ``b`` owns
+``SLOTS`` consecutive slots ``e`` in ``[-1, T]``; slot ``e`` computes the forward ``qdd`` of frame ``e-1``
+and the reverse ``qdd`` of frame ``e+1`` (so every (frame, direction) is solved exactly once) and from
+those two the prediction(s), the average and the fusion for frame ``e``. Each solve reads the packed
+triangle once, as three ``HALF x HALF`` register tiles (top-left triangle, bottom-left square,
+bottom-right triangle; rows of the packed triangle are contiguous, so the loads are coalesced), and
+forms ``M f = L f + L^T f - diag(L) f`` from row and column sums of the same tiles. The tiles are
+shaped ``[HALF/KL, HALF, KL]`` so that a warp's lanes form a 4 x 8 grid over (rows, columns): that
+keeps both reductions to a few shuffles per element instead of a full 32-lane butterfly per row.
 """
 import functools
 import math
@@ -37,13 +40,13 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernel's; the reference also takes float64
 
 
 # --------------------------------------------------------------------------------------------------
 # argument checks (shared by the kernel and the reference)
 # --------------------------------------------------------------------------------------------------
-def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight):
+def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes=_DTYPES + (torch.float64,)):
     """Validate; return (B, T, J, D). Every error is a ValueError whose message starts with the argument."""
     for name, x in (("s_dd", s_dd), ("minv_tril", minv_tril), ("jtau", jtau), ("coriolis", coriolis)):
         if not isinstance(x, torch.Tensor):
@@ -53,8 +56,9 @@ def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight):
     B, T, J, _ = s_dd.shape
     if T < 3:
         raise ValueError(f"s_dd: PhysNet needs T >= 3 frames (one-sided predictions at both ends), got T={T}")
-    if s_dd.dtype not in _DTYPES:
-        raise ValueError(f"s_dd: expected dtype float32, float16 or bfloat16, got {s_dd.dtype}")
+    if s_dd.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"s_dd: expected dtype {names}, got {s_dd.dtype}")
     D = 3 * J
     P = D * (D + 1) // 2
     for name, x, shape in (
@@ -94,12 +98,16 @@ def _tril_index(D, device):
 
 
 def physnet_fused_ref(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight=0.5):
-    """Plain-torch reference: fp32 math, outputs in the input dtype. Returns (s_pp, s_fused, qdd)."""
+    """Plain-torch reference: fp32 math (fp64 for fp64 inputs), outputs in the input dtype.
+
+    Returns (s_pp, s_fused, qdd).
+    """
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight)
     dtype = s_dd.dtype
-    q = s_dd.float().reshape(B, T, D)
-    minv = minv_tril.float()[..., _tril_index(D, s_dd.device)]  # (B,T,2,D,D), symmetric
-    f = jtau.float() - coriolis.float()  # (B,T,2,D)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q = s_dd.to(acc).reshape(B, T, D)
+    minv = minv_tril.to(acc)[..., _tril_index(D, s_dd.device)]  # (B,T,2,D,D), symmetric
+    f = jtau.to(acc) - coriolis.to(acc)  # (B,T,2,D)
     qdd = torch.matmul(minv, f.unsqueeze(-1)).squeeze(-1)  # (B,T,2,D)
     dt2 = float(dt) * float(dt)
     # predictions made at t = 1..T-2: forward lands on t+1 (frames 2..T-1), reverse on t-1 (frames 0..T-3)
@@ -127,157 +135,169 @@ def physnet_fused_ref(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight=0.5):
 if triton is not None:
 
     @triton.jit
-    def _physnet_fused_fwdrev_kernel(
+    def _symv_packed(m_ptr, j_ptr, c_ptr, ok, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr):
+        """qdd = M^-1 (jtau - coriolis) for NS (frame, direction) rows at once.
+
+        m_ptr, j_ptr, c_ptr: [NS] row pointers into minv_tril, jtau, coriolis; ok: [NS] rows to compute.
+        Returns y[:, :HALF], y[:, HALF:] as two [NS, HALF] fp32 tensors.
+        M^-1 = L + L^T - diag(L), L the packed lower triangle (element (i,k), k <= i, at i*(i+1)/2 + k),
+        read once as three HALF x HALF tiles laid out [NS, HALF/KL, HALF, KL] (k = kb*KL + kl): top-left
+        triangle, bottom-left square, bottom-right triangle. Row sums give L f, column sums L^T f.
+        """
+        KB: tl.constexpr = HALF // KL
+        kb = tl.arange(0, KB)[None, :, None, None]
+        ii = tl.arange(0, HALF)[None, None, :, None]
+        kl = tl.arange(0, KL)[None, None, None, :]
+        k = kb * KL + kl  # [1,KB,1,KL]
+        ib = ii + HALF
+        mp = m_ptr[:, None, None, None]
+        ok4 = ok[:, None, None, None]
+        # f = jtau - coriolis, indexed by row (i) and by column (k)
+        r = tl.arange(0, HALF)[None, :]
+        rh = r + HALF
+        ok2 = ok[:, None]
+        jp = j_ptr[:, None]
+        cp = c_ptr[:, None]
+        f_lo = tl.load(jp + r, mask=ok2 & (r < D), other=0.0).to(tl.float32) - tl.load(
+            cp + r, mask=ok2 & (r < D), other=0.0).to(tl.float32)
+        f_hi = tl.load(jp + rh, mask=ok2 & (rh < D), other=0.0).to(tl.float32) - tl.load(
+            cp + rh, mask=ok2 & (rh < D), other=0.0).to(tl.float32)
+        dg_lo = tl.load(m_ptr[:, None] + (r * (r + 1) // 2 + r), mask=ok2 & (r < D), other=0.0).to(tl.float32)
+        dg_hi = tl.load(m_ptr[:, None] + (rh * (rh + 1) // 2 + rh), mask=ok2 & (rh < D), other=0.0).to(tl.float32)
+        NS: tl.constexpr = f_lo.shape[0]
+        fk_lo = tl.reshape(f_lo, [NS, KB, KL])[:, :, None, :]
+        fk_hi = tl.reshape(f_hi, [NS, KB, KL])[:, :, None, :]
+        fi_lo = f_lo[:, None, :, None]
+        fi_hi = f_hi[:, None, :, None]
+        L_tl = tl.load(mp + (ii * (ii + 1) // 2 + k), mask=ok4 & (k <= ii) & (ii < D), other=0.0).to(tl.float32)
+        L_bl = tl.load(mp + (ib * (ib + 1) // 2 + k), mask=ok4 & (ib < D) & (k < HALF), other=0.0).to(tl.float32)
+        L_br = tl.load(mp + (ib * (ib + 1) // 2 + k + HALF), mask=ok4 & (k <= ii) & (ib < D), other=0.0).to(
+            tl.float32)
+        # (L f)[i]: reduce over k (registers first, then lanes)
+        row_lo = tl.sum(tl.sum(L_tl * fk_lo, axis=1), axis=2)
+        row_hi = tl.sum(tl.sum(L_bl * fk_lo + L_br * fk_hi, axis=1), axis=2)
+        # (L^T f)[k]: reduce over i
+        col_lo = tl.reshape(tl.sum(L_tl * fi_lo + L_bl * fi_hi, axis=2), [NS, HALF])
+        col_hi = tl.reshape(tl.sum(L_br * fi_hi, axis=2), [NS, HALF])
+        y_lo = row_lo + col_lo - dg_lo * f_lo
+        y_hi = row_hi + col_hi - dg_hi * f_hi
+        return y_lo, y_hi
+
+    @triton.jit
+    def _physnet_slots_step(
+        e, live, b,  # [NS] slot indices, [NS] live flags, clip index
+        spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
+        q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd,
+        T, dt2, w, w_pp, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr,
+    ):
+        """Slots e of clip b: qdd[e-1, fwd], qdd[e+1, rev], then s_pp and s_fused of frame e."""
+        r = tl.arange(0, HALF)[None, :]
+        rh = r + HALF
+        v_lo = r < D
+        v_hi = rh < D
+        # forward row: frame e-1
+        uf = e - 1
+        okf = live & (uf >= 0) & (uf < T)
+        a0_lo, a0_hi = _symv_packed(
+            minv_ptr + b * m_sb + uf * m_st, jtau_ptr + b * j_sb + uf * j_st,
+            cor_ptr + b * c_sb + uf * c_st, okf, D, HALF, KL)
+        qp = qdd_ptr + ((b * T + uf) * (2 * D))[:, None]
+        tl.store(qp + r, a0_lo.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_lo)
+        tl.store(qp + rh, a0_hi.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_hi)
+        # reverse row: frame e+1
+        ur = e + 1
+        okr = live & (ur >= 0) & (ur < T)
+        a1_lo, a1_hi = _symv_packed(
+            minv_ptr + b * m_sb + ur * m_st + m_sd, jtau_ptr + b * j_sb + ur * j_st + j_sd,
+            cor_ptr + b * c_sb + ur * c_st + c_sd, okr, D, HALF, KL)
+        qp = qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None]
+        tl.store(qp + r, a1_lo.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_lo)
+        tl.store(qp + rh, a1_hi.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_hi)
+        # integration, averaging and fusion for frame e
+        ok = (live & (e >= 0) & (e < T))[:, None]
+        has_f = ok & (e >= 2)[:, None]
+        has_r = ok & (e <= T - 3)[:, None]
+        qb = q_ptr + (b * q_sb + e * q_st)[:, None]
+        q_lo = tl.load(qb + r, mask=ok & v_lo, other=0.0).to(tl.float32)
+        q_hi = tl.load(qb + rh, mask=ok & v_hi, other=0.0).to(tl.float32)
+        qm1_lo = tl.load(qb - q_st + r, mask=has_f & v_lo, other=0.0).to(tl.float32)
+        qm1_hi = tl.load(qb - q_st + rh, mask=has_f & v_hi, other=0.0).to(tl.float32)
+        qm2_lo = tl.load(qb - 2 * q_st + r, mask=has_f & v_lo, other=0.0).to(tl.float32)
+        qm2_hi = tl.load(qb - 2 * q_st + rh, mask=has_f & v_hi, other=0.0).to(tl.float32)
+        qp1_lo = tl.load(qb + q_st + r, mask=has_r & v_lo, other=0.0).to(tl.float32)
+        qp1_hi = tl.load(qb + q_st + rh, mask=has_r & v_hi, other=0.0).to(tl.float32)
+        qp2_lo = tl.load(qb + 2 * q_st + r, mask=has_r & v_lo, other=0.0).to(tl.float32)
+        qp2_hi = tl.load(qb + 2 * q_st + rh, mask=has_r & v_hi, other=0.0).to(tl.float32)
+        zero = tl.zeros_like(q_lo)
+        tot_lo = tl.where(has_f, 2.0 * qm1_lo - qm2_lo + a0_lo * dt2, zero) + tl.where(
+            has_r, 2.0 * qp1_lo - qp2_lo + a1_lo * dt2, zero)
+        tot_hi = tl.where(has_f, 2.0 * qm1_hi - qm2_hi + a0_hi * dt2, zero) + tl.where(
+            has_r, 2.0 * qp1_hi - qp2_hi + a1_hi * dt2, zero)
+        n_pred = has_f.to(tl.float32) + has_r.to(tl.float32)
+        spp_lo = tl.where(n_pred > 0.0, tot_lo / tl.maximum(n_pred, 1.0), q_lo)
+        spp_hi = tl.where(n_pred > 0.0, tot_hi / tl.maximum(n_pred, 1.0), q_hi)
+        sf_lo = w * q_lo + w_pp * spp_lo
+        sf_hi = w * q_hi + w_pp * spp_hi
+        ob = ((b * T + e) * D)[:, None]
+        ty = spp_ptr.dtype.element_ty
+        tl.store(spp_ptr + ob + r, spp_lo.to(ty), mask=ok & v_lo)
+        tl.store(spp_ptr + ob + rh, spp_hi.to(ty), mask=ok & v_hi)
+        tl.store(sfused_ptr + ob + r, sf_lo.to(ty), mask=ok & v_lo)
+        tl.store(sfused_ptr + ob + rh, sf_hi.to(ty), mask=ok & v_hi)
+
+
+    @triton.jit
+    def _physnet_fused_slots_kernel(
         spp_ptr, sfused_ptr, qdd_ptr,  # outputs: (B,T,D), (B,T,D), (B,T,2,D), contiguous
         q_ptr, minv_ptr, jtau_ptr, cor_ptr,  # inputs: (B,T,D), (B,T,2,P), (B,T,2,D), (B,T,2,D); last dim unit stride
         q_sb, q_st,  # s_dd strides (batch, time)
         m_sb, m_st, m_sd,  # minv_tril strides (batch, time, direction)
         j_sb, j_st, j_sd,  # jtau strides
         c_sb, c_st, c_sd,  # coriolis strides
-        T, n_chunks, dt2, w, w_pp,  # frames per clip, programs per clip, dt^2, w, 1 - w
+        T, n_chunks, n_slots, n_items,  # frames per clip, chunks per clip, slots per chunk, B * n_chunks
+        dt2, w, w_pp,  # dt^2, w, 1 - w
         D: tl.constexpr,  # 3J
-        HALF: tl.constexpr,  # power of two, 2*HALF >= D: rows/cols [0,HALF) are "lo", [HALF,2*HALF) "hi"
-        BLOCK_T: tl.constexpr,  # frames per program
+        HALF: tl.constexpr,  # power of two with 2*HALF >= D
+        KL: tl.constexpr,  # tile columns per lane group (power of two <= HALF)
+        NS: tl.constexpr,  # slots computed together (a tensor dimension; 1 on the GPU)
+        LOOP: tl.constexpr,  # False: one program per work item and n_slots <= NS (straight-line code)
     ):
-        pid = tl.program_id(0)
-        b = (pid // n_chunks).to(tl.int64)
-        t0 = ((pid % n_chunks) * BLOCK_T).to(tl.int64)
-        t1 = tl.minimum(t0 + BLOCK_T, T)
+        # Slot e in [-1, T] of clip b owns qdd[e-1, forward] and qdd[e+1, reverse] (so each (frame,
+        # direction) is solved exactly once over the clip) and s_pp/s_fused[e] for 0 <= e < T, which
+        # need exactly those two:
+        #   q_fwd[e] = 2 q[e-1] - q[e-2] + qdd[e-1,0] dt^2   (exists for e >= 2)
+        #   q_rev[e] = 2 q[e+1] - q[e+2] + qdd[e+1,1] dt^2   (exists for e <= T-3)
+        #   s_pp[e] = mean of those that exist, else s_dd[e];  s_fused[e] = w s_dd[e] + (1-w) s_pp[e]
+        # Work item = (clip, chunk of n_slots consecutive slots).
+        if LOOP:  # programs stride over the items (persistent when there are fewer programs)
+            for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+                b = (item // n_chunks).to(tl.int64)
+                s0 = ((item % n_chunks) * n_slots).to(tl.int64)
+                for j in range(0, tl.cdiv(n_slots, NS)):
+                    sl = j * NS + tl.arange(0, NS)
+                    _physnet_slots_step(
+                        s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr,
+                        cor_ptr, q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w,
+                        w_pp, D, HALF, KL)
+        else:
+            item = tl.program_id(0)
+            b = (item // n_chunks).to(tl.int64)
+            s0 = ((item % n_chunks) * n_slots).to(tl.int64)
+            sl = tl.arange(0, NS)
+            _physnet_slots_step(
+                s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL)
 
-        r = tl.arange(0, HALF)
-        ri = r[:, None]
-        ck = r[None, :]
-        # packed triangle, three HALF x HALF tiles: element (i, k), k <= i, lives at i*(i+1)/2 + k
-        ib = ri + HALF
-        off_tl = ri * (ri + 1) // 2 + ck  # rows lo, cols lo (triangle)
-        msk_tl = (ck <= ri) & (ri < D)
-        off_bl = ib * (ib + 1) // 2 + ck  # rows hi, cols lo (square)
-        msk_bl = ib < D
-        off_br = ib * (ib + 1) // 2 + ck + HALF  # rows hi, cols hi (triangle)
-        msk_br = (ck <= ri) & (ib < D)
-        rh = r + HALF
-        off_dlo = r * (r + 1) // 2 + r  # diagonal, lo and hi halves
-        off_dhi = rh * (rh + 1) // 2 + rh
-        v_lo = r < D
-        v_hi = rh < D
+def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function and costs microseconds per host call
+    return -(-a // b)
 
-        zero = tl.zeros([HALF], dtype=tl.float32)
-        a0_lo_p1 = zero  # qdd[u-1, forward]
-        a0_hi_p1 = zero
-        a0_lo_p2 = zero  # qdd[u-2, forward]
-        a0_hi_p2 = zero
 
-        for step in range(0, t1 - t0 + 2):
-            u = t0 - 1 + step  # int64 frame index, t0-1 .. t1
-            in_clip = (u >= 0) & (u < T)
-            a0_lo = zero
-            a0_hi = zero
-            a1_lo = zero
-            a1_hi = zero
-            for d in tl.static_range(2):
-                if d == 0:  # forward: needed for frames [t0-1, t1) (frame t0-1 predicts frame t0)
-                    need = in_clip & (u < t1)
-                else:  # reverse: needed for frames [t0, t1] (frame t1 predicts frame t1-1)
-                    need = in_clip & (u >= t0)
-                y_lo = zero
-                y_hi = zero
-                if need:  # uniform branch: halo frames read one direction only
-                    mp = minv_ptr + b * m_sb + u * m_st + d * m_sd
-                    L_tl = tl.load(mp + off_tl, mask=msk_tl, other=0.0).to(tl.float32)
-                    L_bl = tl.load(mp + off_bl, mask=msk_bl, other=0.0).to(tl.float32)
-                    L_br = tl.load(mp + off_br, mask=msk_br, other=0.0).to(tl.float32)
-                    dg_lo = tl.load(mp + off_dlo, mask=v_lo, other=0.0).to(tl.float32)
-                    dg_hi = tl.load(mp + off_dhi, mask=v_hi, other=0.0).to(tl.float32)
-                    jp = jtau_ptr + b * j_sb + u * j_st + d * j_sd
-                    cp = cor_ptr + b * c_sb + u * c_st + d * c_sd
-                    # f = jtau - coriolis
-                    f_lo = tl.load(jp + r, mask=v_lo, other=0.0).to(tl.float32) - tl.load(
-                        cp + r, mask=v_lo, other=0.0
-                    ).to(tl.float32)
-                    f_hi = tl.load(jp + rh, mask=v_hi, other=0.0).to(tl.float32) - tl.load(
-                        cp + rh, mask=v_hi, other=0.0
-                    ).to(tl.float32)
-                    # qdd = M f = L f + L^T f - diag(L) f  (L: lower triangle incl. diagonal)
-                    y_lo = (
-                        tl.sum(L_tl * f_lo[None, :], axis=1)
-                        + tl.sum(L_tl * f_lo[:, None], axis=0)
-                        + tl.sum(L_bl * f_hi[:, None], axis=0)
-                        - dg_lo * f_lo
-                    )
-                    y_hi = (
-                        tl.sum(L_bl * f_lo[None, :], axis=1)
-                        + tl.sum(L_br * f_hi[None, :], axis=1)
-                        + tl.sum(L_br * f_hi[:, None], axis=0)
-                        - dg_hi * f_hi
-                    )
-                    if (u >= t0) & (u < t1):  # this program's frame: write qdd[u, d]
-                        qp = qdd_ptr + (b * T + u) * (2 * D) + d * D
-                        tl.store(qp + r, y_lo.to(qdd_ptr.dtype.element_ty), mask=v_lo)
-                        tl.store(qp + rh, y_hi.to(qdd_ptr.dtype.element_ty), mask=v_hi)
-                if d == 0:
-                    a0_lo = y_lo
-                    a0_hi = y_hi
-                else:
-                    a1_lo = y_lo
-                    a1_hi = y_hi
-
-            # frame e = u - 1: forward prediction from qdd[e-1, 0] (= a0 two steps back), if e >= 2;
-            # reverse prediction from qdd[e+1, 1] (= a1 now), if e <= T-3; s_pp = mean of those that exist
-            e = u - 1
-            if (e >= t0) & (e < t1):
-                qb = q_ptr + b * q_sb + e * q_st
-                q_lo = tl.load(qb + r, mask=v_lo, other=0.0).to(tl.float32)
-                q_hi = tl.load(qb + rh, mask=v_hi, other=0.0).to(tl.float32)
-                tot_lo = zero
-                tot_hi = zero
-                n_pred = tl.zeros([], dtype=tl.float32)
-                if e >= 2:  # q_fwd[e] = 2 q[e-1] - q[e-2] + qdd[e-1, 0] dt^2
-                    qm1_lo = tl.load(qb - q_st + r, mask=v_lo, other=0.0).to(tl.float32)
-                    qm1_hi = tl.load(qb - q_st + rh, mask=v_hi, other=0.0).to(tl.float32)
-                    qm2_lo = tl.load(qb - 2 * q_st + r, mask=v_lo, other=0.0).to(tl.float32)
-                    qm2_hi = tl.load(qb - 2 * q_st + rh, mask=v_hi, other=0.0).to(tl.float32)
-                    tot_lo = 2.0 * qm1_lo - qm2_lo + a0_lo_p2 * dt2
-                    tot_hi = 2.0 * qm1_hi - qm2_hi + a0_hi_p2 * dt2
-                    n_pred = n_pred + 1.0
-                if e <= T - 3:  # q_rev[e] = 2 q[e+1] - q[e+2] + qdd[e+1, 1] dt^2
-                    qp1_lo = tl.load(qb + q_st + r, mask=v_lo, other=0.0).to(tl.float32)
-                    qp1_hi = tl.load(qb + q_st + rh, mask=v_hi, other=0.0).to(tl.float32)
-                    qp2_lo = tl.load(qb + 2 * q_st + r, mask=v_lo, other=0.0).to(tl.float32)
-                    qp2_hi = tl.load(qb + 2 * q_st + rh, mask=v_hi, other=0.0).to(tl.float32)
-                    tot_lo = tot_lo + (2.0 * qp1_lo - qp2_lo + a1_lo * dt2)
-                    tot_hi = tot_hi + (2.0 * qp1_hi - qp2_hi + a1_hi * dt2)
-                    n_pred = n_pred + 1.0
-                spp_lo = q_lo
-                spp_hi = q_hi
-                if n_pred > 0.0:  # the middle frame of a 3-frame clip has no prediction: keeps s_dd
-                    spp_lo = tot_lo / n_pred
-                    spp_hi = tot_hi / n_pred
-                # s_fused = w s_dd + (1 - w) s_pp
-                sf_lo = w * q_lo + w_pp * spp_lo
-                sf_hi = w * q_hi + w_pp * spp_hi
-                ob = (b * T + e) * D
-                ty = spp_ptr.dtype.element_ty
-                tl.store(spp_ptr + ob + r, spp_lo.to(ty), mask=v_lo)
-                tl.store(spp_ptr + ob + rh, spp_hi.to(ty), mask=v_hi)
-                tl.store(sfused_ptr + ob + r, sf_lo.to(ty), mask=v_lo)
-                tl.store(sfused_ptr + ob + rh, sf_hi.to(ty), mask=v_hi)
-
-            a0_lo_p2 = a0_lo_p1
-            a0_hi_p2 = a0_hi_p1
-            a0_lo_p1 = a0_lo
-            a0_hi_p1 = a0_hi
+def _next_pow2(n):
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreted(jit_fn):
-    """The interpreter twin of a kernel that was decorated before TRITON_INTERPRET=1 was set."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(jit_fn.fn)
 
 
 def _kernel_for(kernel, device):
@@ -290,9 +310,12 @@ def _kernel_for(kernel, device):
         raise ValueError(
             f"use_kernel: the Triton kernel needs CUDA tensors (got {device}) or TRITON_INTERPRET=1"
         )
-    if type(kernel).__name__ == "InterpretedFunction":
-        return kernel
-    return _interpreted(kernel)  # triton was imported before TRITON_INTERPRET=1 was set
+    if type(kernel).__name__ != "InterpretedFunction":
+        raise ValueError(
+            "use_kernel: TRITON_INTERPRET=1 was set after triton was imported; set it in the environment "
+            "before anything imports triton to run the kernel on CPU tensors"
+        )
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -300,44 +323,52 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _pick_block_t(B, T, device):
-    """Largest power of two <= 32 frames per program that still gives about four programs per SM."""
-    target = 4 * (_sm_count(device.index or 0) if device.type == "cuda" else 132)
-    bt = 32
-    while bt > 1 and B * triton.cdiv(T, bt) < target:
-        bt //= 2
-    return min(bt, triton.next_power_of_2(T))
+def _pick_slots(B, T, device):
+    """Slots per work item on the GPU: one (straight-line programs, the fastest measured on an H100)."""
+    return 1
 
 
 def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, block_t=None, num_warps=4):
-    B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight)
-    kernel = _kernel_for(_physnet_fused_fwdrev_kernel, s_dd.device)
-    q = s_dd.reshape(B, T, D)  # a view whenever (J,3) are contiguous
-    q = _unit_last(q)
+def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, kl=None, ns=None,
+                          num_warps=None, programs=None, maxnreg=None):
+    """Launch the fused kernel. ``slots``: slots per work item; ``kl``: tile columns per lane group;
+    ``ns``: slots per tensor step (1 on the GPU; whole items in the interpreter); ``programs``: grid
+    size (None = one program per work item; fewer = persistent programs striding over the items);
+    ``maxnreg``: register cap per thread (CUDA only)."""
+    B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
+    kernel = _kernel_for(_physnet_fused_slots_kernel, s_dd.device)
+    q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
     minv_tril, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
-    n = B * T * D
-    n_pad = triton.cdiv(n, 64) * 64  # one allocation; every output starts 128-byte aligned
-    out = torch.empty((2 * n_pad + 2 * n,), device=s_dd.device, dtype=s_dd.dtype)
-    s_pp, s_fused, qdd = out[:n], out[n_pad : n_pad + n], out[2 * n_pad :]
-    bt = block_t or _pick_block_t(B, T, s_dd.device)
-    n_chunks = triton.cdiv(T, bt)
-    half = max(triton.next_power_of_2(D) // 2, 1)
+    s_pp = torch.empty((B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
+    s_fused = torch.empty((B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
+    qdd = torch.empty((B, T, 2, D), device=s_dd.device, dtype=s_dd.dtype)
+    half = max(_next_pow2(D) // 2, 1)
+    on_gpu = s_dd.device.type == "cuda"
+    if slots is None:  # the interpreter pays per program and per operation, not per element
+        slots = _pick_slots(B, T, s_dd.device) if on_gpu else min(_next_pow2(T + 2), 256)
+    if ns is None:
+        ns = 1 if on_gpu else _next_pow2(slots)
+    kl = kl or min(half, 8)
+    if num_warps is None:  # one warp per program up to J = 21: no cross-warp reductions
+        num_warps = max(1, min(8, half * half // 1024))
+    n_chunks = _cdiv(T + 2, slots)  # slots e = -1 .. T
+    n_items = B * n_chunks
+    grid = min(programs or n_items, n_items)
+    loop = grid < n_items or slots > ns
     w = float(fuse_weight)
-    kernel[(B * n_chunks,)](
+    extra = {"maxnreg": maxnreg} if maxnreg and on_gpu else {}
+    qs, ms, js, cs = q.stride(), minv_tril.stride(), jtau.stride(), coriolis.stride()
+    kernel[(grid,)](
         s_pp, s_fused, qdd,
         q, minv_tril, jtau, coriolis,
-        q.stride(0), q.stride(1),
-        minv_tril.stride(0), minv_tril.stride(1), minv_tril.stride(2),
-        jtau.stride(0), jtau.stride(1), jtau.stride(2),
-        coriolis.stride(0), coriolis.stride(1), coriolis.stride(2),
-        T, n_chunks, float(dt) * float(dt), w, 1.0 - w,
-        D=D, HALF=half, BLOCK_T=bt, num_warps=num_warps,
+        qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
+        T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w,
+        D=D, HALF=half, KL=kl, NS=ns, LOOP=loop, num_warps=num_warps, **extra,
     )
-    return s_pp.view(B, T, J, 3), s_fused.view(B, T, J, 3), qdd.view(B, T, 2, D)
+    return s_pp, s_fused, qdd
 
 
 def physnet_fused(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight=0.5, *, use_kernel=None):
@@ -346,8 +377,10 @@ def physnet_fused(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight=0.5, *, use_k
     ``use_kernel``: None = the Triton kernel on CUDA tensors, the reference elsewhere; True = the
     kernel (CUDA, or CPU under TRITON_INTERPRET=1); False = the reference.
     """
-    if use_kernel is None:
-        use_kernel = isinstance(s_dd, torch.Tensor) and s_dd.is_cuda and triton is not None
+    if use_kernel is None:  # the kernel on CUDA for the dtypes it supports; the reference otherwise
+        use_kernel = (
+            isinstance(s_dd, torch.Tensor) and s_dd.is_cuda and s_dd.dtype in _DTYPES and triton is not None
+        )
     if use_kernel:
         return _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight)
     return physnet_fused_ref(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight)

@@ -1,0 +1,123 @@
+"""End to end: a 16-frame clip (pose stack, text, 25 DDIM steps with guidance, VAE decode) at
+256x256 and 512x512 on CUDA, full-size SD 1.5 + AnimateDiff v2 architecture (random weights: the
+timing does not depend on them). Modes in one run on one card: diffusers eager fp16 (the
+reference pipeline cast to fp16), torch.compile (default mode) of its UNet, and the `triton`
+backend. Also the peak GPU memory of streaming 64 vs 512 frames (issue: memory bounded).
+
+    PYTHONPATH=. python benchmarks/bench_generate.py --size 512 --out r.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_unet_step import meta
+from engine.generate import GenerateOptions, generate, generate_stream
+from finephys.clip import load_clip
+from finephys.model import assemble, new_parts
+from finephys.presets import full_size_config
+from finephys.text import load_tokenizer, write_clip_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def full_size_parts():
+    tok = Path(tempfile.mkdtemp())
+    write_clip_tokenizer(tok)
+    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes
+        return new_parts(full_size_config(lora_rank=None), load_tokenizer(tok), seed=0)
+
+
+def run_clip(model, clip, opts, reps):
+    times = []
+    for i in range(reps + 1):  # the first run includes compilation / graph capture
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(model, clip, opts, progress=False)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1:]
+
+
+def stream_peak(model, clip, frames, size):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    opts = GenerateOptions("a person walking", num_frames=frames, height=size, width=size, num_inference_steps=1)
+    n = sum(1 for _ in generate_stream(model, clip, opts, progress=False))
+    torch.cuda.synchronize()
+    return n, torch.cuda.max_memory_allocated() / 2**30
+
+
+def long_clip(frames):
+    import dataclasses
+
+    import numpy as np
+
+    walk = load_clip(ROOT / "examples" / "walk.npz")
+    idx = np.arange(frames) % (2 * walk.num_frames - 2)
+    idx = np.where(idx < walk.num_frames, idx, 2 * walk.num_frames - 2 - idx)
+    return dataclasses.replace(walk, keypoints=walk.keypoints[idx], scores=walk.scores[idx])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--modes", default="eager,compile,triton")
+    ap.add_argument("--memory", default="", help="e.g. 64,512: stream these frame counts on the triton backend")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    info = meta()
+    clip = load_clip(ROOT / "examples" / "walk.npz")
+    opts = GenerateOptions("a person walking in a park", num_frames=16, height=a.size, width=a.size,
+                           num_inference_steps=a.steps, guidance_scale=7.5)
+    parts = full_size_parts()
+    rows = []
+
+    def record(mode, first, times, extra=None):
+        row = {"bench": "generate", "mode": mode, "size": a.size, "frames": 16, "steps": a.steps,
+               "median_s": statistics.median(times), "min_s": min(times), "first_run_s": first,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **(extra or {}), **info}
+        rows.append(row)
+        print(f"{mode:>22} {a.size}: median {row['median_s']:.3f} s (first run {first:.1f} s, "
+              f"peak {row['peak_gib']:.1f} GiB)", flush=True)
+
+    modes = a.modes.split(",")
+    if "eager" in modes or "compile" in modes:
+        ref = assemble(parts, device="cuda", dtype=torch.float16)
+        if "eager" in modes:
+            torch.cuda.reset_peak_memory_stats()
+            record("diffusers eager fp16", *run_clip(ref, clip, opts, a.reps))
+        if "compile" in modes:
+            ref.unet = torch.compile(ref.unet, dynamic=False)
+            torch.cuda.reset_peak_memory_stats()
+            record("torch.compile default", *run_clip(ref, clip, opts, a.reps))
+            torch._dynamo.reset()
+        del ref
+    if "triton" in modes or a.memory:
+        from engine.backends.triton import triton_from_parts
+
+        fast = triton_from_parts(parts)
+        if "triton" in modes:
+            torch.cuda.reset_peak_memory_stats()
+            record("triton backend", *run_clip(fast, clip, opts, a.reps))
+        for frames in [int(f) for f in a.memory.split(",") if f]:
+            n, peak = stream_peak(fast, long_clip(frames), frames, a.size)
+            rows.append({"bench": "stream_memory", "mode": "triton backend", "size": a.size, "frames": n,
+                         "steps": 1, "peak_gib": peak, **info})
+            print(f"stream {n} frames at {a.size}: peak {peak:.2f} GiB", flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

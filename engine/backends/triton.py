@@ -1,0 +1,96 @@
+"""The `triton` backend: an engine directory's fp16 weights (LoRA merged) in PyTorch on CUDA,
+the UNet through ``engine.fast_unet`` (fused QKV, channels-last, torch.compile, one CUDA graph
+per shape), the project's Triton kernels for PhysNet and the heatmaps. Text embeddings and pose
+features are computed once per clip (per window) by the sampler; nothing in the denoising loop
+reads device memory back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finephys.encoder import HeatmapEncoder
+from finephys.errors import InputError
+from finephys.model import build_scheduler, build_text_encoder, build_unet, build_vae
+from finephys.text import tokenize
+from finephys.unet import PoseGuidedUNet
+from finephys.weights import load_strict
+
+from ..fast_unet import CudaGraphCall, optimise_unet
+from .base import GraphBackend
+
+FILES = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+    "encoder": "pose/heatmap_encoder.safetensors",
+}
+
+
+class TritonModel:
+    """The backend object: the sampler's four calls plus the pose stack (see FinePhysModel)."""
+
+    name = "triton"
+    use_kernels = True
+
+    def __init__(self, config, parts, modules: dict, device="cuda", dtype=torch.float16,
+                 compile_mode: str | None = "default", cuda_graphs: bool = True):
+        if not str(device).startswith("cuda") or not torch.cuda.is_available():
+            raise InputError("--backend triton needs a CUDA GPU (use onnxruntime or reference on the CPU)")
+        self.config, self.parts, self.device, self.dtype = config, parts, torch.device(device), dtype
+        self.modules = {k: m.to(self.device, dtype).eval().requires_grad_(False) for k, m in modules.items()}
+        fast = optimise_unet(PoseGuidedUNet(self.modules["unet"]), compile_mode=compile_mode)
+        self._unet = CudaGraphCall(fast) if cuda_graphs else fast
+        self.modules["vae"].to(memory_format=torch.channels_last)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.unet.get("in_channels", 4))
+
+    def scheduler(self):
+        return build_scheduler(self.config)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = tokenize(self.parts.tokenizer, prompts).to(self.device)
+        return self.modules["text_encoder"](ids)[0]
+
+    @torch.no_grad()
+    def encode_pose(self, heatmaps: torch.Tensor) -> list[torch.Tensor]:
+        return self.modules["encoder"](heatmaps.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=self.device).reshape(())
+        return self._unet(sample.to(self.dtype), t, text, list(pose_features))
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.modules["vae"]
+        z = latents.to(self.device, self.dtype) / vae.config.scaling_factor
+        return vae.decode(z.contiguous(memory_format=torch.channels_last)).sample
+
+
+def triton_from_parts(parts, device="cuda", **kw) -> TritonModel:
+    """From checkpoint parts (LoRA merged into the weights first): benchmarks and tests."""
+    from export.merge import merge_lora
+    from finephys.model import assemble
+
+    merge_lora(assemble(parts, device=device))
+    modules = {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder, "encoder": parts.encoder}
+    return TritonModel(parts.config, parts, modules, device, **kw)
+
+
+def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonModel:
+    """From an engine directory written by ``fpengine export`` (its precision, LoRA merged)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise InputError("--backend triton needs a CUDA GPU (use onnxruntime or reference on the CPU)")
+    base = GraphBackend(engine_dir, device)  # manifest, file hashes, config, pose stack, tokenizer
+    cfg = base.config
+    builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
+                "encoder": lambda c: HeatmapEncoder(c.encoder)}
+    modules = {}
+    for name, build in builders.items():
+        modules[name] = build(cfg).to(base.dtype)
+        load_strict(modules[name], base.engine_dir / FILES[name])
+    return TritonModel(cfg, base.parts, modules, device, base.dtype, **kw)

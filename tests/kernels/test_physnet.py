@@ -1,0 +1,236 @@
+"""PhysNet fused kernel vs its reference, and the reference vs an independent float64 loop."""
+import math
+
+import pytest
+import torch
+
+from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
+
+DT = 1.0 / 30.0
+
+
+def make_inputs(B, T, J, dtype=torch.float32, device="cpu", gen=None, noncontig=False):
+    """Random (never zero) inputs; with ``noncontig`` the solver inputs are slices of one head output."""
+    D = 3 * J
+    P = D * (D + 1) // 2
+    g = gen if gen is not None else torch.Generator().manual_seed(0)
+    s_dd = torch.randn(B, T, J, 3, generator=g) * 0.3
+    if noncontig:
+        head = torch.randn(B, T, 2, P + 2 * D + 5, generator=g)
+        minv, jtau, cor = head[..., :P], head[..., P : P + D], head[..., P + D : P + 2 * D]
+        s_dd = torch.randn(T, B, J, 3, generator=g).transpose(0, 1)  # batch stride < time stride
+    else:
+        minv = torch.randn(B, T, 2, P, generator=g)
+        jtau = torch.randn(B, T, 2, D, generator=g)
+        cor = torch.randn(B, T, 2, D, generator=g)
+    return tuple(x.to(device=device, dtype=dtype) for x in (s_dd, minv, jtau, cor))
+
+
+def naive_f64(s_dd, minv_tril, jtau, coriolis, dt, w):
+    """Frame-by-frame float64 loops, written from DESIGN.md step 3 independently of the reference."""
+    B, T, J, _ = s_dd.shape
+    D = 3 * J
+    q = s_dd.double().reshape(B, T, D)
+    qdd = torch.zeros(B, T, 2, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for d in range(2):
+                M = torch.zeros(D, D, dtype=torch.float64)
+                for i in range(D):
+                    for k in range(i + 1):
+                        M[i, k] = M[k, i] = float(minv_tril[b, t, d, i * (i + 1) // 2 + k])
+                qdd[b, t, d] = M @ (jtau[b, t, d].double() - coriolis[b, t, d].double())
+    s_pp = q.clone()
+    for b in range(B):
+        for t in range(T):
+            preds = []
+            if t >= 2:  # forward prediction made at t-1
+                preds.append(2 * q[b, t - 1] - q[b, t - 2] + qdd[b, t - 1, 0] * dt * dt)
+            if t <= T - 3:  # reverse prediction made at t+1
+                preds.append(2 * q[b, t + 1] - q[b, t + 2] + qdd[b, t + 1, 1] * dt * dt)
+            if preds:
+                s_pp[b, t] = sum(preds) / len(preds)
+    s_fused = w * q + (1 - w) * s_pp
+    return s_pp.reshape(B, T, J, 3), s_fused.reshape(B, T, J, 3), qdd
+
+
+def assert_close(got, want, rtol, atol):
+    for name, g, r in zip(("s_pp", "s_fused", "qdd"), got, want):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert torch.isfinite(g.float()).all(), name
+        torch.testing.assert_close(g.float(), r.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------ reference
+@pytest.mark.parametrize("B,T,J", [(2, 5, 2), (1, 3, 1), (1, 4, 3), (2, 7, 1)])
+def test_ref_matches_naive_float64(B, T, J, gen):
+    args = make_inputs(B, T, J, torch.float64, gen=gen)
+    got = physnet_fused_ref(*args, DT, 0.3)
+    want = naive_f64(*args, DT, 0.3)
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_ref_middle_frame_of_three_keeps_s_dd(gen):
+    args = make_inputs(2, 3, 17, gen=gen)
+    s_pp, s_fused, _ = physnet_fused_ref(*args, DT, 0.25)
+    assert torch.equal(s_pp[:, 1], args[0][:, 1])
+    torch.testing.assert_close(s_fused[:, 1], args[0][:, 1])
+
+
+# --------------------------------------------------------------------- kernel (interpreter on CPU)
+@pytest.mark.parametrize(
+    "B,T,J,slots,ns,kl",
+    [
+        (1, 3, 17, None, None, None),  # B*T = 3, the smallest legal clip
+        (2, 9, 17, 1, 1, None),  # one slot per program, the GPU code shape
+        (2, 9, 17, 4, 2, 16),
+        (3, 11, 5, 4, 1, None),  # another J
+        (1, 6, 1, None, None, None),  # D = 3
+        (1, 5, 22, None, None, None),  # D = 66 > 64: the next tile size
+        (2, 4, 17, 2, 1, 32),
+    ],
+)
+def test_kernel_matches_ref_fp32(interp, gen, B, T, J, slots, ns, kl):
+    args = make_inputs(B, T, J, gen=gen)
+    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, ns=ns, kl=kl)
+    assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots,ns,programs", [(3, 1, 2), (3, 4, None), (5, 2, 3)])
+def test_kernel_uneven_chunks_and_persistent_programs(interp, gen, slots, ns, programs):
+    args = make_inputs(3, 7, 5, gen=gen)
+    got = _physnet_fused_triton(*args, DT, 0.4, slots=slots, ns=ns, programs=programs)
+    assert_close(got, physnet_fused_ref(*args, DT, 0.4), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_matches_ref_thousands_of_frames(interp, gen):
+    args = make_inputs(16, 128, 17, gen=gen)  # B*T = 2048
+    assert_close(physnet_fused(*args, DT, use_kernel=True), physnet_fused_ref(*args, DT), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_noncontiguous_inputs(interp, gen):
+    args = make_inputs(2, 7, 17, gen=gen, noncontig=True)
+    assert not args[1].is_contiguous() and not args[0].is_contiguous()
+    got = physnet_fused(*args, DT, 0.5, use_kernel=True)
+    assert_close(got, physnet_fused_ref(*args, DT, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def _eager_lowp(s_dd, minv_tril, jtau, coriolis, dt, w):
+    """The same math in eager PyTorch without upcasting (the yardstick of DESIGN.md convention 3)."""
+    B, T, J, _ = s_dd.shape
+    D = 3 * J
+    r = torch.arange(D)
+    hi, lo = torch.maximum(r[:, None], r[None, :]), torch.minimum(r[:, None], r[None, :])
+    M = minv_tril[..., hi * (hi + 1) // 2 + lo]
+    qdd = (M * (jtau - coriolis)[..., None, :]).sum(-1)
+    q = s_dd.reshape(B, T, D)
+    tot = torch.zeros_like(q)
+    cnt = torch.zeros(1, T, 1, dtype=q.dtype)
+    tot[:, 2:] += 2 * q[:, 1:-1] - q[:, :-2] + qdd[:, 1:-1, 0] * (dt * dt)
+    cnt[:, 2:] += 1
+    tot[:, :-2] += 2 * q[:, 1:-1] - q[:, 2:] + qdd[:, 1:-1, 1] * (dt * dt)
+    cnt[:, :-2] += 1
+    s_pp = torch.where(cnt > 0, tot / cnt.clamp(min=1), q)
+    return s_pp.reshape(B, T, J, 3), (w * q + (1 - w) * s_pp).reshape(B, T, J, 3), qdd
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_low_precision(interp, gen, dtype):
+    args = make_inputs(2, 9, 17, dtype, gen=gen)
+    got = physnet_fused(*args, DT, 0.5, use_kernel=True)
+    ref = physnet_fused_ref(*args, DT, 0.5)  # fp32 math, rounded once: the kernel's own contract
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    assert_close(got, ref, rtol=ulp, atol=ulp)
+    # DESIGN.md convention 3: err(kernel, fp32) <= 2 err(eager in dtype, fp32) + atol
+    ref32 = physnet_fused_ref(*(a.float() for a in args), DT, 0.5)
+    lowp = _eager_lowp(*args, DT, 0.5)
+    for g, l, r in zip(got, lowp, ref32):
+        assert (g.float() - r).abs().max() <= 2 * (l.float() - r).abs().max() + 1e-3
+
+
+def test_kernel_middle_frame_and_fuse_weight_edges(interp, gen):
+    args = make_inputs(1, 3, 17, gen=gen)
+    s_pp, s_fused, _ = physnet_fused(*args, DT, 1.0, use_kernel=True)
+    assert torch.equal(s_pp[:, 1], args[0][:, 1])
+    torch.testing.assert_close(s_fused, args[0], rtol=0, atol=0)  # w = 1: s_fused = s_dd
+    s_pp, s_fused, _ = physnet_fused(*args, DT, 0.0, use_kernel=True)
+    torch.testing.assert_close(s_fused, s_pp, rtol=0, atol=0)  # w = 0: s_fused = s_pp
+
+
+def test_kernel_rejects_float64(interp, gen):
+    with pytest.raises(ValueError, match="^s_dd:"):
+        physnet_fused(*make_inputs(1, 4, 2, torch.float64, gen=gen), DT, use_kernel=True)
+
+
+def test_dispatch_on_cpu_uses_the_reference(gen):
+    args = make_inputs(2, 5, 17, gen=gen)
+    want = physnet_fused_ref(*args, DT, 0.5)
+    for got in (physnet_fused(*args, DT), physnet_fused(*args, DT, use_kernel=False)):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+# --------------------------------------------------------------------------------- bad arguments
+def _bad_cases():
+    B, T, J = 2, 5, 4
+    D, P = 3 * J, 3 * J * (3 * J + 1) // 2
+    ok = make_inputs(B, T, J)
+
+    def with_(i, x):
+        a = list(ok)
+        a[i] = x
+        return tuple(a)
+
+    yield "s_dd", with_(0, torch.randn(B, T, J * 3)), {}  # wrong rank
+    yield "s_dd", with_(0, torch.randn(B, T, J, 2)), {}  # wrong last dim
+    yield "s_dd", make_inputs(B, 2, J), {}  # T < 3
+    yield "s_dd", tuple(a.int() for a in ok), {}  # unsupported dtype
+    yield "minv_tril", with_(1, torch.randn(B, T, 2, P - 1)), {}
+    yield "minv_tril", with_(1, torch.randn(B + 1, T, 2, P)), {}  # mismatched batch
+    yield "minv_tril", with_(1, ok[1].half()), {}  # mismatched dtype
+    yield "jtau", with_(2, torch.randn(B, T, 1, D)), {}
+    yield "jtau", with_(2, torch.randn(B, T, 2, D)[None]), {}  # wrong rank
+    yield "coriolis", with_(3, torch.randn(B, T - 1, 2, D)), {}
+    yield "coriolis", with_(3, ok[3].numpy()), {}
+    for dt in (0.0, -0.1, math.nan, math.inf, None, True):
+        yield "dt", ok, {"dt": dt}
+    for w in (-0.1, 1.5, math.nan, "0.5"):
+        yield "fuse_weight", ok, {"fuse_weight": w}
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("name,args,kw", list(_bad_cases()))
+def test_bad_arguments_raise_value_error_naming_them(name, args, kw, use_kernel):
+    dt = kw.get("dt", DT)
+    w = kw.get("fuse_weight", 0.5)
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        physnet_fused(*args, dt, w, use_kernel=use_kernel)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,T,J,noncontig",
+    [(1, 32, 17, False), (1024, 32, 17, False), (3, 3, 17, False), (5, 37, 5, False), (2, 9, 22, False),
+     (4, 16, 17, True), (2, 1000, 17, False)],
+)
+def test_gpu_kernel_matches_ref(B, T, J, noncontig, dtype, gen):
+    args = make_inputs(B, T, J, dtype, "cuda", gen=gen, noncontig=noncontig)
+    got = physnet_fused(*args, DT, 0.5)  # default dispatch: the kernel on CUDA
+    ref = physnet_fused_ref(*args, DT, 0.5)
+    tol = {torch.float32: 2e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert_close(got, ref, rtol=tol, atol=tol)
+    direct = _physnet_fused_triton(*args, DT, 0.5)
+    for g, d in zip(got, direct):
+        assert torch.equal(g, d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "slots,kl,num_warps,programs", [(1, 8, 1, None), (8, 16, 2, None), (31, 32, 4, None), (4, 8, 2, 7), (2, 8, 1, 100)]
+)
+def test_gpu_kernel_configs(slots, kl, num_warps, programs, gen):
+    args = make_inputs(8, 29, 17, device="cuda", gen=gen)
+    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, kl=kl, num_warps=num_warps, programs=programs)
+    assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2e-5, atol=2e-5)
