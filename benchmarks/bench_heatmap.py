@@ -77,8 +77,10 @@ def main(argv=None):
             ]
             if args.sweep and S == max(SIZES):
                 for bh, bw, nw in SWEEP:
-                    backends.append((f"triton[{bh}x{bw},warps={nw}]", lambda bh=bh, bw=bw, nw=nw: _render_heatmaps_triton(
-                        kp, vis, S, S, SIGMA, dtype, 1, block_h=bh, block_w=bw, num_warps=nw)))
+                    def fn(bh=bh, bw=bw, nw=nw):
+                        return _render_heatmaps_triton(kp, vis, S, S, SIGMA, dtype, 1, block_h=bh, block_w=bw,
+                                                       num_warps=nw)
+                    backends.append((f"triton[{bh}x{bw},warps={nw}]", fn))
             for name, fn in backends:
                 extra = {}
                 if name == "torch.compile":

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from benchmarks.common import (bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, markdown_table, timed_first_call,
-                               warm_up_gpu, write_rows)
+from benchmarks.common import (bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, markdown_table,
+                               timed_first_call, warm_up_gpu, write_rows)
 from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,7 +84,10 @@ def main(argv=None):
             x = make_inputs(B, T, dtype)
             nbytes = traffic_bytes(B, T, dtype)
             copy = copy_gbps(nbytes)
-            backends = [("triton", lambda: physnet_fused(*x, DT, 0.5)), ("eager", lambda: physnet_fused_ref(*x, DT, 0.5))]
+            backends = [
+                ("triton", lambda: physnet_fused(*x, DT, 0.5)),
+                ("eager", lambda: physnet_fused_ref(*x, DT, 0.5)),
+            ]
             if not args.no_compile:
                 backends.append(("torch.compile", lambda: compiled(*x, DT, 0.5)))
             for name, fn in backends:
@@ -95,7 +98,8 @@ def main(argv=None):
                 rows.append(row(env, name, B, T, dname, bench_gpu(fn), bench_wall(fn), nbytes, copy,
                                 graph_us=bench_graph(fn), **extra))
                 r = rows[-1]
-                print(f"{r['shape']:<28} {dname} {name:<14} {r['median_us']:9.1f} us  graph {r['graph_us'] or 0:8.1f} us"
+                print(f"{r['shape']:<28} {dname} {name:<14} {r['median_us']:9.1f} us"
+                      f"  graph {r['graph_us'] or 0:8.1f} us"
                       f"  wall {r['wall_us']:9.1f} us"
                       f"  {r['gbps']:7.0f} GB/s  copy {copy:5.0f} GB/s", flush=True)
             if args.sweep and B * T == max(b * t for b, t in SHAPES):

@@ -39,7 +39,8 @@ def _check_heatmap_args(keypoints, visibility, height, width, sigma):
         raise ValueError(f"visibility: expected a torch.Tensor, got {type(visibility).__name__}")
     if visibility.shape != keypoints.shape[:-1]:
         raise ValueError(
-            f"visibility: expected shape {tuple(keypoints.shape[:-1])} to match keypoints, got {tuple(visibility.shape)}"
+            f"visibility: expected shape {tuple(keypoints.shape[:-1])} to match keypoints, "
+            f"got {tuple(visibility.shape)}"
         )
     if visibility.device != keypoints.device:
         raise ValueError(f"visibility: expected device {keypoints.device} (that of keypoints), got {visibility.device}")

@@ -16,17 +16,17 @@ Shapes: B clips, T >= 3 frames, J joints, D = 3J, P = D(D+1)/2.
 rounded, so ``qdd`` is rounded once and ``s_pp`` is computed from the unrounded fp32 ``qdd``).
 ``physnet_fused_ref`` is the plain-torch ground truth with the same signature and contract.
 
-The Triton kernel does everything in one launch with no recomputation: program ``p`` of clip ``b`` owns
-``SLOTS`` consecutive slots ``e`` in ``[-1, T]``; slot ``e`` computes the forward ``qdd`` of frame ``e-1``
-and the reverse ``qdd`` of frame ``e+1`` (so every (frame, direction) is solved exactly once) and from
-those two the prediction(s), the average and the fusion for frame ``e``. Each solve reads the packed
+The Triton kernel does everything in one launch with no recomputation. Clip ``b`` has ``T + 2`` slots
+``e`` in ``[-1, T]``; slot ``e`` computes the forward ``qdd`` of frame ``e-1`` and the reverse ``qdd`` of
+frame ``e+1`` (so every (frame, direction) is solved exactly once) and from those two the
+prediction(s), the average and the fusion for frame ``e``. On the GPU each one-warp program takes one
+slot (straight-line code); the interpreter takes whole chunks of slots as one tensor step. Each solve reads the packed
 triangle once, as three ``HALF x HALF`` register tiles (top-left triangle, bottom-left square,
 bottom-right triangle; rows of the packed triangle are contiguous, so the loads are coalesced), and
 forms ``M f = L f + L^T f - diag(L) f`` from row and column sums of the same tiles. The tiles are
 shaped ``[HALF/KL, HALF, KL]`` so that a warp's lanes form a 4 x 8 grid over (rows, columns): that
 keeps both reductions to a few shuffles per element instead of a full 32-lane butterfly per row.
 """
-import functools
 import math
 import numbers
 import os
@@ -318,16 +318,6 @@ def _kernel_for(kernel, device):
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _pick_slots(B, T, device):
-    """Slots per work item on the GPU: one (straight-line programs, the fastest measured on an H100)."""
-    return 1
-
-
 def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -348,7 +338,9 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     half = max(_next_pow2(D) // 2, 1)
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
-        slots = _pick_slots(B, T, s_dd.device) if on_gpu else min(_next_pow2(T + 2), 256)
+        # GPU: one slot per one-warp program, straight-line code (fastest of the configurations timed
+        # on an H100, benchmarks/RESULTS.md)
+        slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)
     if ns is None:
         ns = 1 if on_gpu else _next_pow2(slots)
     kl = kl or min(half, 8)

@@ -34,7 +34,8 @@ def test_ref_matches_formula_float64(gen):
 
 @pytest.mark.parametrize(
     "B,T,J,H,W,sigma",
-    [(1, 1, 1, 8, 8, 2.0), (1, 2, 3, 16, 24, 2.5), (2, 1, 17, 37, 53, 3.0), (1, 3, 2, 64, 40, 1.0), (1, 1, 2, 5, 300, 4.0)],
+    [(1, 1, 1, 8, 8, 2.0), (1, 2, 3, 16, 24, 2.5), (2, 1, 17, 37, 53, 3.0), (1, 3, 2, 64, 40, 1.0),
+     (1, 1, 2, 5, 300, 4.0)],
 )
 def test_kernel_matches_ref_fp32(interp, gen, B, T, J, H, W, sigma):
     kp, vis = make_inputs(B, T, J, H, W, gen=gen)
@@ -123,7 +124,9 @@ def test_ref_bad_arguments_raise_value_error(gen):
 # ---------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,T,J,H,W", [(16, 1, 17, 512, 512), (1, 16, 17, 256, 256), (2, 3, 5, 37, 53), (1, 1, 1, 8, 8)])
+@pytest.mark.parametrize(
+    "B,T,J,H,W", [(16, 1, 17, 512, 512), (1, 16, 17, 256, 256), (2, 3, 5, 37, 53), (1, 1, 1, 8, 8)]
+)
 def test_gpu_kernel_matches_ref(B, T, J, H, W, out_dtype, gen):
     kp, vis = make_inputs(B, T, J, H, W, "cuda", gen=gen)
     got = render_heatmaps(kp, vis, H, W, 3.0, out_dtype)  # default dispatch: the kernel on CUDA
