@@ -112,8 +112,28 @@ def _set_strict(module, sd, setter, what):
         raise RuntimeError(f"{what}: peft left keys unused: {result.unexpected_keys[:5]}")
 
 
+class BackendBase:
+    """What every backend derives from its ``config`` and ``parts``; subclasses give the text
+    encoder's forward (``_encode_ids``) and the other three sampler calls."""
+
+    use_kernels = False  # True: the pose stack uses the fused Triton kernels
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.unet.get("in_channels", 4))
+
+    def scheduler(self):
+        return build_scheduler(self.config)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        from .text import tokenize
+
+        return self._encode_ids(tokenize(self.parts.tokenizer, prompts).to(self.device))
+
+
 @dataclass
-class FinePhysModel:
+class FinePhysModel(BackendBase):
     """The reference backend: eager PyTorch over the assembled parts.
 
     Every backend offers the same four calls the sampler needs (``encode_text``,
@@ -130,18 +150,7 @@ class FinePhysModel:
     def config(self) -> FinePhysConfig:
         return self.parts.config
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config.unet.get("in_channels", 4))
-
-    def scheduler(self):
-        return build_scheduler(self.config)
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        from .text import tokenize
-
-        ids = tokenize(self.parts.tokenizer, prompts).to(self.device)
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.parts.text_encoder(ids)[0].to(self.dtype)
 
     @torch.no_grad()

@@ -11,9 +11,10 @@ same numbers as ``pixel_unshuffle(render_heatmaps(...))`` without the extra pass
 """
 import math
 import numbers
-import os
 
 import torch
+
+from .launch import cdiv as _cdiv, kernel_for as _kernel_for, next_pow2 as _next_pow2
 
 try:  # kernels/ imports only torch and triton; triton is optional off Linux
     import triton
@@ -93,34 +94,6 @@ if triton is not None:
         val = gy[:, None] * gx[None, :]
         offs = m.to(tl.int64) * HO * WO + yo[:, None] * WO + xo[None, :]
         tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=(yo[:, None] < HO) & (xo[None, :] < WO))
-
-
-def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function and costs microseconds per host call
-    return -(-a // b)
-
-
-def _next_pow2(n):
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _kernel_for(kernel, device):
-    """The launchable kernel for ``device``: the compiled one on CUDA, the interpreter on the CPU."""
-    if triton is None:
-        raise ValueError("use_kernel: triton is not installed; pass use_kernel=False (the reference)")
-    if device.type == "cuda":
-        return kernel
-    if not _interpreting():
-        raise ValueError(f"use_kernel: the Triton kernel needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
-    if type(kernel).__name__ != "InterpretedFunction":
-        raise ValueError(
-            "use_kernel: TRITON_INTERPRET=1 was set after triton was imported; set it in the environment "
-            "before anything imports triton to run the kernel on CPU tensors"
-        )
-    return kernel
 
 
 def _render_heatmaps_triton(keypoints, visibility, height, width, sigma, out_dtype, unshuffle,

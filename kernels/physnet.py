@@ -29,9 +29,10 @@ keeps both reductions to a few shuffles per element instead of a full 32-lane bu
 """
 import math
 import numbers
-import os
 
 import torch
+
+from .launch import cdiv as _cdiv, kernel_for as _kernel_for, next_pow2 as _next_pow2
 
 try:  # kernels/ imports only torch and triton; triton is optional off Linux
     import triton
@@ -287,35 +288,6 @@ if triton is not None:
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
                 q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL)
-
-def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function and costs microseconds per host call
-    return -(-a // b)
-
-
-def _next_pow2(n):
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _kernel_for(kernel, device):
-    """The launchable kernel for ``device``: the compiled one on CUDA, the interpreter on the CPU."""
-    if triton is None:
-        raise ValueError("use_kernel: triton is not installed; pass use_kernel=False (the reference)")
-    if device.type == "cuda":
-        return kernel
-    if not _interpreting():
-        raise ValueError(
-            f"use_kernel: the Triton kernel needs CUDA tensors (got {device}) or TRITON_INTERPRET=1"
-        )
-    if type(kernel).__name__ != "InterpretedFunction":
-        raise ValueError(
-            "use_kernel: TRITON_INTERPRET=1 was set after triton was imported; set it in the environment "
-            "before anything imports triton to run the kernel on CPU tensors"
-        )
-    return kernel
 
 
 def _unit_last(x):

@@ -12,9 +12,9 @@ from export.contract import ShapeProfile, contracts
 from export.manifest import engine_config, read_engine_manifest, verify_files
 from finephys.config import FinePhysConfig
 from finephys.lifter import Lifter
-from finephys.model import build_scheduler
+from finephys.model import BackendBase
 from finephys.physnet import PhysNet
-from finephys.text import load_tokenizer, tokenize
+from finephys.text import load_tokenizer
 from finephys.weights import load_strict
 
 
@@ -27,7 +27,7 @@ class PoseParts:
     tokenizer: object
 
 
-class GraphBackend:
+class GraphBackend(BackendBase):
     """Base of the backends that run exported graphs; see ``finephys.model.FinePhysModel`` for
     the interface the sampler drives."""
 
@@ -55,13 +55,6 @@ class GraphBackend:
     def config(self) -> FinePhysConfig:
         return self._config
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self._config.unet.get("in_channels", 4))
-
-    def scheduler(self):
-        return build_scheduler(self._config)
-
     def _run(self, component: str, feeds: dict) -> list[torch.Tensor]:
         raise NotImplementedError
 
@@ -74,7 +67,9 @@ class GraphBackend:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         self.profile.check("prompts", prompts=len(prompts))
-        ids = tokenize(self.parts.tokenizer, prompts).to(self.device)
+        return super().encode_text(prompts)
+
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self._call("text_encoder", ids)[0]
 
     @torch.no_grad()

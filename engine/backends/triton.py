@@ -11,8 +11,7 @@ import torch
 
 from finephys.encoder import HeatmapEncoder
 from finephys.errors import InputError
-from finephys.model import build_scheduler, build_text_encoder, build_unet, build_vae
-from finephys.text import tokenize
+from finephys.model import BackendBase, build_text_encoder, build_unet, build_vae
 from finephys.unet import PoseGuidedUNet
 from finephys.weights import load_strict
 
@@ -27,7 +26,7 @@ FILES = {
 }
 
 
-class TritonModel:
+class TritonModel(BackendBase):
     """The backend object: the sampler's four calls plus the pose stack (see FinePhysModel)."""
 
     name = "triton"
@@ -43,16 +42,7 @@ class TritonModel:
         self._unet = CudaGraphCall(fast) if cuda_graphs else fast
         self.modules["vae"].to(memory_format=torch.channels_last)
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config.unet.get("in_channels", 4))
-
-    def scheduler(self):
-        return build_scheduler(self.config)
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = tokenize(self.parts.tokenizer, prompts).to(self.device)
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.modules["text_encoder"](ids)[0]
 
     @torch.no_grad()
