@@ -83,9 +83,13 @@ def _existing(path: Path, what: str) -> Path:
 @click.option("--save-poses", type=PATH, default=None, help="Write every pose stage to this .npz.")
 @click.option("--preview", type=PATH, default=None, help="Render input and projected skeletons to this .mp4.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--parallel", type=click.Choice(["guidance", "windows", "both"]), default=None,
+              help="Split the clip over processes: guidance halves (2), windows (2+), or both (4, 6, ...).")
+@click.option("--gpus", type=int, default=None,
+              help="With --parallel: processes, one per GPU (CPU with gloo where too few); default 2 (or torchrun's).")
 def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_frames, height, width,
              num_inference_steps, guidance_scale, seed, context_length, context_stride, out, frames_dir,
-             save_poses, preview, overwrite, video=None, save_clip=None, **detect_kw):
+             save_poses, preview, overwrite, video=None, save_clip=None, parallel=None, gpus=None, **detect_kw):
     """Generate a video of a person moving as the pose clip shows (any length, streamed).
 
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
@@ -93,6 +97,12 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     from .generate import GenerateOptions, generate_stream, load_model
     from .outputs import check_distinct, check_output, save_npz, stream_frames, write_pose_preview
 
+    if parallel is None and gpus is not None:
+        raise InputError("--gpus goes with --parallel")
+    if parallel is not None:  # under torchrun, ranks > 0 take their job from rank 0 and exit here
+        from .cli_parallel import cli_follower
+
+        cli_follower(gpus, device)
     if out is None and frames_dir is None:
         raise InputError("generate: pass --out VIDEO.mp4 and/or --frames-dir DIR")
     check_output(out, overwrite, "--out", (".mp4",))
@@ -105,9 +115,14 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     clip, detected = generate_input(poses, video, save_clip, overwrite, detect_kw)
     if ckpt is not None:
         _existing(ckpt, "--ckpt")
-    model = load_model(ckpt, device=device, engine=engine, backend=backend)
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                            guidance_scale, seed, context_length, context_stride)
+    if parallel is not None:
+        from .cli_parallel import CliJob, cli_generate
+
+        return cli_generate(CliJob(parallel, opts, clip, detected, ckpt, engine, backend, out, frames_dir,
+                                   save_poses, preview, overwrite), gpus, device)
+    model = load_model(ckpt, device=device, engine=engine, backend=backend)
     stream = generate_stream(model, clip, opts)
     for note in stream.notes:
         click.echo(note, err=True)
