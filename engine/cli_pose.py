@@ -61,7 +61,9 @@ def _threads(n: int) -> None:
 @click.option("--curve", type=PATH, default=None, help="Loss curve PNG (default: OUT with .png).")
 @click.option("--ckpt", type=PATH, default=None,
               help="Take the pose-stack sizes and fps from this checkpoint (default: the demo model's).")
-@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--epochs", type=int, default=40, show_default=True, help="Lifter epochs (stage 1).")
+@click.option("--physnet-epochs", type=int, default=20, show_default=True,
+              help="PhysNet epochs on the frozen lifter (stage 2).")
 @click.option("--steps-per-epoch", type=int, default=50, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
@@ -71,7 +73,7 @@ def _threads(n: int) -> None:
               help="torch CPU threads (results are reproducible for a fixed seed and thread count).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, steps_per_epoch, batch_size,
+def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch, batch_size,
                    val_fraction, seed, threads, overwrite, quiet):
     """Train the pose stack (lifter + PhysNet) on 3D motion; write its weights."""
     from finephys.loss_plot import plot_history
@@ -88,7 +90,8 @@ def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, steps_per_epoch
     pose_cfg, fps = _pose_config(ckpt)
     motions = find_motion(motion)
     held_out = find_motion(val_motion)
-    opts = TrainOptions(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+    opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
+                        batch_size=batch_size,
                         seed=seed, val_fraction=val_fraction)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     log(f"training on {len(motions)} sequences ({sum(m.duration for m in motions):.1f} s, last "

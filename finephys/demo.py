@@ -1,5 +1,8 @@
 """The embedded demo model: the full FinePhys architecture at a size that runs on a CPU in
-seconds, built from a fixed seed (no files, no network). ``fpengine init --demo DIR`` saves it."""
+seconds, built from a fixed seed (no network). Its pose stack (lifter + PhysNet) loads the
+shipped trained weights ``finephys/assets/demo_pose.safetensors`` (made by ``fpengine
+train-pose`` on real motion capture; README, "Training the pose stack"); the other parts stay
+seeded-random. ``fpengine init --demo DIR`` saves it."""
 from __future__ import annotations
 
 import re
@@ -10,6 +13,7 @@ import torch
 
 from .config import EncoderConfig, FinePhysConfig, LifterConfig, LoraConfig, PhysNetConfig, PoseConfig
 from .model import FinePhysParts, new_parts
+from .pose_weights import DEMO_WEIGHTS, load_pose_weights_into
 from .text import load_tokenizer, write_clip_tokenizer
 
 DEMO_SEED = 0
@@ -106,6 +110,7 @@ def _random_lora(parts: FinePhysParts, rank: int, gen: torch.Generator) -> dict:
 def make_demo_parts(tokenizer_dir: Path, seed: int = DEMO_SEED) -> FinePhysParts:
     cfg = demo_config()
     parts = new_parts(cfg, load_tokenizer(tokenizer_dir), seed=seed)
+    load_pose_weights_into(DEMO_WEIGHTS, parts.lifter, parts.physnet)  # trained, shipped
     gen = torch.Generator().manual_seed(seed + 1)
     parts.lora = _random_lora(parts, cfg.lora.rank, gen)
     return parts

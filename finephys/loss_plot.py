@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-SERIES = (("lifter", "step", "train S_dd MPJPE", (40, 110, 220)),
-          ("physnet", "step", "train PhysNet error", (230, 120, 30)),
+SERIES = (("lifter", "lifter_step", "train S_dd MPJPE", (40, 110, 220)),
+          ("physnet", "physnet_step", "train PhysNet error", (230, 120, 30)),
           ("val_dd", "val_step", "held-out S_dd MPJPE", (40, 170, 80)),
           ("val_fused", "val_step", "held-out S_fused MPJPE", (200, 40, 60)))
 

@@ -169,9 +169,9 @@ def evaluate(lifter, physnet, motions: list[Motion], fps: float, fuse_weight: fl
         t0 = m.duration * (1 - tail)
         inputs = eval_inputs(m, t0, m.duration, fps, phases, cameras, noise_px, drop, seed + k)
         if inputs is None:
-            raise InputError(f"{m.name}: {'the last ' + format(tail, 'g') + ' of it' if tail < 1 else 'it'}"
-                             f" spans {m.duration * tail:.3f} s, fewer than 3 frames at {fps:g} fps "
-                             f"({phases} phases), expected a longer motion")
+            part = f"its last {tail:g}" if tail < 1 else "it"
+            raise InputError(f"{m.name}: {part} spans {m.duration * tail:.3f} s, fewer than 3 frames "
+                             f"at {fps:g} fps ({phases} phases), expected a longer motion")
         outs = run_stack(lifter, physnet, inputs, fps, fuse_weight)
         results.append(clip_metrics(m.name, inputs, *outs, fps))
     return results

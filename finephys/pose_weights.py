@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def save_pose_weights(path, lifter: Lifter, physnet: PhysNet, pose_cfg: PoseConf
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        _sort_header(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -54,6 +56,16 @@ def save_pose_weights(path, lifter: Lifter, physnet: PhysNet, pose_cfg: PoseConf
             os.unlink(tmp)
         raise
     return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the safetensors JSON header with sorted keys: safetensors writes the metadata in
+    hash-map order, which changes from run to run; sorted, one seed gives one identical file."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n:])
 
 
 def read_pose_weights(path) -> tuple[dict, dict]:

@@ -2,13 +2,14 @@
 
 Every step draws a batch of windows (random length, phase, speed, scale, mirroring, time
 reversal) from the training part of the motion, sees them through random cameras and makes
-detector-like 2D (``pose_data``). The lifter learns root-relative camera-axes 3D from that 2D,
-prompted by the mean-pose prior (or, with ``prompt_prob``, by a real (2D, 3D) pair from another
-window). PhysNet learns, from the lifter's output (detached) or from noisy true 3D, forward and
-reverse Euler-Lagrange predictions that match the next and previous true frames, with Gaussian
-noise on M^-1 (DESIGN.md step 3). The mean-pose prior buffers are set from the training data.
-The last ``val_fraction`` of every motion, and every ``val_motion``, is never trained on.
-Deterministic for a fixed seed and thread count.
+detector-like 2D (``pose_data``). Stage 1: the lifter learns root-relative camera-axes 3D from
+that 2D, prompted by the mean-pose prior (or, with ``prompt_prob``, by a real (2D, 3D) pair from
+another window); the prior buffers are set from the training data first. Stage 2: PhysNet, which
+starts as the pass-through physics (its predictions reproduce the neighbouring input frames),
+learns forward and reverse Euler-Lagrange predictions that match the next and previous true
+frames, from the frozen lifter's S_dd and from true 3D with noise, with Gaussian noise on M^-1
+(DESIGN.md step 3). The last ``val_fraction`` of every motion, and every ``val_motion``, is
+never trained on. Deterministic for a fixed seed and thread count.
 """
 from __future__ import annotations
 
@@ -35,21 +36,27 @@ MIN_FRAMES = 5
 
 @dataclass(frozen=True)
 class TrainOptions:
-    epochs: int = 40
+    epochs: int = 40  # lifter epochs (stage 1)
+    physnet_epochs: int = 20  # PhysNet epochs on the frozen lifter (stage 2)
     steps_per_epoch: int = 50
     batch_size: int = 32
     seed: int = 0
     val_fraction: float = 0.2
     lr: float = 2e-3
+    physnet_lr: float = 3e-4
     weight_decay: float = 1e-4
     minv_noise: float = 0.01  # std of the M^-1 perturbation, relative to its initial scale fps^2
     noise_px: float = 4.0  # detector noise sigma (up to), pixels at 1000 px width
     drop: float = 0.15  # dropped-joint rate (up to)
     prompt_prob: float = 0.25
-    phys_noise_m: float = 0.05  # noise (up to) on the true 3D PhysNet also learns from
+    phys_offset_m: float = 0.08  # PhysNet's noisy-truth input: per-joint offsets (up to), kept
+    phys_drift_m: float = 0.03  # ... linear drift over the window (up to), kept
+    phys_jitter_m: float = 0.03  # ... frame-to-frame jitter (up to), removed
     max_frames: int = 24
 
     def check(self) -> None:
+        if self.physnet_epochs < 0:
+            raise InputError(f"--physnet-epochs: {self.physnet_epochs}, expected >= 0")
         for name in ("epochs", "steps_per_epoch", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}: {getattr(self, name)}, expected >= 1")
@@ -61,8 +68,9 @@ class TrainOptions:
 
 @dataclass
 class History:
-    step: list = field(default_factory=list)
+    lifter_step: list = field(default_factory=list)
     lifter: list = field(default_factory=list)  # training MPJPE of S_dd, mm (epoch mean)
+    physnet_step: list = field(default_factory=list)
     physnet: list = field(default_factory=list)  # training error of the predictions, mm
     val_step: list = field(default_factory=list)
     val_dd: list = field(default_factory=list)  # held-out MPJPE, mm
@@ -175,21 +183,56 @@ def _val_sets(ranges, fps, max_frames, seed):
 def _validate(lifter, physnet, sets, fps, fuse_weight):
     if not sets:
         return None
-    lifter.eval()
-    physnet.eval()
     errs = {"dd": [], "fused": []}
     for inputs in sets:
         s_dd, _, s_fused = run_stack(lifter, physnet, inputs, fps, fuse_weight)
         errs["dd"].append(mpjpe_mm(s_dd, inputs.true).ravel())
         errs["fused"].append(mpjpe_mm(s_fused, inputs.true).ravel())
-    lifter.train()
-    physnet.train()
     return {k: float(np.concatenate(v).mean()) for k, v in errs.items()}
+
+
+def _lifter_step(lifter, batcher, sampler, rng, frames, opts):
+    """One batch of the lifter's loss: MPJPE (metres) of S_dd, prompted by the mean-pose prior
+    or (with ``prompt_prob``) by a real (2D, 3D) pair from another window."""
+    x2, sc, y3 = batcher.batch(rng, frames)
+    p2, p3 = (v.clone() for v in lifter.prior_prompt(len(x2), frames))
+    real = rng.random(len(x2)) < opts.prompt_prob
+    if real.any():
+        q2, _, q3 = batcher.views(rng, sampler.sample(rng, int(real.sum()), frames), noisy=False)
+        p2[torch.as_tensor(real)], p3[torch.as_tensor(real)] = q2, q3
+    return _mpjpe(lifter(x2, sc, p2, p3), y3)
+
+
+def _physnet_step(lifter, physnet, batcher, rng, frames, fps, opts):
+    """One batch of PhysNet's loss: error (metres) of its forward and reverse predictions.
+
+    Two inputs per window: S_dd of the (frozen) lifter, whose predictions must match the true
+    frames; and the true 3D plus per-joint offsets and drift (which it must keep: a lifter's
+    slow errors, which no neighbouring frame reveals) plus frame-to-frame jitter (which it must
+    remove)."""
+    x2, sc, y3 = batcher.batch(rng, frames)
+    with torch.no_grad():
+        s_dd = lifter(x2, sc)
+    b, t = y3.shape[:2]
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    amp = lambda hi: f32(rng.uniform(0, hi, (b, 1, 1, 1)))  # noqa: E731
+    slow = amp(opts.phys_offset_m) * f32(rng.normal(size=(b, 1, 17, 3)))
+    slow = slow + amp(opts.phys_drift_m) * f32(rng.normal(size=(b, 1, 17, 3))) * torch.linspace(-1, 1, t)[:, None, None]
+    kept = y3 + slow
+    kept = kept - kept[:, :, :1]
+    jitter = amp(opts.phys_jitter_m) * f32(rng.normal(size=tuple(y3.shape)))
+    jitter[:, :, 0] = 0
+    s_in, target = torch.cat([s_dd, kept + jitter]), torch.cat([y3, kept])
+    fwd, rev = directional_predictions(physnet, s_in, 1.0 / fps, opts.minv_noise * fps**2)
+    return 0.5 * (_mpjpe(fwd, target[:, 2:]) + _mpjpe(rev, target[:, :-2]))
 
 
 def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: TrainOptions,
                val_motions: list[Motion] = (), progress: bool = True, log=print):
-    """Train a lifter and PhysNet of ``pose_cfg`` at ``fps``; -> (lifter, physnet, History, info)."""
+    """Train a lifter and PhysNet of ``pose_cfg`` at ``fps``; -> (lifter, physnet, History, info).
+
+    Stage 1 (``epochs``) trains the lifter; stage 2 (``physnet_epochs``) trains PhysNet on the
+    frozen lifter, starting from the pass-through physics (``init_physnet_passthrough``)."""
     opts.check()
     train_ranges, val_ranges = split_ranges(motions, opts.val_fraction)
     val_ranges += [(m, 0.0, m.duration) for m in val_motions]
@@ -202,75 +245,63 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
     lifter, physnet = Lifter(pose_cfg.lifter), PhysNet(pose_cfg.physnet)
-    with torch.no_grad():  # M^-1 starts at fps^2 I, so that dt^2 qdd = jtau - coriolis in metres
-        for head in physnet.heads:
-            head.minv.bias.mul_(fps**2)
+    init_physnet_passthrough(physnet, fps)
     batcher = _Batcher(sampler, opts)
     mean3, mean2 = estimate_prior(batcher, np.random.default_rng(opts.seed + 1), longest)
     lifter.mean_pose_3d.copy_(mean3)
     lifter.mean_pose_2d.copy_(mean2)
-    params = [p for m in (lifter, physnet) for p in m.parameters()]
-    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    total = opts.epochs * opts.steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, total))
     val_sets = _val_sets(val_ranges, fps, None, opts.seed + 2)
-    dt = 1.0 / fps
     hist = History()
-    lifter.train()
-    physnet.train()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="train-pose", disable=not progress, unit="step")
-    for epoch in range(opts.epochs):
-        sums = np.zeros(2)
-        for _ in range(opts.steps_per_epoch):
-            frames = int(rng.integers(MIN_FRAMES, longest + 1))
-            x2, sc, y3 = batcher.batch(rng, frames)
-            p2, p3 = (v.clone() for v in lifter.prior_prompt(len(x2), frames))
-            real = rng.random(len(x2)) < opts.prompt_prob
-            if real.any():
-                q2, _, q3 = batcher.views(rng, sampler.sample(rng, int(real.sum()), frames), noisy=False)
-                p2[torch.as_tensor(real)], p3[torch.as_tensor(real)] = q2, q3
-            s_dd = lifter(x2, sc, p2, p3)
-            loss_l = _mpjpe(s_dd, y3)
-            # PhysNet reads the lifter's output (detached) and noisy true 3D, one batch of each.
-            noise = torch.as_tensor(rng.uniform(0, opts.phys_noise_m, (len(x2), 1, 1, 1)), dtype=torch.float32)
-            noisy_true = y3 + noise * torch.as_tensor(rng.normal(size=tuple(y3.shape)), dtype=torch.float32)
-            s_in = torch.cat([s_dd.detach(), noisy_true])
-            fwd, rev = directional_predictions(physnet, s_in, dt, opts.minv_noise * fps**2)
-            target = torch.cat([y3, y3])
-            loss_p = 0.5 * (_mpjpe(fwd, target[:, 2:]) + _mpjpe(rev, target[:, :-2]))
-            optim.zero_grad(set_to_none=True)
-            (loss_l + loss_p).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            sched.step()
-            sums += [loss_l.item(), loss_p.item()]
-            bar.update(1)
-            bar.set_postfix(lifter_mm=f"{loss_l.item() * 1000:.0f}", physnet_mm=f"{loss_p.item() * 1000:.0f}")
-        step = (epoch + 1) * opts.steps_per_epoch
-        hist.step.append(step)
-        hist.lifter.append(sums[0] / opts.steps_per_epoch * 1000)
-        hist.physnet.append(sums[1] / opts.steps_per_epoch * 1000)
-        val = _validate(lifter, physnet, val_sets, fps, pose_cfg.fuse_weight)
-        if val is not None:
-            hist.val_step.append(step)
-            hist.val_dd.append(val["dd"])
-            hist.val_fused.append(val["fused"])
-        if log is not None and (epoch == opts.epochs - 1 or not progress):
-            msg = f"epoch {epoch + 1}/{opts.epochs}: train MPJPE S_dd {hist.lifter[-1]:.1f} mm, " \
-                  f"PhysNet {hist.physnet[-1]:.1f} mm"
+    n = opts.steps_per_epoch
+    stages = (("lifter", lifter, opts.epochs, opts.lr), ("physnet", physnet, opts.physnet_epochs, opts.physnet_lr))
+    bar = tqdm(total=n * (opts.epochs + opts.physnet_epochs), desc="train-pose", disable=not progress, unit="step")
+    step = 0
+    for name, module, epochs, lr in stages:
+        params = list(module.parameters())
+        optim = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s, total=epochs * n: _lr_factor(s, total))
+        module.train()
+        for epoch in range(epochs):
+            total = 0.0
+            for _ in range(n):
+                frames = int(rng.integers(MIN_FRAMES, longest + 1))
+                if name == "lifter":
+                    loss = _lifter_step(lifter, batcher, sampler, rng, frames, opts)
+                else:
+                    loss = _physnet_step(lifter, physnet, batcher, rng, frames, fps, opts)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optim.step()
+                sched.step()
+                total += loss.item()
+                step += 1
+                bar.update(1)
+                bar.set_postfix({f"{name}_mm": f"{loss.item() * 1000:.0f}"})
+            getattr(hist, name).append(total / n * 1000)
+            getattr(hist, f"{name}_step").append(step)
+            module.eval()
+            val = _validate(lifter, physnet, val_sets, fps, pose_cfg.fuse_weight)
+            module.train()
             if val is not None:
-                msg += f"; held-out MPJPE S_dd {val['dd']:.1f} mm, S_fused {val['fused']:.1f} mm"
-            log(msg)
+                hist.val_step.append(step)
+                hist.val_dd.append(val["dd"])
+                hist.val_fused.append(val["fused"])
+            if log is not None and (epoch == epochs - 1 or not progress):
+                msg = f"{name} epoch {epoch + 1}/{epochs}: train error {total / n * 1000:.1f} mm"
+                if val is not None:
+                    msg += f"; held-out MPJPE S_dd {val['dd']:.1f} mm, S_fused {val['fused']:.1f} mm"
+                log(msg)
+        module.eval()
     bar.close()
-    lifter.eval()
-    physnet.eval()
     info = {
         "options": dataclasses.asdict(opts), "fps": fps,
         "train": [[m.name, round(t0, 4), round(t1, 4)] for m, t0, t1 in train_ranges],
         "held_out": [[m.name, round(t0, 4), round(t1, 4)] for m, t0, t1 in val_ranges],
         "seconds": round(time.perf_counter() - start, 1),
-        "final": {"train_lifter_mm": hist.lifter[-1], "train_physnet_mm": hist.physnet[-1],
+        "final": {"train_lifter_mm": hist.lifter[-1] if hist.lifter else None,
+                  "train_physnet_mm": hist.physnet[-1] if hist.physnet else None,
                   "val_dd_mm": hist.val_dd[-1] if hist.val_dd else None,
                   "val_fused_mm": hist.val_fused[-1] if hist.val_fused else None},
     }
