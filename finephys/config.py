@@ -14,6 +14,7 @@ class LifterConfig:
     depth: int = 4
     heads: int = 8
     mlp_ratio: float = 2.0
+    max_frames: int = 24  # longer clips are lifted in overlapping windows of this length (as trained)
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,22 @@ class Lifter(nn.Module):
             x = temporal(x).reshape(b, j, t, d).transpose(1, 2)
         s = prompt_3d + self.head(self.norm(x))
         return s - s[..., :1, :]
+
+
+def lift_windows(lifter: Lifter, query_2d: torch.Tensor, query_scores: torch.Tensor) -> torch.Tensor:
+    """Lift a clip of any length in overlapping windows of ``cfg.max_frames`` frames (stride 2/3
+    of that), blending overlaps with tent weights; a clip that fits is lifted in one pass."""
+    t = query_2d.shape[1]
+    length = lifter.cfg.max_frames
+    if t <= length:
+        return lifter(query_2d, query_scores)
+    stride = max(1, (2 * length) // 3)
+    starts = list(range(0, t - length, stride)) + [t - length]
+    total = query_2d.new_zeros(query_2d.shape[:-1] + (3,))
+    weight = query_2d.new_zeros(t)
+    tent = torch.minimum(torch.arange(1, length + 1), torch.arange(length, 0, -1)).to(query_2d)
+    for s in starts:
+        out = lifter(query_2d[:, s : s + length], query_scores[:, s : s + length])
+        total[:, s : s + length] += out * tent[None, :, None, None]
+        weight[s : s + length] += tent
+    return total / weight[None, :, None, None]

@@ -15,7 +15,7 @@ from kernels.physnet import physnet_fused
 from .camera import fit_and_project
 from .clip import PoseClip, resample, to_layout
 from .errors import InputError
-from .lifter import normalise_2d
+from .lifter import lift_windows, normalise_2d
 from .model import FinePhysModel
 from .physnet import integrate
 
@@ -65,7 +65,7 @@ def run_pose_stack(model: FinePhysModel, clip: PoseClip) -> PoseStages:
     kp = torch.as_tensor(clip.keypoints, dtype=torch.float32, device=dev)[None]
     sc = torch.as_tensor(clip.scores, dtype=torch.float32, device=dev)[None]
     height, width = clip.image_size
-    s_dd = p.lifter(normalise_2d(kp, sc, width), sc)
+    s_dd = lift_windows(p.lifter, normalise_2d(kp, sc, width), sc)
     minv, jtau, coriolis = p.physnet.predict(s_dd)
     # The reference integrates in plain torch; backends with use_kernels take the fused Triton kernel.
     step = physnet_fused if getattr(model, "use_kernels", False) else integrate

@@ -1,0 +1,23 @@
+import torch
+
+from finephys.config import LifterConfig
+from finephys.lifter import Lifter, lift_windows, normalise_2d
+
+
+def test_long_clips_are_lifted_in_windows_of_the_trained_length():
+    torch.manual_seed(0)
+    lifter = Lifter(LifterConfig(dim=16, depth=1, heads=2, max_frames=8)).eval()
+    kp, sc = torch.rand(1, 20, 17, 2) * 200, torch.rand(1, 20, 17) * 0.9 + 0.1
+    q = normalise_2d(kp, sc, 200)
+    with torch.no_grad():
+        short = lift_windows(lifter, q[:, :8], sc[:, :8])
+        torch.testing.assert_close(short, lifter(q[:, :8], sc[:, :8]))
+        out = lift_windows(lifter, q, sc)  # windows start at 0, 5, 10, 12 (stride 5)
+        assert out.shape == (1, 20, 17, 3)
+        # frames seen by one window only are that window's output exactly
+        torch.testing.assert_close(out[:, :5], lifter(q[:, :8], sc[:, :8])[:, :5])
+        torch.testing.assert_close(out[:, 18:], lifter(q[:, 12:], sc[:, 12:])[:, 6:])
+        # in an overlap the result lies between the windows' outputs (a convex blend)
+        a, b = lifter(q[:, :8], sc[:, :8])[:, 6], lifter(q[:, 5:13], sc[:, 5:13])[:, 1]
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        assert bool(((out[:, 6] >= lo - 1e-6) & (out[:, 6] <= hi + 1e-6)).all())
