@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from finephys.errors import InputError
 from finephys.pipeline import (
-    DdimSchedule, context_windows, decode, denoise_windows, frame_noise, pose_heatmaps, prepare_clip, run_pose_stack,
+    DdimSchedule, context_windows, decode, denoise_windows, guided_step, pose_heatmaps, prepare_clip, run_pose_stack,
+    window_inputs,
 )
 
 from .generate import Generation, GenerateOptions, plan
@@ -308,26 +309,13 @@ def lockstep_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, nu
             continue
         start, stop = windows[k]
         keep = windows[k + 1][0] if k + 1 < K else stop
-        heatmaps = heatmaps_fn(start, stop)
-        _, _, height, width = heatmaps.shape
-        n = stop - start
-        feats = model.encode_pose(heatmaps)
-        if cfg_on:
-            feats = [torch.cat([f, f]) for f in feats]
-        ehs = text.repeat_interleave(n, dim=0)
-        latents = frame_noise(seed, start, stop, (model.latent_channels, height // 8, width // 8))
-        latents = latents.to(dev) * sched.init_noise_sigma
+        latents, ehs, feats = window_inputs(model, sched, heatmaps_fn(start, stop), text, seed, start, cfg_on)
         C, h, w = latents.shape[1], latents.shape[3], latents.shape[4]
         overlap = max(windows[k - 1][1] - start, 0) if k else 0
         ramp = (torch.arange(1, overlap + 1, device=dev) / (overlap + 1)).view(1, 1, -1, 1, 1)
         traj = []
         for i, t in enumerate(sched.timesteps):
-            x = torch.cat([latents, latents]) if cfg_on else latents
-            noise = model.predict_noise(x.to(model.dtype), t, ehs, feats).float()
-            if cfg_on:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(i, noise, latents)
+            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale)
             if overlap:
                 if me:
                     src = torch.empty((1, C, overlap, h, w), device=dev)

@@ -140,6 +140,29 @@ def context_windows(num_frames: int, length: int, stride: int) -> list[tuple[int
     return [(s, s + length) for s in starts]
 
 
+def window_inputs(model, sched, heatmaps, text, seed, start, cfg_on):
+    """One window's initial latents (1,C,n,h,w), text embeddings (B*n,77,C) and pose features
+    (computed once per window; doubled for the guidance batch)."""
+    n, _, height, width = heatmaps.shape
+    feats = model.encode_pose(heatmaps)
+    if cfg_on:
+        feats = [torch.cat([f, f]) for f in feats]
+    ehs = text.repeat_interleave(n, dim=0)  # UNetMotionModel takes B*F text embeddings
+    latents = frame_noise(seed, start, start + n, (model.latent_channels, height // 8, width // 8))
+    return latents.to(model.device) * sched.init_noise_sigma, ehs, feats
+
+
+def guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale):
+    """One DDIM step with classifier-free guidance (both halves in one batch when on)."""
+    cfg_on = guidance_scale > 1.0
+    x = torch.cat([latents, latents]) if cfg_on else latents
+    noise = model.predict_noise(x.to(model.dtype), t, ehs, feats).float()
+    if cfg_on:
+        uncond, cond = noise.chunk(2)
+        noise = uncond + guidance_scale * (cond - uncond)
+    return sched.step(i, noise, latents)
+
+
 @torch.no_grad()
 def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num_inference_steps,
                     guidance_scale, seed, length, stride, progress=True):
@@ -160,25 +183,12 @@ def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num
     prev_stop, prev_traj = 0, []
     for k, (start, stop) in enumerate(windows):
         keep = windows[k + 1][0] if k + 1 < len(windows) else stop  # frames >= keep go on to window k+1
-        heatmaps = heatmaps_fn(start, stop)
-        _, _, height, width = heatmaps.shape
-        n = stop - start
-        feats = model.encode_pose(heatmaps)
-        if cfg_on:
-            feats = [torch.cat([f, f]) for f in feats]
-        ehs = text.repeat_interleave(n, dim=0)  # UNetMotionModel takes B*F text embeddings
-        latents = frame_noise(seed, start, stop, (model.latent_channels, height // 8, width // 8))
-        latents = latents.to(model.device) * sched.init_noise_sigma
+        latents, ehs, feats = window_inputs(model, sched, heatmaps_fn(start, stop), text, seed, start, cfg_on)
         overlap = max(prev_stop - start, 0)
         ramp = (torch.arange(1, overlap + 1, device=model.device) / (overlap + 1)).view(1, 1, -1, 1, 1)
         traj = []
         for i, t in enumerate(sched.timesteps):
-            x = torch.cat([latents, latents]) if cfg_on else latents
-            noise = model.predict_noise(x.to(model.dtype), t, ehs, feats).float()
-            if cfg_on:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(i, noise, latents)
+            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale)
             if overlap:
                 latents[:, :, :overlap] = ramp * latents[:, :, :overlap] + (1 - ramp) * prev_traj[i]
             if keep < stop:
