@@ -9,7 +9,6 @@ backend. Also the peak GPU memory of streaming 64 vs 512 frames (issue: memory b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -18,8 +17,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_unet_step import meta
+from benchmarks.common import write_rows
 from engine.generate import GenerateOptions, generate, generate_stream
-from finephys.clip import load_clip
+from finephys.clip import load_clip, loop_clip
 from finephys.model import assemble, new_parts
 from finephys.presets import full_size_config
 from finephys.text import load_tokenizer, write_clip_tokenizer
@@ -55,14 +55,7 @@ def stream_peak(model, clip, frames, size):
 
 
 def long_clip(frames):
-    import dataclasses
-
-    import numpy as np
-
-    walk = load_clip(ROOT / "examples" / "walk.npz")
-    idx = np.arange(frames) % (2 * walk.num_frames - 2)
-    idx = np.where(idx < walk.num_frames, idx, 2 * walk.num_frames - 2 - idx)
-    return dataclasses.replace(walk, keypoints=walk.keypoints[idx], scores=walk.scores[idx])
+    return loop_clip(load_clip(ROOT / "examples" / "walk.npz"), frames)
 
 
 def main():
@@ -114,9 +107,7 @@ def main():
                          "steps": 1, "peak_gib": peak, **info})
             print(f"stream {n} frames at {a.size}: peak {peak:.2f} GiB", flush=True)
     if a.out:
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_rows(rows, a.out)
 
 
 if __name__ == "__main__":

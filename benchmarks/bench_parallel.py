@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import write_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -163,9 +165,7 @@ def main():
             raise SystemExit("--serve-replicas needs --ckpt (the replicas load a checkpoint folder)")
         rows += _serve_rows(a)
     if a.out:
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_rows(rows, a.out)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ path, in one run on one card. Prints a table; writes JSON rows with card, versio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import time
 
 import torch
 
+from benchmarks.common import env_info, write_rows
 from finephys.model import build_unet
 from finephys.presets import full_size_config
 from finephys.unet import PoseGuidedUNet
@@ -51,21 +50,10 @@ def inputs(size: int, frames: int = 16, batch: int = 2, device="cuda", dtype=tor
 
 
 def meta() -> dict:
+    """Card, versions and commit (benchmarks.common), plus diffusers' version."""
     import diffusers
-    import triton
 
-    import os
-
-    commit = os.environ.get("FPENGINE_COMMIT", "")  # the device's copy of the tree has no .git
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
-    return {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": triton.__version__, "diffusers": diffusers.__version__, "commit": commit or "unknown",
-    }
+    return {**env_info(), "diffusers": diffusers.__version__}
 
 
 CATEGORIES = (  # kernel-name fragments -> where the time goes
@@ -167,9 +155,7 @@ def main():
                 profile(lambda: fn(sample, t, text, feats), a.profile + ".fast.txt")
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {info['gpu']}")
     if a.out:
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_rows(rows, a.out)
 
 
 if __name__ == "__main__":

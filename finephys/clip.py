@@ -303,3 +303,12 @@ def resample(clip: PoseClip, fps: float) -> PoseClip:
     if not (scores > 0).any():
         raise InputError(f"resample: no joint stays visible at {fps:g} fps, expected at least one")
     return replace(clip, keypoints=kp, scores=scores, fps=fps)
+
+
+def loop_clip(clip: PoseClip, num_frames: int) -> PoseClip:
+    """``clip`` played forward and back (ping-pong) until it has ``num_frames`` frames: long test
+    and benchmark clips from a short real one, with no jump where it turns."""
+    period = 2 * clip.num_frames - 2
+    idx = np.arange(num_frames) % period
+    idx = np.where(idx < clip.num_frames, idx, period - idx)
+    return replace(clip, keypoints=clip.keypoints[idx], scores=clip.scores[idx])

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.distributed import MULTICAST_OFF, ParallelGenerationStream, generate_parallel, launch, split_layout
 from engine.generate import GenerateOptions, generate, generate_stream, load_model
-from finephys.clip import load_clip, save_clip
+from finephys.clip import load_clip, loop_clip, save_clip
 from finephys.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,11 +211,8 @@ def test_torchrun_both_over_four_processes(tmp_path, runs):
 
 
 def test_cli_sigterm_finishes_the_outputs(tmp_path):
-    walk = load_clip(WALK)
-    idx = np.arange(48) % (2 * walk.num_frames - 2)
-    idx = np.where(idx < walk.num_frames, idx, 2 * walk.num_frames - 2 - idx)
     clip = tmp_path / "long.npz"
-    save_clip(dataclasses.replace(walk, keypoints=walk.keypoints[idx], scores=walk.scores[idx]), clip)
+    save_clip(loop_clip(load_clip(WALK), 48), clip)
     out, pngs = tmp_path / "v.mp4", tmp_path / "frames"
     cmd = [sys.executable, "-m", "engine", "generate", "--poses", str(clip), "--prompt", "a walk", "--out", str(out),
            "--frames-dir", str(pngs), "--height", "64", "--width", "64", "--steps", "3", "--context-length", "4",

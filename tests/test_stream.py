@@ -12,7 +12,7 @@ import torch
 
 from engine.generate import GenerateOptions, generate, generate_stream, load_model
 from engine.video import read_video
-from finephys.clip import PoseClip, save_clip
+from finephys.clip import save_clip
 from finephys.demo import SCHEDULER
 from finephys.pipeline import context_windows, denoise_windows
 
@@ -100,12 +100,9 @@ def test_static_pose_shows_no_seam(demo_model, walk_clip):
 
 
 def _long_clip(path, frames):
-    from finephys.clip import load_clip
+    from finephys.clip import load_clip, loop_clip
 
-    walk = load_clip(os.path.join(ROOT, "examples", "walk.npz"))
-    idx = np.arange(frames) % (2 * walk.num_frames - 2)
-    idx = np.where(idx < walk.num_frames, idx, 2 * walk.num_frames - 2 - idx)  # ping-pong
-    save_clip(dataclasses.replace(walk, keypoints=walk.keypoints[idx], scores=walk.scores[idx]), path)
+    save_clip(loop_clip(load_clip(os.path.join(ROOT, "examples", "walk.npz")), frames), path)
     return str(path)
 
 
