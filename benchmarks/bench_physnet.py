@@ -21,6 +21,7 @@ J = 17
 DT = 1.0 / 30.0
 SWEEP = [  # (slots, kl, num_warps, programs, maxnreg) tried at the largest shape with --sweep
     (1, 16, 1, None, None), (2, 8, 1, None, None), (1, 8, 1, None, 128),
+    (1, 8, 2, None, None), (1, 8, 4, None, None), (2, 8, 2, None, None), (1, 16, 2, None, None),
 ]
 
 

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from .launch import cdiv as _cdiv, kernel_for as _kernel_for, next_pow2 as _next_pow2
+from .launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
 
 try:  # kernels/ imports only torch and triton; triton is optional off Linux
     import triton
@@ -96,10 +96,12 @@ if triton is not None:
         tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=(yo[:, None] < HO) & (xo[None, :] < WO))
 
 
+_launch_heatmaps = Launcher(_render_heatmaps_gauss_kernel) if triton is not None else None
+
+
 def _render_heatmaps_triton(keypoints, visibility, height, width, sigma, out_dtype, unshuffle,
                             block_h=None, block_w=None, num_warps=4):
     B, T, J, _ = keypoints.shape
-    kernel = _kernel_for(_render_heatmaps_gauss_kernel, keypoints.device)
     R = unshuffle
     HO, WO = height // R, width // R
     out = torch.empty((B, T, J * R * R, HO, WO), device=keypoints.device, dtype=out_dtype)
@@ -113,10 +115,8 @@ def _render_heatmaps_triton(keypoints, visibility, height, width, sigma, out_dty
     tiles_w = _cdiv(WO, bw)
     tiles = tiles_w * _cdiv(HO, bh)
     inv = 1.0 / (2.0 * float(sigma) ** 2)
-    kernel[(B * T * J * R * R * tiles,)](
-        out, kp, vis, HO, WO, tiles_w, tiles, inv,
-        R=R, BLOCK_H=bh, BLOCK_W=bw, num_warps=num_warps,
-    )
+    _launch_heatmaps((B * T * J * R * R * tiles,), (out, kp, vis, HO, WO, tiles_w, tiles, inv),
+                     {"R": R, "BLOCK_H": bh, "BLOCK_W": bw}, num_warps=num_warps)
     return out
 
 

@@ -3,8 +3,10 @@ import os
 
 try:
     import triton
+    from triton import knobs
+    from triton.runtime import driver
 except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+    triton = knobs = driver = None
 
 
 def cdiv(a, b):  # triton.cdiv is a jit function and costs microseconds per host call
@@ -33,3 +35,48 @@ def kernel_for(kernel, device):
             "before anything imports triton to run the kernel on CPU tensors"
         )
     return kernel
+
+
+class Launcher:
+    """Launches one ``@triton.jit`` kernel with less host work per call than ``kernel[grid](...)``.
+
+    ``kernel[grid](...)`` binds and specialises every argument and hashes a cache key on each call
+    (tens of microseconds, far longer than a small kernel runs). On CUDA this keeps the compiled
+    kernel per *specialisation key* computed here, a superset of what Triton specialises on (each
+    tensor's dtype and 16-byte alignment; each int's ``== 1``, ``% 16 == 0`` and 32-bit range; the
+    constexprs and launch options), and replays it through the compiled kernel's own launcher.
+    The first call for a key, and every call off CUDA (the interpreter), takes Triton's own path.
+    ``args`` are the kernel's non-constexpr arguments in order; ``consts`` its constexprs, in the
+    order they follow the arguments in the signature.
+    """
+
+    def __init__(self, kernel):
+        self.kernel, self.compiled = kernel, {}
+
+    @staticmethod
+    def _arg_key(a):
+        if isinstance(a, bool):
+            return ("b", a)
+        if isinstance(a, int):
+            return ("i", a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+        if isinstance(a, float):
+            return "f"
+        return (a.dtype, a.data_ptr() % 16 == 0)
+
+    def __call__(self, grid, args, consts: dict, **options):
+        device = args[0].device
+        kernel = kernel_for(self.kernel, device)
+        if device.type != "cuda":
+            return kernel[grid](*args, **consts, **options)
+        key = (device.index, tuple(map(self._arg_key, args)), tuple(consts.items()), tuple(options.items()))
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            self.compiled[key] = kernel[grid](*args, **consts, **options)
+            return None
+        stream = driver.active.get_current_stream(device.index)
+        full = (*args, *consts.values())
+        g = (*grid, 1, 1)
+        meta = compiled.launch_metadata(g, stream, *full)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+        return None

@@ -32,7 +32,7 @@ import numbers
 
 import torch
 
-from .launch import cdiv as _cdiv, kernel_for as _kernel_for, next_pow2 as _next_pow2
+from .launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
 
 try:  # kernels/ imports only torch and triton; triton is optional off Linux
     import triton
@@ -290,6 +290,9 @@ if triton is not None:
                 q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL)
 
 
+_launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
+
+
 def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -301,7 +304,6 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     size (None = one program per work item; fewer = persistent programs striding over the items);
     ``maxnreg``: register cap per thread (CUDA only)."""
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
-    kernel = _kernel_for(_physnet_fused_slots_kernel, s_dd.device)
     q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
     minv_tril, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
     s_pp = torch.empty((B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
@@ -325,12 +327,12 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     w = float(fuse_weight)
     extra = {"maxnreg": maxnreg} if maxnreg and on_gpu else {}
     qs, ms, js, cs = q.stride(), minv_tril.stride(), jtau.stride(), coriolis.stride()
-    kernel[(grid,)](
-        s_pp, s_fused, qdd,
-        q, minv_tril, jtau, coriolis,
-        qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
-        T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w,
-        D=D, HALF=half, KL=kl, NS=ns, LOOP=loop, num_warps=num_warps, **extra,
+    _launch_physnet(
+        (grid,),
+        (s_pp, s_fused, qdd, q, minv_tril, jtau, coriolis,
+         qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
+         T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
+        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop}, num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd
 

@@ -146,3 +146,14 @@ def test_gpu_unshuffled_layout(r, gen):
     got = render_heatmaps(kp, vis, H, W, 3.0, torch.float16, unshuffle=r)
     want = render_heatmaps(kp, vis, H, W, 3.0, torch.float16, unshuffle=r, use_kernel=False)
     torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-10, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_cached_launches_follow_sizes_and_sigma(gen):
+    """Repeated calls replay cached compiled kernels (kernels.launch.Launcher); each must follow its
+    own sizes, sigma and keypoints."""
+    for _ in range(2):
+        for B, T, J, H, W, sigma in [(1, 4, 17, 64, 64, 2.0), (1, 4, 17, 64, 64, 5.0), (2, 3, 5, 48, 80, 3.0)]:
+            kp, vis = make_inputs(B, T, J, H, W, "cuda", gen)
+            got = render_heatmaps(kp, vis, H, W, sigma)
+            torch.testing.assert_close(got, render_heatmaps_ref(kp, vis, H, W, sigma), rtol=1e-5, atol=1e-6)

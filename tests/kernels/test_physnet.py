@@ -234,3 +234,24 @@ def test_gpu_kernel_configs(slots, kl, num_warps, programs, gen):
     args = make_inputs(8, 29, 17, device="cuda", gen=gen)
     got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, kl=kl, num_warps=num_warps, programs=programs)
     assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
+    """The second and later calls go through ``kernels.launch.Launcher``'s cached path: results must
+    still follow every argument (other sizes, a 2-byte-offset view, other dt and fuse weight)."""
+    from kernels.physnet import _launch_physnet
+
+    cases = []
+    for B, T, dt, w in [(2, 16, DT, 0.5), (2, 16, 0.02, 0.25), (1, 16, DT, 0.5), (3, 17, 0.05, 0.9)]:
+        cases.append((make_inputs(B, T, 17, device="cuda", gen=gen), dt, w))
+    s_dd, minv, jtau, cor = make_inputs(2, 16, 17, torch.float16, "cuda", gen=gen)
+    shifted = torch.empty(minv.numel() + 1, device="cuda", dtype=minv.dtype)[1:].view_as(minv)
+    shifted.copy_(minv)  # same values, data pointer 2 bytes past a 16-byte boundary
+    cases.append(((s_dd, shifted, jtau, cor), DT, 0.5))
+    cases.append(((s_dd, minv, jtau, cor), DT, 0.5))
+    for _ in range(3):  # the first pass compiles, later passes replay the cached kernels
+        for args, dt, w in cases:
+            tol = 2e-5 if args[0].dtype == torch.float32 else 2.0**-10
+            assert_close(physnet_fused(*args, dt, w), physnet_fused_ref(*args, dt, w), rtol=tol, atol=tol)
+    assert len(_launch_physnet.compiled) >= 3

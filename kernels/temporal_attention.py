@@ -1,0 +1,141 @@
+"""Attention over short sequences: AnimateDiff's temporal self-attention.
+
+A motion module attends over the F frames (16) of every pixel: N = B*H*W sequences (8192 at the
+64x64 level of a 512x512 clip with guidance), each F tokens long. Flash-attention kernels tile the
+sequence by 64-128 queries, so one 16-token sequence per thread block leaves most of each tile
+empty and the launch is tens of thousands of tiny blocks. Here one program takes ``BN`` whole
+sequences of one head: Q, K and V of a sequence fit in registers, the scores are one (F x F)
+batched tensor-core product, the softmax is exact (no online rescaling needed), and O goes
+straight into the (N, F, C) layout that the output projection reads.
+
+    temporal_attention(q, k, v, heads) -> (N, F, C)      q, k, v: (N, F, C), last dim unit stride
+    out[n, f, h*d:(h+1)*d] = softmax(q_h k_h^T / sqrt(d)) v_h      d = C / heads
+
+``q``, ``k``, ``v`` may be views into one fused (N, F, 3C) projection output. fp32 accumulation;
+fp32 inputs use IEEE fp32 products. ``temporal_attention_ref`` is the same contract in plain torch.
+"""
+import math
+
+import torch
+
+from .launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
+
+try:  # kernels/ imports only torch and triton; triton is optional off Linux
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_args(q, k, v, heads, dtypes=_DTYPES + (torch.float64,)):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 3 or q.shape[1] < 1 or q.shape[2] < 1:
+        raise ValueError(f"q: expected shape (N,F,C), got {tuple(q.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)} (that of q), got {tuple(x.shape)}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name}: expected {q.dtype} on {q.device} (as q), got {x.dtype} on {x.device}")
+    if q.dtype not in dtypes:
+        names = ", ".join(str(t).replace("torch.", "") for t in dtypes)
+        raise ValueError(f"q: expected dtype {names}, got {q.dtype}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or q.shape[2] % heads:
+        raise ValueError(f"heads: expected a positive integer dividing C = {q.shape[2]}, got {heads!r}")
+
+
+def temporal_attention_ref(q, k, v, heads):
+    """Plain torch: per-head softmax attention over dim 1, fp32 math (fp64 for fp64 inputs),
+    output (N,F,C) in q's dtype."""
+    _check_args(q, k, v, heads)
+    N, F, C = q.shape
+    d = C // heads
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def split(x):
+        return x.to(acc).reshape(N, F, heads, d).transpose(1, 2)
+
+    s = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)
+    o = torch.softmax(s, dim=-1) @ split(v)
+    return o.transpose(1, 2).reshape(N, F, C).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _temporal_attention_kernel(
+        o_ptr, q_ptr, k_ptr, v_ptr,  # o (N,F,C) contiguous; q, k, v (N,F,C) with unit last stride
+        N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,  # sizes, strides, log2(e)/sqrt(d)
+        DH: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        h = tl.program_id(1)
+        n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None, None]
+        f = tl.arange(0, FP)[None, :, None]
+        d = tl.arange(0, DP)[None, None, :]
+        m = (n < N) & (f < F) & (d < DH)
+        col = h * DH + d
+        q = tl.load(q_ptr + n * sqn + f * sqf + col, mask=m, other=0.0)
+        k = tl.load(k_ptr + n * skn + f * skf + col, mask=m, other=0.0)
+        v = tl.load(v_ptr + n * svn + f * svf + col, mask=m, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.permute(k, (0, 2, 1)))
+        s = s * scale_log2
+        key_ok = tl.arange(0, FP)[None, None, :] < F
+        s = tl.where(key_ok, s, float("-inf"))
+        p = tl.exp2(s - tl.max(s, axis=2)[:, :, None])
+        denom = tl.sum(p, axis=2)[:, :, None]
+        if IEEE:
+            o = tl.dot(p, v, input_precision="ieee")
+        else:
+            o = tl.dot(p.to(v.dtype), v)
+        o = o / denom
+        tl.store(o_ptr + n * F * C + f * C + col, o.to(o_ptr.dtype.element_ty), mask=m)
+
+    _launch = Launcher(_temporal_attention_kernel)
+
+
+def _config(F, d):
+    fp = max(16, _next_pow2(F))
+    dp = max(16, _next_pow2(d))
+    bn = max(1, min(8, 4096 // (fp * dp)))  # about 4096 elements per operand tile
+    return fp, dp, bn, 4
+
+
+def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None):
+    _check_args(q, k, v, heads, _DTYPES)
+    N, F, C = q.shape
+    d = C // heads
+    out = torch.empty((N, F, C), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    fp, dp, bn0, nw0 = _config(F, d)
+    bn, num_warps = bn or bn0, num_warps or nw0
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    args = (out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            math.log2(math.e) / math.sqrt(d))
+    consts = {"DH": d, "FP": fp, "DP": dp, "BN": bn, "IEEE": q.dtype == torch.float32}
+    grid = (_cdiv(N, bn), heads)
+    if torch.compiler.is_compiling():  # traced by Dynamo as a user-defined Triton kernel
+        _temporal_attention_kernel[grid](*args, **consts, num_warps=num_warps)
+    else:
+        _launch(grid, args, consts, num_warps=num_warps)
+    return out
+
+
+def temporal_attention(q, k, v, heads, *, use_kernel=None):
+    """Attention over dim 1 of (N,F,C) q, k, v with ``heads`` heads; returns (N,F,C) contiguous.
+
+    ``use_kernel``: None = the Triton kernel on CUDA tensors, the reference elsewhere; True = the
+    kernel (CUDA, or CPU under TRITON_INTERPRET=1); False = the reference.
+    """
+    if use_kernel is None:
+        use_kernel = isinstance(q, torch.Tensor) and q.is_cuda and triton is not None
+    if use_kernel:
+        return _temporal_attention_triton(q, k, v, heads)
+    return temporal_attention_ref(q, k, v, heads)

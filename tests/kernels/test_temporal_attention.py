@@ -1,0 +1,102 @@
+"""Temporal (short-sequence) attention kernel vs its reference, and the reference vs SDPA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.temporal_attention import _temporal_attention_triton, temporal_attention, temporal_attention_ref
+
+
+def make_qkv(N, T, C, dtype=torch.float32, device="cpu", gen=None, fused=False):
+    """Random q, k, v (N,T,C); with ``fused`` they are views into one (N,T,3C) projection output."""
+    g = gen if gen is not None else torch.Generator().manual_seed(0)
+    if fused:
+        qkv = torch.randn(N, T, 3 * C, generator=g).to(device=device, dtype=dtype)
+        return qkv.chunk(3, dim=-1)
+    return tuple(torch.randn(N, T, C, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+
+
+def test_ref_matches_sdpa(gen):
+    q, k, v = make_qkv(6, 16, 64, gen=gen, dtype=torch.float64)
+    heads = 4
+    split = [x.reshape(6, 16, heads, 16).transpose(1, 2) for x in (q, k, v)]
+    want = F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(6, 16, 64)
+    torch.testing.assert_close(temporal_attention_ref(q, k, v, heads), want)
+
+
+@pytest.mark.parametrize("N,T,C,heads,fused", [(5, 16, 320, 8, True), (3, 7, 48, 2, False), (9, 24, 64, 1, True),
+                                              (2, 1, 32, 4, False)])
+def test_kernel_matches_ref_fp32(interp, gen, N, T, C, heads, fused):
+    q, k, v = make_qkv(N, T, C, gen=gen, fused=fused)
+    got = temporal_attention(q, k, v, heads, use_kernel=True)
+    assert got.is_contiguous() and got.shape == (N, T, C)
+    torch.testing.assert_close(got, temporal_attention_ref(q, k, v, heads), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_fp16_and_partial_blocks(interp, gen):
+    q, k, v = make_qkv(7, 16, 80, torch.float16, gen=gen, fused=True)
+    got = _temporal_attention_triton(q, k, v, 2, bn=4)  # 7 sequences: the second block is partial
+    torch.testing.assert_close(got.float(), temporal_attention_ref(q, k, v, 2).float(), rtol=2e-3, atol=2e-3)
+
+
+def test_kernel_rejects_float64(interp, gen):
+    q, k, v = make_qkv(2, 16, 32, torch.float64, gen=gen)
+    with pytest.raises(ValueError, match="^q: expected dtype float32, float16, bfloat16"):
+        temporal_attention(q, k, v, 4, use_kernel=True)
+
+
+def test_dispatch_on_cpu_uses_the_reference(gen):
+    q, k, v = make_qkv(2, 16, 32, gen=gen)
+    assert torch.equal(temporal_attention(q, k, v, 4), temporal_attention_ref(q, k, v, 4))
+
+
+@pytest.mark.parametrize("name,mutate,heads", [
+    ("q", lambda q, k, v: (q[0], k, v), 4),
+    ("k", lambda q, k, v: (q, k[:, :8], v), 4),
+    ("v", lambda q, k, v: (q, k, v.double()), 4),
+    ("q", lambda q, k, v: (q.int(), k.int(), v.int()), 4),
+    ("heads", lambda q, k, v: (q, k, v), 5),
+    ("heads", lambda q, k, v: (q, k, v), 0),
+])
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_bad_arguments_raise_value_error_naming_them(name, mutate, heads, use_kernel, gen):
+    q, k, v = mutate(*make_qkv(2, 16, 32, gen=gen))
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        temporal_attention(q, k, v, heads, use_kernel=use_kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("N,T,C,heads,fused", [(8192, 16, 320, 8, True), (2048, 16, 640, 8, True),
+                                              (128, 16, 1280, 8, False), (33, 12, 96, 3, True), (5, 32, 64, 1, False)])
+def test_gpu_kernel_matches_ref(N, T, C, heads, fused, dtype, tol, gen):
+    q, k, v = make_qkv(N, T, C, dtype, "cuda", gen=gen, fused=fused)
+    for _ in range(2):  # compile, then the cached launch
+        got = temporal_attention(q, k, v, heads)
+        torch.testing.assert_close(got.float(), temporal_attention_ref(q, k, v, heads).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_unet_with_temporal_processor_matches_diffusers(interp, gen, fuse):
+    """The demo UNet with every motion-module self-attention on the kernel gives diffusers' output."""
+    from engine.fast_unet import use_temporal_kernel
+    from finephys.demo import demo_config
+    from finephys.model import build_unet
+
+    cfg = demo_config()
+    unet = build_unet(cfg).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # diffusers zero-initialises the motion modules' output projections
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    x = torch.randn(2, 4, 6, 8, 8, generator=gen)
+    text = torch.randn(12, 77, cfg.unet["cross_attention_dim"], generator=gen)
+    with torch.no_grad():
+        want = unet(x, torch.tensor(500), text).sample
+        if fuse:
+            unet.fuse_qkv_projections()
+        assert use_temporal_kernel(unet, use_kernel=True) > 0
+        got = unet(x, torch.tensor(500), text).sample
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # the temporal attention is live: changing one motion-module projection changes the output
+        name, attn = next((n, m) for n, m in unet.named_modules() if "motion_modules" in n and hasattr(m, "heads"))
+        attn.to_out[0].weight.mul_(1.5)
+        assert (unet(x, torch.tensor(500), text).sample - want).abs().max() > 1e-3, name
