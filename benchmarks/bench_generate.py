@@ -54,6 +54,29 @@ def stream_peak(model, clip, frames, size):
     return n, torch.cuda.max_memory_allocated() / 2**30
 
 
+def fidelity(got, want):
+    """Latent error of an approximate run against the exact one: max and mean |diff| over the mean
+    |latent|, and the PSNR of its uint8 frames."""
+    scale = want.latents.float().abs().mean()
+    diff = (got.latents.float() - want.latents.float()).abs()
+    mse = ((got.frames.astype("float64") - want.frames.astype("float64")) ** 2).mean()
+    psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(255.0**2 / mse)).item()
+    return {"latent_max_rel": (diff.max() / scale).item(), "latent_mean_rel": (diff.mean() / scale).item(),
+            "frame_psnr_db": psnr}
+
+
+def stream_time(model, clip, opts, reps):
+    """Median wall seconds to consume the whole stream (all windows decoded)."""
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in generate_stream(model, clip, opts, progress=False))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return n, statistics.median(times[1:])
+
+
 def long_clip(frames):
     return loop_clip(load_clip(ROOT / "examples" / "walk.npz"), frames)
 
@@ -65,6 +88,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", default="eager,compile,triton")
     ap.add_argument("--memory", default="", help="e.g. 64,512: stream these frame counts on the triton backend")
+    ap.add_argument("--deep-cache", default="", help="e.g. 2,3: also time the triton backend with these intervals")
+    ap.add_argument("--deep-cache-depth", type=int, default=1)
+    ap.add_argument("--overlap-frames", type=int, default=0,
+                    help="stream this many frames (windows of 16, stride 12) with and without the side-stream decode")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     info = meta()
@@ -98,9 +125,29 @@ def main():
         from engine.backends.triton import triton_from_parts
 
         fast = triton_from_parts(parts)
-        if "triton" in modes:
+        if "triton" in modes or a.deep_cache:
             torch.cuda.reset_peak_memory_stats()
             record("triton backend", *run_clip(fast, clip, opts, a.reps))
+            exact = generate(fast, clip, opts, progress=False)
+        for interval in [int(n) for n in a.deep_cache.split(",") if n]:
+            cached = GenerateOptions(**{**opts.__dict__, "deep_cache": interval, "deep_cache_depth": a.deep_cache_depth})
+            torch.cuda.reset_peak_memory_stats()
+            first, times = run_clip(fast, clip, cached, a.reps)
+            extra = {"deep_cache": interval, "deep_cache_depth": a.deep_cache_depth,
+                     **fidelity(generate(fast, clip, cached, progress=False), exact)}
+            record(f"triton + DeepCache {interval}/{a.deep_cache_depth}", first, times, extra)
+            print(f"    fidelity vs triton full steps: {extra}", flush=True)
+        if a.overlap_frames:
+            long = long_clip(a.overlap_frames)
+            lopts = GenerateOptions("a person walking", num_frames=a.overlap_frames, height=a.size, width=a.size,
+                                    num_inference_steps=a.steps, context_length=16, context_stride=12)
+            for on in (True, False):
+                fast.async_decode = on
+                n, med = stream_time(fast, long, lopts, 2)
+                rows.append({"bench": "stream_decode_overlap", "mode": "side-stream decode" if on else "decode inline",
+                             "size": a.size, "frames": n, "steps": a.steps, "median_s": med, **info})
+                print(f"stream {n} frames, decode {'on a side stream' if on else 'inline'}: {med:.3f} s", flush=True)
+            fast.async_decode = True
         for frames in [int(f) for f in a.memory.split(",") if f]:
             n, peak = stream_peak(fast, long_clip(frames), frames, a.size)
             rows.append({"bench": "stream_memory", "mode": "triton backend", "size": a.size, "frames": n,

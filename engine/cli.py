@@ -78,6 +78,11 @@ def _existing(path: Path, what: str) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--context-length", type=int, default=None, help="Frames per denoising window (default: the model's).")
 @click.option("--context-stride", type=int, default=None, help="Window step (default: 3/4 of the window).")
+@click.option("--deep-cache", "deep_cache", type=int, default=1, show_default=True,
+              help="DeepCache: a full UNet step every N steps, shallow steps reusing its deep features between "
+                   "(1 = off; faster, approximate; reference and triton backends).")
+@click.option("--deep-cache-depth", type=int, default=1, show_default=True,
+              help="With --deep-cache: pairs of the last up block the shallow steps recompute.")
 @click.option("--out", type=PATH, default=None, help="Video (.mp4), written as frames become final.")
 @click.option("--frames-dir", type=PATH, default=None, help="Folder for PNG frames, written as they become final.")
 @click.option("--save-poses", type=PATH, default=None, help="Write every pose stage to this .npz.")
@@ -89,7 +94,7 @@ def _existing(path: Path, what: str) -> Path:
               help="With --parallel: processes, one per GPU (CPU with gloo where too few); default 2 (or torchrun's).")
 def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_frames, height, width,
              num_inference_steps, guidance_scale, seed, context_length, context_stride, out, frames_dir,
-             save_poses, preview, overwrite, video=None, save_clip=None, parallel=None, gpus=None, **detect_kw):
+             save_poses, preview, overwrite, deep_cache=1, deep_cache_depth=1, video=None, save_clip=None, parallel=None, gpus=None, **detect_kw):
     """Generate a video of a person moving as the pose clip shows (any length, streamed).
 
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
@@ -116,8 +121,10 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     if ckpt is not None:
         _existing(ckpt, "--ckpt")
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                           guidance_scale, seed, context_length, context_stride)
+                           guidance_scale, seed, context_length, context_stride, deep_cache, deep_cache_depth)
     if parallel is not None:
+        if deep_cache != 1:
+            raise InputError("--deep-cache: not with --parallel (each process runs the full UNet)")
         from .cli_parallel import CliJob, cli_generate
 
         return cli_generate(CliJob(parallel, opts, clip, detected, ckpt, engine, backend, out, frames_dir,

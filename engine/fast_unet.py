@@ -51,9 +51,8 @@ def use_temporal_kernel(unet, use_kernel=None) -> int:
     return count
 
 
-def optimise_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, compile_mode: str | None = "default",
-                  temporal_kernel: bool = True):
-    """unet: a PoseGuidedUNet on CUDA in fp16. Returns a callable with the same signature."""
+def prepare_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, temporal_kernel: bool = True):
+    """In place on a PoseGuidedUNet (CUDA, fp16): fused QKV, channels-last, the temporal kernel."""
     inner = unet.unet
     if fuse_qkv:
         inner.fuse_qkv_projections()
@@ -61,9 +60,21 @@ def optimise_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, compi
         use_temporal_kernel(inner)
     if channels_last:
         inner.to(memory_format=torch.channels_last)
+    return unet
+
+
+def compile_call(fn, compile_mode: str | None = "default"):
+    """torch.compile of a module or a function (None: as it is), static shapes."""
     if compile_mode is None:
-        return unet
-    return torch.compile(unet, mode=None if compile_mode == "default" else compile_mode, dynamic=False, fullgraph=False)
+        return fn
+    return torch.compile(fn, mode=None if compile_mode == "default" else compile_mode, dynamic=False, fullgraph=False)
+
+
+def optimise_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, compile_mode: str | None = "default",
+                  temporal_kernel: bool = True):
+    """unet: a PoseGuidedUNet on CUDA in fp16. Returns a callable with the same signature."""
+    prepare_unet(unet, channels_last, fuse_qkv, temporal_kernel)
+    return compile_call(unet, compile_mode)
 
 
 class CudaGraphCall:

@@ -13,7 +13,7 @@ from finephys.demo import load_demo
 from finephys.errors import InputError
 from finephys.model import FinePhysModel, assemble
 from finephys.pipeline import (
-    PoseStages, check_video_size, decode, denoise_windows, pose_heatmaps, prepare_clip, run_pose_stack,
+    DecodeJob, PoseStages, check_video_size, denoise_windows, pose_heatmaps, prepare_clip, run_pose_stack,
 )
 
 BACKENDS = ("reference", "onnxruntime", "tensorrt", "triton")  # all but the first run an engine directory (--engine)
@@ -31,6 +31,8 @@ class GenerateOptions:
     seed: int = 0
     context_length: int | None = None  # frames the video model sees at once (default: the model's)
     context_stride: int | None = None  # window step (default: 3/4 of the window)
+    deep_cache: int = 1  # DeepCache interval: a full UNet step every N steps (1 = off)
+    deep_cache_depth: int = 1  # pairs of the last up block that the shallow steps recompute
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Plan:
     guidance: float
     length: int
     stride: int
+    deep_cache: tuple[int, int] = (1, 1)  # (interval, depth)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,18 @@ def plan(model: FinePhysModel, clip: PoseClip, opts: GenerateOptions) -> Plan:
         raise InputError(f"--guidance: expected a finite number >= 0, got {guidance}")
     if opts.seed < 0:
         raise InputError(f"--seed: expected a number >= 0, got {opts.seed}")
-    return Plan(frames, height, width, steps, float(guidance), length, stride)
+    if not 1 <= opts.deep_cache <= max(steps, 1):
+        raise InputError(f"--deep-cache {opts.deep_cache}: expected 1 (off) .. {steps} (the number of steps)")
+    if opts.deep_cache > 1:
+        depths = model.deep_cache_depths()
+        if not len(depths):
+            raise InputError(f"--deep-cache: the {getattr(model, 'name', 'graph')} backend has no partial UNet; "
+                             "use --backend triton or reference")
+        if opts.deep_cache_depth not in depths:
+            raise InputError(f"--deep-cache-depth {opts.deep_cache_depth}: expected {depths[0]}..{depths[-1]} "
+                             "(pairs of the UNet's last up block)")
+    return Plan(frames, height, width, steps, float(guidance), length, stride,
+                (opts.deep_cache, opts.deep_cache_depth))
 
 
 class GenerationStream:
@@ -121,11 +135,21 @@ class GenerationStream:
     def chunks(self):
         p, o, m = self.plan, self.opts, self.model
         heatmaps = lambda a, b: pose_heatmaps(m, self.stages, p.height, p.width, a, b)  # noqa: E731
-        for start, stop, latents in denoise_windows(
+        pending = None  # an asynchronous decode, handed out once the next window's steps are queued
+        for start, _, latents in denoise_windows(
             m, heatmaps, p.frames, o.prompt, o.negative_prompt, p.steps, p.guidance, o.seed,
-            p.length, p.stride, self.progress,
+            p.length, p.stride, self.progress, p.deep_cache,
         ):
-            yield start, latents, decode(m, latents)
+            job = DecodeJob(m, latents)
+            if pending is not None:
+                yield pending[0], pending[1], pending[2].result()
+                pending = None
+            if job.is_async:
+                pending = (start, latents, job)
+            else:
+                yield start, latents, job.result()
+        if pending is not None:
+            yield pending[0], pending[1], pending[2].result()
 
     def __iter__(self):
         for _, _, frames in self.chunks():

@@ -117,6 +117,11 @@ class BackendBase:
     encoder's forward (``_encode_ids``) and the other three sampler calls."""
 
     use_kernels = False  # True: the pose stack uses the fused Triton kernels
+    async_decode = False  # True: on CUDA the VAE may decode on a side stream (PyTorch modules only)
+
+    def deep_cache_depths(self) -> range:
+        """Depths this backend's DeepCache calls take (empty: no partial UNet, no --deep-cache)."""
+        return range(0)
 
     @property
     def latent_channels(self) -> int:
@@ -145,6 +150,7 @@ class FinePhysModel(BackendBase):
     unet: PoseGuidedUNet
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    async_decode = True
 
     @property
     def config(self) -> FinePhysConfig:
@@ -160,6 +166,17 @@ class FinePhysModel(BackendBase):
     @torch.no_grad()
     def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor:
         return self.unet(sample, timestep, text, pose_features)
+
+    def deep_cache_depths(self) -> range:
+        return self.unet.cache_depths()
+
+    @torch.no_grad()
+    def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
+        return self.unet.forward_and_cache(sample, timestep, text, pose_features, depth)
+
+    @torch.no_grad()
+    def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth):
+        return self.unet.forward_shallow(sample, timestep, text, pose_features, deep, depth)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -152,11 +152,27 @@ def window_inputs(model, sched, heatmaps, text, seed, start, cfg_on):
     return latents.to(model.device) * sched.init_noise_sigma, ehs, feats
 
 
-def guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale):
+class DeepCache:
+    """DeepCache-style reuse of deep UNet features within one window: a full step every
+    ``interval`` steps keeps the input of the last up block's pair ``n - depth``; the steps in
+    between run only the shallow pairs around it (``PoseGuidedUNet.forward_shallow``)."""
+
+    def __init__(self, interval: int, depth: int):
+        self.interval, self.depth, self.deep = interval, depth, None
+
+    def predict(self, model, i, x, t, ehs, feats):
+        if self.deep is None or i % self.interval == 0:
+            noise, self.deep = model.predict_noise_cached(x, t, ehs, feats, self.depth)
+            return noise
+        return model.predict_noise_shallow(x, t, ehs, feats, self.deep, self.depth)
+
+
+def guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale, cache: DeepCache | None = None):
     """One DDIM step with classifier-free guidance (both halves in one batch when on)."""
     cfg_on = guidance_scale > 1.0
-    x = torch.cat([latents, latents]) if cfg_on else latents
-    noise = model.predict_noise(x.to(model.dtype), t, ehs, feats).float()
+    x = (torch.cat([latents, latents]) if cfg_on else latents).to(model.dtype)
+    noise = (model.predict_noise(x, t, ehs, feats) if cache is None else cache.predict(model, i, x, t, ehs, feats))
+    noise = noise.float()
     if cfg_on:
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance_scale * (cond - uncond)
@@ -165,7 +181,7 @@ def guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale):
 
 @torch.no_grad()
 def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num_inference_steps,
-                    guidance_scale, seed, length, stride, progress=True):
+                    guidance_scale, seed, length, stride, progress=True, deep_cache=(1, 1)):
     """DDIM with classifier-free guidance over overlapping context windows, one window at a time.
 
     Yields ``(start, stop, latents)`` for consecutive frame ranges as soon as they are final
@@ -174,6 +190,7 @@ def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num
     from window k-1 to window k across the overlap, so seams do not show. Memory holds one
     window and the overlap's trajectory, whatever the clip's length. ``heatmaps_fn(start, stop)``
     gives the window's heatmaps; text and the guidance batch are computed once per clip.
+    ``deep_cache=(interval, depth)``: with interval > 1, ``DeepCache`` in each window (off: (1, 1)).
     """
     sched = DdimSchedule(model.scheduler(), num_inference_steps, model.device)
     cfg_on = guidance_scale > 1.0
@@ -187,8 +204,9 @@ def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num
         overlap = max(prev_stop - start, 0)
         ramp = (torch.arange(1, overlap + 1, device=model.device) / (overlap + 1)).view(1, 1, -1, 1, 1)
         traj = []
+        cache = DeepCache(*deep_cache) if deep_cache[0] > 1 else None
         for i, t in enumerate(sched.timesteps):
-            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale)
+            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale, cache)
             if overlap:
                 latents[:, :, :overlap] = ramp * latents[:, :, :overlap] + (1 - ramp) * prev_traj[i]
             if keep < stop:
@@ -211,9 +229,51 @@ def denoise(model, heatmaps, prompt, negative_prompt, num_inference_steps, guida
 
 
 @torch.no_grad()
+def _frames_u8(model, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(1,C,F,h,w) latents -> (F,H,W,3) uint8 frames on the model's device, ``chunk`` frames at a time."""
+    z = latents[0].permute(1, 0, 2, 3)
+    out = [model.decode_latents(z[i : i + chunk]).float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+           for i in range(0, z.shape[0], chunk)]
+    return torch.cat(out).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
 def decode(model, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
     """(1,C,F,h,w) latents -> (F,H,W,3) uint8 frames, decoded ``chunk`` frames at a time."""
-    z = latents[0].permute(1, 0, 2, 3)
-    out = [model.decode_latents(z[i : i + chunk]).float().cpu() for i in range(0, z.shape[0], chunk)]
-    img = torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return img.permute(0, 2, 3, 1).numpy()
+    return _frames_u8(model, latents, chunk).cpu().numpy()
+
+
+class DecodeJob:
+    """One window's VAE decode, started at construction, its frames from ``result()``.
+
+    On a CUDA model that allows it (``model.async_decode``) the decode runs on a side stream, after
+    the window's last denoising step, and copies its frames into pinned host memory: queued before
+    the next window's steps, it overlaps with them, and ``result()`` waits only for this decode.
+    Elsewhere it decodes at once (``is_async`` False)."""
+
+    _streams: dict = {}
+
+    def __init__(self, model, latents: torch.Tensor, chunk: int = 8):
+        self.is_async = bool(getattr(model, "async_decode", False)) and latents.is_cuda
+        if not self.is_async:
+            self._frames = decode(model, latents, chunk)
+            return
+        self._frames = None
+        if latents.device not in self._streams:
+            self._streams[latents.device] = torch.cuda.Stream(latents.device)
+        stream = self._streams[latents.device]
+        stream.wait_stream(torch.cuda.current_stream(latents.device))
+        latents.record_stream(stream)  # the allocator must not reuse it before the side stream is done
+        with torch.no_grad(), torch.cuda.stream(stream):
+            frames = _frames_u8(model, latents, chunk)
+            self._host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            self._host.copy_(frames, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
+        self._gpu = frames  # alive until the copy is done
+
+    def result(self) -> np.ndarray:
+        if self._frames is None:
+            self._done.synchronize()
+            self._frames, self._gpu = self._host.numpy(), None
+        return self._frames

@@ -120,12 +120,20 @@ def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None):
     args = (out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             math.log2(math.e) / math.sqrt(d))
     consts = {"DH": d, "FP": fp, "DP": dp, "BN": bn, "IEEE": q.dtype == torch.float32}
-    grid = (_cdiv(N, bn), heads)
-    if torch.compiler.is_compiling():  # traced by Dynamo as a user-defined Triton kernel
-        _temporal_attention_kernel[grid](*args, **consts, num_warps=num_warps)
-    else:
-        _launch(grid, args, consts, num_warps=num_warps)
+    _launch((_cdiv(N, bn), heads), args, consts, num_warps=num_warps)
     return out
+
+
+# An opaque operator for torch.compile: Inductor keeps the inputs' eager layout (views into the fused
+# QKV projection) and the launch runs through the cached launcher (captured once into a CUDA graph).
+@torch.library.custom_op("fpengine::temporal_attention", mutates_args=())
+def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    return _temporal_attention_triton(q, k, v, heads)
+
+
+@_temporal_attention_op.register_fake
+def _(q, k, v, heads):
+    return q.new_empty(q.shape)
 
 
 def temporal_attention(q, k, v, heads, *, use_kernel=None):
@@ -137,5 +145,6 @@ def temporal_attention(q, k, v, heads, *, use_kernel=None):
     if use_kernel is None:
         use_kernel = isinstance(q, torch.Tensor) and q.is_cuda and triton is not None
     if use_kernel:
-        return _temporal_attention_triton(q, k, v, heads)
+        _check_args(q, k, v, heads, _DTYPES)
+        return _temporal_attention_op(q, k, v, heads)
     return temporal_attention_ref(q, k, v, heads)

@@ -91,6 +91,8 @@ def test_engine_refusals(engine16, tmp_path, demo_ckpt):
     assert r.exit_code == 2 and "height 512 is outside this engine's profile 64..256" in r.output, r.output
     r = CliRunner().invoke(main, [*gen, "--engine", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output, r.output
+    r = CliRunner().invoke(main, [*gen, "--engine", str(e), *SMALL, "--deep-cache", "2"])
+    assert r.exit_code == 2 and "--deep-cache: the onnxruntime backend has no partial UNet" in r.output, r.output
     manifest = json.loads((e / "manifest.json").read_text())
     (e / "onnx/unet.onnx").write_bytes(b"x")
     r = CliRunner().invoke(main, ["check", "--engine", str(e)])

@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from engine.cli import main
@@ -26,6 +27,21 @@ def test_generate_frames_and_determinism(demo_model, walk_clip):
     assert np.array_equal(a.frames, b.frames)
     assert not np.array_equal(a.frames, c.frames)
     assert a.frames.std() > 0
+
+
+def test_deep_cache_is_off_by_default_and_approximates_the_full_steps(demo_model, walk_clip):
+    """--deep-cache 1 is the plain sampler; interval 2 and 3 change the result, less than another seed does."""
+    base = dict(prompt="a person walking", num_frames=6, height=64, width=64, num_inference_steps=6, seed=3)
+    full = generate(demo_model, walk_clip, GenerateOptions(**base), progress=False).latents
+    off = generate(demo_model, walk_clip, GenerateOptions(**base, deep_cache=1), progress=False).latents
+    assert torch.equal(full, off)
+    other_seed = (generate(demo_model, walk_clip, GenerateOptions(**{**base, "seed": 4}), progress=False).latents
+                  - full).abs().mean()
+    for interval, depth in [(2, 1), (3, 2)]:
+        opts = GenerateOptions(**base, deep_cache=interval, deep_cache_depth=depth)
+        cached = generate(demo_model, walk_clip, opts, progress=False).latents
+        diff = (cached - full).abs().mean()
+        assert 0 < diff < 0.5 * other_seed, (interval, depth, diff, other_seed)
 
 
 def test_cli_generate_writes_video_poses_and_preview(tmp_path, demo_ckpt):
@@ -95,6 +111,8 @@ def test_cli_bad_clips_one_line(tmp_path, change, words):
     (["--frames", "40"], "frames"),
     (["--ckpt", "nope"], "does not exist"),
     (["--poses", "missing.npz"], "does not exist"),
+    (["--deep-cache", "0"], "--deep-cache 0: expected 1 (off)"),
+    (["--deep-cache", "2", "--deep-cache-depth", "9"], "--deep-cache-depth 9: expected 1..2"),
 ])
 def test_cli_bad_options(tmp_path, extra, words):
     args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]

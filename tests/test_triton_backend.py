@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.generate import GenerateOptions, generate
+from engine.generate import GenerateOptions, generate, generate_stream
 from finephys.demo import load_demo
 from finephys.model import assemble
-from finephys.pipeline import prepare_clip, run_pose_stack
+from finephys.pipeline import decode, prepare_clip, run_pose_stack
 
 
 ATOL = 1e-3
@@ -47,6 +47,33 @@ def test_latents_within_the_fp16_rule(models, walk_clip, frames, size):
     err_eager = (eager16 - want).abs().max().item()
     assert err_fast <= 2 * err_eager + ATOL, (err_fast, err_eager)
     assert got.frames.shape == (frames, size, size, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interval,depth", [(3, 1), (2, 2)])
+def test_deep_cache_within_the_fp16_rule(models, walk_clip, interval, depth):
+    """The triton backend's caching and shallow graphs against the fp32 reference's DeepCache."""
+    ref32, ref16, fast = models
+    opts = GenerateOptions("a person walking", num_frames=16, height=64, width=64, num_inference_steps=6, seed=1,
+                           deep_cache=interval, deep_cache_depth=depth)
+    want = generate(ref32, walk_clip, opts, progress=False).latents.float()
+    err_eager = (generate(ref16, walk_clip, opts, progress=False).latents.float() - want).abs().max().item()
+    err_fast = (generate(fast, walk_clip, opts, progress=False).latents.float() - want).abs().max().item()
+    assert err_fast <= 2 * err_eager + ATOL, (err_fast, err_eager)
+
+
+@pytest.mark.gpu
+def test_side_stream_decode_gives_the_synchronous_frames(models, walk_clip):
+    """Windows decode on a side stream while the next window denoises; every chunk's frames must be
+    exactly those of a plain synchronous decode of its latents, in order."""
+    _, _, fast = models
+    opts = GenerateOptions("a person walking", num_frames=26, height=64, width=64, num_inference_steps=3, seed=2,
+                           context_length=8, context_stride=6)
+    chunks = list(generate_stream(fast, walk_clip, opts, progress=False).chunks())
+    assert len(chunks) >= 3 and [c[0] for c in chunks] == sorted(c[0] for c in chunks)
+    assert sum(len(c[2]) for c in chunks) == 26
+    for _, latents, frames in chunks:
+        np.testing.assert_array_equal(frames, decode(fast, latents))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

@@ -5,6 +5,7 @@ features are computed once per clip (per window) by the sampler; nothing in the 
 reads device memory back."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from finephys.model import BackendBase, build_text_encoder, build_unet, build_va
 from finephys.unet import PoseGuidedUNet
 from finephys.weights import load_strict
 
-from ..fast_unet import CudaGraphCall, optimise_unet
+from ..fast_unet import CudaGraphCall, compile_call, prepare_unet
 from .base import GraphBackend
 
 FILES = {
@@ -31,6 +32,7 @@ class TritonModel(BackendBase):
 
     name = "triton"
     use_kernels = True
+    async_decode = True
 
     def __init__(self, config, parts, modules: dict, device="cuda", dtype=torch.float16,
                  compile_mode: str | None = "default", cuda_graphs: bool = True):
@@ -38,9 +40,25 @@ class TritonModel(BackendBase):
             raise InputError("--backend triton needs a CUDA GPU (use onnxruntime or reference on the CPU)")
         self.config, self.parts, self.device, self.dtype = config, parts, torch.device(device), dtype
         self.modules = {k: m.to(self.device, dtype).eval().requires_grad_(False) for k, m in modules.items()}
-        fast = optimise_unet(PoseGuidedUNet(self.modules["unet"]), compile_mode=compile_mode)
-        self._unet = CudaGraphCall(fast) if cuda_graphs else fast
+        self.unet = prepare_unet(PoseGuidedUNet(self.modules["unet"]))
+        self._compile_mode, self._cuda_graphs = compile_mode, cuda_graphs
+        self._calls = {}
         self.modules["vae"].to(memory_format=torch.channels_last)
+
+    def _call(self, name: str, *consts):
+        """The compiled (and graph-captured) UNet entry point ``name`` with ``consts`` bound; made
+        on first use, so DeepCache's two extra graphs cost nothing unless asked for."""
+        key = (name, *consts)
+        if key not in self._calls:
+            fn = getattr(self.unet, name)
+            if consts:
+                fn = functools.partial(fn, **dict(zip(("depth",), consts)))
+            fast = compile_call(fn, self._compile_mode)
+            self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
+        return self._calls[key]
+
+    def deep_cache_depths(self) -> range:
+        return self.unet.cache_depths()
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.modules["text_encoder"](ids)[0]
@@ -52,7 +70,17 @@ class TritonModel(BackendBase):
     @torch.no_grad()
     def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=self.device).reshape(())
-        return self._unet(sample.to(self.dtype), t, text, list(pose_features))
+        return self._call("forward")(sample.to(self.dtype), t, text, list(pose_features))
+
+    @torch.no_grad()
+    def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
+        t = torch.as_tensor(timestep, device=self.device).reshape(())
+        return self._call("forward_and_cache", depth)(sample.to(self.dtype), t, text, list(pose_features))
+
+    @torch.no_grad()
+    def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth):
+        t = torch.as_tensor(timestep, device=self.device).reshape(())
+        return self._call("forward_shallow", depth)(sample.to(self.dtype), t, text, list(pose_features), deep)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
