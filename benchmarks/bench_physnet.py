@@ -63,9 +63,29 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--profile-once", action="store_true",
                     help="only run the kernel twice per dtype at 32768 frames (for ncu), no timing")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="only cProfile 2000 back-to-back 32-frame calls per dtype (where the host time goes)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_physnet: needs a CUDA GPU", file=sys.stderr)
+        return 0
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        from kernels.physnet import _launch_physnet
+        for dname in args.dtypes.split(","):
+            x = make_inputs(*SHAPES[0], DTYPES[dname])
+            physnet_fused(*x, DT, 0.5)
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(2000):
+                physnet_fused(*x, DT, 0.5)
+            torch.cuda.synchronize()
+            prof.disable()
+            print(f"--- {dname}: {len(_launch_physnet.compiled)} compiled launch keys")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
         return 0
     if args.profile_once:
         for dname in args.dtypes.split(","):

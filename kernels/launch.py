@@ -1,6 +1,8 @@
 """Host-side helpers shared by the kernel launchers (plain Python: cheap per call)."""
 import os
 
+import torch
+
 try:
     import triton
     from triton import knobs
@@ -63,12 +65,18 @@ class Launcher:
             return "f"
         return (a.dtype, a.data_ptr() % 16 == 0)
 
-    def __call__(self, grid, args, consts: dict, **options):
+    def __call__(self, grid, args, consts: dict, spec=None, **options):
+        """``spec``: optional hashable that, with the tensors' dtypes and alignment, determines every
+        int argument (e.g. shapes and strides): then only the tensors are inspected per call."""
         device = args[0].device
         kernel = kernel_for(self.kernel, device)
         if device.type != "cuda":
             return kernel[grid](*args, **consts, **options)
-        key = (device.index, tuple(map(self._arg_key, args)), tuple(consts.items()), tuple(options.items()))
+        if spec is None:
+            arg_key = tuple(map(self._arg_key, args))
+        else:
+            arg_key = (spec, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
+        key = (device.index, arg_key, tuple(consts.items()), tuple(options.items()))
         compiled = self.compiled.get(key)
         if compiled is None:
             self.compiled[key] = kernel[grid](*args, **consts, **options)

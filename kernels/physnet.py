@@ -306,9 +306,9 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
     q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
     minv_tril, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
-    s_pp = torch.empty((B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
-    s_fused = torch.empty((B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
-    qdd = torch.empty((B, T, 2, D), device=s_dd.device, dtype=s_dd.dtype)
+    n = B * T * D  # one allocation for the three outputs (a small call is host-bound)
+    out = torch.empty(4 * n, device=s_dd.device, dtype=s_dd.dtype)
+    s_pp, s_fused, qdd = out[:n].view(B, T, J, 3), out[n : 2 * n].view(B, T, J, 3), out[2 * n :].view(B, T, 2, D)
     half = max(_next_pow2(D) // 2, 1)
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
@@ -332,7 +332,8 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
         (s_pp, s_fused, qdd, q, minv_tril, jtau, coriolis,
          qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
          T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop}, num_warps=num_warps, **extra,
+        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop},
+        spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd
 
