@@ -225,3 +225,7 @@ main.add_command(eval_pose_cmd)
 from .cli_serve import serve as _serve_command  # noqa: E402
 
 main.add_command(_serve_command)
+
+
+if __name__ == "__main__":  # python -m engine.cli (same as python -m engine / fpengine)
+    main()
