@@ -33,6 +33,11 @@ class TritonModel(BackendBase):
     name = "triton"
     use_kernels = True
     async_decode = True
+    profile = None  # the engine directory's shape profile, when loaded from one
+
+    @property
+    def precision(self) -> str:
+        return {torch.float16: "float16", torch.float32: "float32"}.get(self.dtype, str(self.dtype))
 
     def __init__(self, config, parts, modules: dict, device="cuda", dtype=torch.float16,
                  compile_mode: str | None = "default", cuda_graphs: bool = True):
@@ -111,4 +116,6 @@ def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonM
     for name, build in builders.items():
         modules[name] = build(cfg).to(base.dtype)
         load_strict(modules[name], base.engine_dir / FILES[name])
-    return TritonModel(cfg, base.parts, modules, device, base.dtype, **kw)
+    model = TritonModel(cfg, base.parts, modules, device, base.dtype, **kw)
+    model.profile = base.profile  # `fpengine check` picks its default sizes from it
+    return model
