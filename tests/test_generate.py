@@ -113,6 +113,7 @@ def test_cli_bad_clips_one_line(tmp_path, change, words):
     (["--poses", "missing.npz"], "does not exist"),
     (["--deep-cache", "0"], "--deep-cache 0: expected 1 (off)"),
     (["--deep-cache", "2", "--deep-cache-depth", "9"], "--deep-cache-depth 9: expected 1..2"),
+    (["--deep-cache", "2", "--parallel", "guidance"], "--deep-cache: not with --parallel"),
 ])
 def test_cli_bad_options(tmp_path, extra, words):
     args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]
