@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import bench_gpu, env_info, warm_up_gpu, write_rows
-from kernels.temporal_attention import temporal_attention
+from kernels.temporal_attention import _temporal_attention_triton, temporal_attention
 
+SWEEP = [(bn, nw) for bn in (1, 2, 4, 8) for nw in (1, 2, 4, 8)]
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -49,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time other launch configurations (sequences per program, warps) of the temporal kernel")
     ap.add_argument("--out", help="append JSON rows to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -75,6 +78,12 @@ def main(argv=None):
         cands["sdpa default"] = bench_gpu(lambda: F.scaled_dot_product_attention(*split))[0]
         if kind == "temporal self":
             cands["triton temporal"] = bench_gpu(lambda: temporal_attention(q, k, v, h))[0]
+            for bn, nw in SWEEP if args.sweep else ():
+                try:
+                    cands[f"triton bn={bn} warps={nw}"] = bench_gpu(
+                        lambda bn=bn, nw=nw: _temporal_attention_triton(q, k, v, h, bn=bn, num_warps=nw))[0]
+                except Exception as exc:  # noqa: BLE001 - a configuration this triton cannot build: report
+                    print(f"{kind} bn={bn} warps={nw}: {type(exc).__name__}: {str(exc)[:80]}")
         for name, us in cands.items():
             rows.append({"op": "attention", "kind": kind, "shape": f"N={N} Lq={Lq} Lk={Lk} C={C} h={h}",
                          "backend": name, "median_us": us, "tflops": flop / us / 1e6, "calls": calls,

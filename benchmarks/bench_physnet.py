@@ -12,7 +12,7 @@ import sys
 import torch
 
 from benchmarks.common import (bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, markdown_table,
-                               timed_first_call, warm_up_gpu, write_rows)
+                               timed_first_call, wall_ratio, warm_up_gpu, write_rows)
 from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -123,6 +123,11 @@ def main(argv=None):
                       f"  graph {r['graph_us'] or 0:8.1f} us"
                       f"  wall {r['wall_us']:9.1f} us"
                       f"  {r['gbps']:7.0f} GB/s  copy {copy:5.0f} GB/s", flush=True)
+            if B * T == min(b * t for b, t in SHAPES):  # the launch-bound shape: paired wall-time ratio
+                med, lo, hi = wall_ratio(lambda: physnet_fused(*x, DT, 0.5), lambda: physnet_fused_ref(*x, DT, 0.5))
+                rows[-len(backends)]["wall_ratio_paired"] = (med, lo, hi)
+                print(f"{'':<28} {dname} triton vs eager, wall per call in alternating batches: {med:.1f}x "
+                      f"(p20 {lo:.1f}x, p80 {hi:.1f}x)", flush=True)
             if args.sweep and B * T == max(b * t for b, t in SHAPES):
                 for slots, kl, nw, progs, mr in SWEEP:
                     def fn(slots=slots, kl=kl, nw=nw, progs=progs, mr=mr):

@@ -100,6 +100,23 @@ def bench_wall(fn, calls=None, repeats=11):
     return statistics.median(per_call), q[0], q[3]
 
 
+def wall_ratio(fn, baseline, calls=100, repeats=21):
+    """How many times faster ``fn`` is than ``baseline`` in host wall time per call, measured in
+    alternating batches (``calls`` back-to-back calls each, synchronised), so that a noisy host
+    slows both alike. Returns (median, p20, p80) of the per-pair ratios baseline / fn."""
+    def batch(f):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    batch(fn), batch(baseline)
+    ratios = sorted(batch(baseline) / batch(fn) for _ in range(repeats))
+    q = statistics.quantiles(ratios, n=5)
+    return statistics.median(ratios), q[0], q[3]
+
+
 def copy_gbps(nbytes):
     """GB/s of a device-to-device copy of ``nbytes`` bytes in all (half read, half written)."""
     n = max(int(nbytes) // 2, 16)
