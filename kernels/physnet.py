@@ -136,7 +136,8 @@ def physnet_fused_ref(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight=0.5):
 if triton is not None:
 
     @triton.jit
-    def _symv_packed(m_ptr, j_ptr, c_ptr, ok, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr):
+    def _symv_packed(m_ptr, j_ptr, c_ptr, ok, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr,
+                     STAGED: tl.constexpr):
         """qdd = M^-1 (jtau - coriolis) for NS (frame, direction) rows at once.
 
         m_ptr, j_ptr, c_ptr: [NS] row pointers into minv_tril, jtau, coriolis; ok: [NS] rows to compute.
@@ -170,16 +171,29 @@ if triton is not None:
         fk_hi = tl.reshape(f_hi, [NS, KB, KL])[:, :, None, :]
         fi_lo = f_lo[:, None, :, None]
         fi_hi = f_hi[:, None, :, None]
-        L_tl = tl.load(mp + (ii * (ii + 1) // 2 + k), mask=ok4 & (k <= ii) & (ii < D), other=0.0).to(tl.float32)
-        L_bl = tl.load(mp + (ib * (ib + 1) // 2 + k), mask=ok4 & (ib < D) & (k < HALF), other=0.0).to(tl.float32)
-        L_br = tl.load(mp + (ib * (ib + 1) // 2 + k + HALF), mask=ok4 & (k <= ii) & (ib < D), other=0.0).to(
-            tl.float32)
-        # (L f)[i]: reduce over k (registers first, then lanes)
-        row_lo = tl.sum(tl.sum(L_tl * fk_lo, axis=1), axis=2)
-        row_hi = tl.sum(tl.sum(L_bl * fk_lo + L_br * fk_hi, axis=1), axis=2)
-        # (L^T f)[k]: reduce over i
-        col_lo = tl.reshape(tl.sum(L_tl * fi_lo + L_bl * fi_hi, axis=2), [NS, HALF])
-        col_hi = tl.reshape(tl.sum(L_br * fi_hi, axis=2), [NS, HALF])
+        if STAGED:  # each tile consumed before the next is loaded: fewer live registers
+            L = tl.load(mp + (ii * (ii + 1) // 2 + k), mask=ok4 & (k <= ii) & (ii < D), other=0.0).to(tl.float32)
+            row_lo = tl.sum(tl.sum(L * fk_lo, axis=1), axis=2)
+            col_lo = tl.sum(L * fi_lo, axis=2)
+            L = tl.load(mp + (ib * (ib + 1) // 2 + k), mask=ok4 & (ib < D) & (k < HALF), other=0.0).to(tl.float32)
+            row_hi = tl.sum(tl.sum(L * fk_lo, axis=1), axis=2)
+            col_lo = tl.reshape(col_lo + tl.sum(L * fi_hi, axis=2), [NS, HALF])
+            L = tl.load(mp + (ib * (ib + 1) // 2 + k + HALF), mask=ok4 & (k <= ii) & (ib < D), other=0.0).to(
+                tl.float32)
+            row_hi += tl.sum(tl.sum(L * fk_hi, axis=1), axis=2)
+            col_hi = tl.reshape(tl.sum(L * fi_hi, axis=2), [NS, HALF])
+        else:
+            L_tl = tl.load(mp + (ii * (ii + 1) // 2 + k), mask=ok4 & (k <= ii) & (ii < D), other=0.0).to(tl.float32)
+            L_bl = tl.load(mp + (ib * (ib + 1) // 2 + k), mask=ok4 & (ib < D) & (k < HALF), other=0.0).to(
+                tl.float32)
+            L_br = tl.load(mp + (ib * (ib + 1) // 2 + k + HALF), mask=ok4 & (k <= ii) & (ib < D), other=0.0).to(
+                tl.float32)
+            # (L f)[i]: reduce over k (registers first, then lanes)
+            row_lo = tl.sum(tl.sum(L_tl * fk_lo, axis=1), axis=2)
+            row_hi = tl.sum(tl.sum(L_bl * fk_lo + L_br * fk_hi, axis=1), axis=2)
+            # (L^T f)[k]: reduce over i
+            col_lo = tl.reshape(tl.sum(L_tl * fi_lo + L_bl * fi_hi, axis=2), [NS, HALF])
+            col_hi = tl.reshape(tl.sum(L_br * fi_hi, axis=2), [NS, HALF])
         y_lo = row_lo + col_lo - dg_lo * f_lo
         y_hi = row_hi + col_hi - dg_hi * f_hi
         return y_lo, y_hi
@@ -189,7 +203,7 @@ if triton is not None:
         e, live, b,  # [NS] slot indices, [NS] live flags, clip index
         spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
         q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd,
-        T, dt2, w, w_pp, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr,
+        T, dt2, w, w_pp, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr, STAGED: tl.constexpr,
     ):
         """Slots e of clip b: qdd[e-1, fwd], qdd[e+1, rev], then s_pp and s_fused of frame e."""
         r = tl.arange(0, HALF)[None, :]
@@ -201,7 +215,7 @@ if triton is not None:
         okf = live & (uf >= 0) & (uf < T)
         a0_lo, a0_hi = _symv_packed(
             minv_ptr + b * m_sb + uf * m_st, jtau_ptr + b * j_sb + uf * j_st,
-            cor_ptr + b * c_sb + uf * c_st, okf, D, HALF, KL)
+            cor_ptr + b * c_sb + uf * c_st, okf, D, HALF, KL, STAGED)
         qp = qdd_ptr + ((b * T + uf) * (2 * D))[:, None]
         tl.store(qp + r, a0_lo.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_lo)
         tl.store(qp + rh, a0_hi.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_hi)
@@ -210,7 +224,7 @@ if triton is not None:
         okr = live & (ur >= 0) & (ur < T)
         a1_lo, a1_hi = _symv_packed(
             minv_ptr + b * m_sb + ur * m_st + m_sd, jtau_ptr + b * j_sb + ur * j_st + j_sd,
-            cor_ptr + b * c_sb + ur * c_st + c_sd, okr, D, HALF, KL)
+            cor_ptr + b * c_sb + ur * c_st + c_sd, okr, D, HALF, KL, STAGED)
         qp = qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None]
         tl.store(qp + r, a1_lo.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_lo)
         tl.store(qp + rh, a1_hi.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_hi)
@@ -262,6 +276,7 @@ if triton is not None:
         KL: tl.constexpr,  # tile columns per lane group (power of two <= HALF)
         NS: tl.constexpr,  # slots computed together (a tensor dimension; 1 on the GPU)
         LOOP: tl.constexpr,  # False: one program per work item and n_slots <= NS (straight-line code)
+        STAGED: tl.constexpr,  # True: load and consume the three tiles one at a time
     ):
         # Slot e in [-1, T] of clip b owns qdd[e-1, forward] and qdd[e+1, reverse] (so each (frame,
         # direction) is solved exactly once over the clip) and s_pp/s_fused[e] for 0 <= e < T, which
@@ -279,7 +294,7 @@ if triton is not None:
                     _physnet_slots_step(
                         s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr,
                         cor_ptr, q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w,
-                        w_pp, D, HALF, KL)
+                        w_pp, D, HALF, KL, STAGED)
         else:
             item = tl.program_id(0)
             b = (item // n_chunks).to(tl.int64)
@@ -287,7 +302,7 @@ if triton is not None:
             sl = tl.arange(0, NS)
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
-                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL)
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL, STAGED)
 
 
 _launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
@@ -298,11 +313,12 @@ def _unit_last(x):
 
 
 def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, kl=None, ns=None,
-                          num_warps=None, programs=None, maxnreg=None):
+                          num_warps=None, programs=None, maxnreg=None, staged=False):
     """Launch the fused kernel. ``slots``: slots per work item; ``kl``: tile columns per lane group;
     ``ns``: slots per tensor step (1 on the GPU; whole items in the interpreter); ``programs``: grid
     size (None = one program per work item; fewer = persistent programs striding over the items);
-    ``maxnreg``: register cap per thread (CUDA only)."""
+    ``maxnreg``: register cap per thread (CUDA only); ``staged``: load and consume the packed
+    triangle's three tiles one after another (fewer live registers; not yet timed, off)."""
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
     q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
     minv_tril, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
@@ -332,7 +348,7 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
         (s_pp, s_fused, qdd, q, minv_tril, jtau, coriolis,
          qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
          T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop},
+        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop, "STAGED": bool(staged)},
         spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd
