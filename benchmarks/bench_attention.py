@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.common import bench_gpu, env_info, warm_up_gpu, write_rows
 from kernels.temporal_attention import _temporal_attention_triton, temporal_attention
 
-SWEEP = [(bn, nw) for bn in (1, 2, 4, 8) for nw in (1, 2, 4, 8)]
+SWEEP = [(bn, nw, all_heads) for all_heads in (False, True) for bn in (1, 2, 4, 8) for nw in (1, 2, 4, 8)]
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -78,12 +78,14 @@ def main(argv=None):
         cands["sdpa default"] = bench_gpu(lambda: F.scaled_dot_product_attention(*split))[0]
         if kind == "temporal self":
             cands["triton temporal"] = bench_gpu(lambda: temporal_attention(q, k, v, h))[0]
-            for bn, nw in SWEEP if args.sweep else ():
+            for bn, nw, ah in SWEEP if args.sweep else ():
+                name = f"triton bn={bn} warps={nw}{' all heads' if ah else ''}"
                 try:
-                    cands[f"triton bn={bn} warps={nw}"] = bench_gpu(
-                        lambda bn=bn, nw=nw: _temporal_attention_triton(q, k, v, h, bn=bn, num_warps=nw))[0]
+                    cands[name] = bench_gpu(
+                        lambda bn=bn, nw=nw, ah=ah: _temporal_attention_triton(q, k, v, h, bn=bn, num_warps=nw,
+                                                                               all_heads=ah))[0]
                 except Exception as exc:  # noqa: BLE001 - a configuration this triton cannot build: report
-                    print(f"{kind} bn={bn} warps={nw}: {type(exc).__name__}: {str(exc)[:80]}")
+                    print(f"{kind} {name}: {type(exc).__name__}: {str(exc)[:80]}")
         for name, us in cands.items():
             rows.append({"op": "attention", "kind": kind, "shape": f"N={N} Lq={Lq} Lk={Lk} C={C} h={h}",
                          "backend": name, "median_us": us, "tflops": flop / us / 1e6, "calls": calls,

@@ -67,13 +67,9 @@ def temporal_attention_ref(q, k, v, heads):
 if triton is not None:
 
     @triton.jit
-    def _temporal_attention_kernel(
-        o_ptr, q_ptr, k_ptr, v_ptr,  # o (N,F,C) contiguous; q, k, v (N,F,C) with unit last stride
-        N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,  # sizes, strides, log2(e)/sqrt(d)
-        DH: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-    ):
-        h = tl.program_id(1)
-        n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None, None]
+    def _attend_head(o_ptr, q_ptr, k_ptr, v_ptr, n, h, N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,
+                     DH: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr):
+        """Head ``h`` of the [BN,1,1] sequences ``n``: softmax(q k^T / sqrt(d)) v into o."""
         f = tl.arange(0, FP)[None, :, None]
         d = tl.arange(0, DP)[None, None, :]
         m = (n < N) & (f < F) & (d < DH)
@@ -97,6 +93,22 @@ if triton is not None:
         o = o / denom
         tl.store(o_ptr + n * F * C + f * C + col, o.to(o_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _temporal_attention_kernel(
+        o_ptr, q_ptr, k_ptr, v_ptr,  # o (N,F,C) contiguous; q, k, v (N,F,C) with unit last stride
+        N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,  # sizes, strides, log2(e)/sqrt(d)
+        DH: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+        HEADS: tl.constexpr,  # 0: one head per program (grid axis 1); else this many heads in turn
+    ):
+        n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None, None]
+        if HEADS == 0:
+            _attend_head(o_ptr, q_ptr, k_ptr, v_ptr, n, tl.program_id(1), N, F, C, sqn, sqf, skn, skf, svn, svf,
+                         scale_log2, DH, FP, DP, IEEE)
+        else:  # whole rows of the sequences pass through this program: neighbouring heads share sectors
+            for h in range(HEADS):
+                _attend_head(o_ptr, q_ptr, k_ptr, v_ptr, n, h, N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,
+                             DH, FP, DP, IEEE)
+
     _launch = Launcher(_temporal_attention_kernel)
 
 
@@ -107,7 +119,8 @@ def _config(F, d):
     return fp, dp, bn, 4
 
 
-def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None):
+def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None, all_heads=False):
+    """``all_heads``: one program walks every head of its sequences (else one head per program)."""
     _check_args(q, k, v, heads, _DTYPES)
     N, F, C = q.shape
     d = C // heads
@@ -119,8 +132,9 @@ def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None):
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     args = (out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             math.log2(math.e) / math.sqrt(d))
-    consts = {"DH": d, "FP": fp, "DP": dp, "BN": bn, "IEEE": q.dtype == torch.float32}
-    _launch((_cdiv(N, bn), heads), args, consts, num_warps=num_warps)
+    consts = {"DH": d, "FP": fp, "DP": dp, "BN": bn, "IEEE": q.dtype == torch.float32,
+              "HEADS": heads if all_heads else 0}
+    _launch((_cdiv(N, bn), 1 if all_heads else heads), args, consts, num_warps=num_warps)
     return out
 
 

@@ -32,9 +32,10 @@ def test_kernel_matches_ref_fp32(interp, gen, N, T, C, heads, fused):
     torch.testing.assert_close(got, temporal_attention_ref(q, k, v, heads), rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_fp16_and_partial_blocks(interp, gen):
+@pytest.mark.parametrize("all_heads", [False, True])
+def test_kernel_fp16_and_partial_blocks(interp, gen, all_heads):
     q, k, v = make_qkv(7, 16, 80, torch.float16, gen=gen, fused=True)
-    got = _temporal_attention_triton(q, k, v, 2, bn=4)  # 7 sequences: the second block is partial
+    got = _temporal_attention_triton(q, k, v, 2, bn=4, all_heads=all_heads)  # 7 sequences: a partial block
     torch.testing.assert_close(got.float(), temporal_attention_ref(q, k, v, 2).float(), rtol=2e-3, atol=2e-3)
 
 
@@ -70,9 +71,11 @@ def test_bad_arguments_raise_value_error_naming_them(name, mutate, heads, use_ke
                                               (128, 16, 1280, 8, False), (33, 12, 96, 3, True), (5, 32, 64, 1, False)])
 def test_gpu_kernel_matches_ref(N, T, C, heads, fused, dtype, tol, gen):
     q, k, v = make_qkv(N, T, C, dtype, "cuda", gen=gen, fused=fused)
+    want = temporal_attention_ref(q, k, v, heads).float()
     for _ in range(2):  # compile, then the cached launch
-        got = temporal_attention(q, k, v, heads)
-        torch.testing.assert_close(got.float(), temporal_attention_ref(q, k, v, heads).float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(temporal_attention(q, k, v, heads).float(), want, rtol=tol, atol=tol)
+    got = _temporal_attention_triton(q, k, v, heads, bn=2, num_warps=2, all_heads=True)
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
