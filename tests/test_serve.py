@@ -175,6 +175,22 @@ def test_batched_requests_match_single_ones(demo_model, walk_clip):
     assert np.abs(first - second).mean() > 1  # different requests, different videos
 
 
+def test_batched_deep_cache_matches_single_requests(demo_model, walk_clip):
+    """DeepCache requests batch with each other, not with exact ones, and give what they give alone."""
+    a = GenerateOptions("a walk", num_frames=7, height=32, width=32, num_inference_steps=4, guidance_scale=2.0,
+                        seed=1, context_length=4, context_stride=3, deep_cache=2)
+    b = dataclasses.replace(a, prompt="a run", seed=5)
+    exact = dataclasses.replace(a, deep_cache=1)
+    streams = [generate_stream(demo_model, walk_clip, o, progress=False) for o in (a, b, exact)]
+    assert group_by_shape(streams) == [[0, 1], [2]]
+    chunks = list(run_group(streams[:2]))
+    for i, opts in enumerate((a, b)):
+        batched = np.concatenate([chunk[i] for chunk in chunks])
+        alone = np.stack(list(generate_stream(demo_model, walk_clip, opts, progress=False)))
+        assert np.abs(batched.astype(int) - alone).max() <= 2
+    assert parse_options({**SMALL, "deep_cache": 2}).deep_cache == 2
+
+
 def test_mp4_is_streamed_while_it_is_written(tmp_path):
     root = prepare_workdir(tmp_path / "work")
     video = Mp4Stream(root, fps=8)

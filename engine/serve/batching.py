@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from engine.generate import GenerationStream, Plan
-from finephys.pipeline import context_windows, decode, frame_noise, pose_heatmaps
+from finephys.pipeline import DeepCache, context_windows, decode, frame_noise, pose_heatmaps
 
 
 def shape_key(plan: Plan) -> tuple:
     """Requests with equal keys can share a batch."""
-    return (plan.frames, plan.height, plan.width, plan.steps, plan.length, plan.stride, plan.guidance > 1.0)
+    return (plan.frames, plan.height, plan.width, plan.steps, plan.length, plan.stride, plan.guidance > 1.0,
+            plan.deep_cache)
 
 
 def group_by_shape(streams: list) -> list[list[int]]:
@@ -35,9 +36,10 @@ def group_by_shape(streams: list) -> list[list[int]]:
 
 @torch.no_grad()
 def denoise_windows_batched(model, heatmap_fns, num_frames, prompts, negative_prompts, steps,
-                            guidance_scales, seeds, length, stride) -> Iterator[tuple[int, int, torch.Tensor]]:
+                            guidance_scales, seeds, length, stride,
+                            deep_cache=(1, 1)) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``finephys.pipeline.denoise_windows`` for B requests at once: yields ``(start, stop,
-    latents (B,C,stop-start,h,w))`` per finished frame range."""
+    latents (B,C,stop-start,h,w))`` per finished frame range. ``deep_cache``: (interval, depth)."""
     b = len(prompts)
     sched = model.scheduler()
     sched.set_timesteps(steps, device=model.device)
@@ -62,10 +64,12 @@ def denoise_windows_batched(model, heatmap_fns, num_frames, prompts, negative_pr
         overlap = max(prev_stop - start, 0)
         ramp = (torch.arange(1, overlap + 1, device=model.device) / (overlap + 1)).view(1, 1, -1, 1, 1)
         traj = []
+        cache = DeepCache(*deep_cache) if deep_cache[0] > 1 else None
         for i, t in enumerate(sched.timesteps):
             x = torch.cat([latents, latents]) if cfg_on else latents
             x = sched.scale_model_input(x, t).to(model.dtype)
-            noise = model.predict_noise(x, t, ehs, feats).float()
+            noise = (model.predict_noise(x, t, ehs, feats) if cache is None
+                     else cache.predict(model, i, x, t, ehs, feats)).float()
             if cfg_on:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance * (cond - uncond)
@@ -100,6 +104,7 @@ def run_group(streams: list[GenerationStream]) -> Iterator[list[np.ndarray]]:
     chunks = denoise_windows_batched(
         model, fns, p.frames, [s.opts.prompt for s in streams], [s.opts.negative_prompt for s in streams],
         p.steps, [s.plan.guidance for s in streams], [s.opts.seed for s in streams], p.length, p.stride,
+        p.deep_cache,
     )
     for _, _, latents in chunks:
         yield decode_batch(model, latents)

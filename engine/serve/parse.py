@@ -27,7 +27,7 @@ from .files import new_file
 
 # The request options: the names of `fpengine generate`'s parameters (diffusers' names).
 OPTIONS = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps",
-           "guidance_scale", "seed", "context_length", "context_stride")
+           "guidance_scale", "seed", "context_length", "context_stride", "deep_cache", "deep_cache_depth")
 
 
 class RequestError(InputError):
