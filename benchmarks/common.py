@@ -75,6 +75,15 @@ def bench_graph(fn):
         return None
 
 
+def _batch_s(fn, calls):
+    """Wall seconds of ``calls`` back-to-back calls, synchronised at the end."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def bench_wall(fn, calls=None, repeats=11):
     """Host wall time per call of back-to-back calls (launch overhead included), synchronised per batch.
 
@@ -84,18 +93,8 @@ def bench_wall(fn, calls=None, repeats=11):
     fn()
     torch.cuda.synchronize()
     if calls is None:
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        calls = min(200, max(3, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
-    per_call = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        per_call.append(1e6 * (time.perf_counter() - t0) / calls)
-    per_call.sort()
+        calls = min(200, max(3, int(0.02 / max(_batch_s(fn, 1), 1e-6))))
+    per_call = sorted(1e6 * _batch_s(fn, calls) / calls for _ in range(repeats))
     q = statistics.quantiles(per_call, n=5)  # 20/40/60/80 % cut points
     return statistics.median(per_call), q[0], q[3]
 
@@ -104,15 +103,8 @@ def wall_ratio(fn, baseline, calls=100, repeats=21):
     """How many times faster ``fn`` is than ``baseline`` in host wall time per call, measured in
     alternating batches (``calls`` back-to-back calls each, synchronised), so that a noisy host
     slows both alike. Returns (median, p20, p80) of the per-pair ratios baseline / fn."""
-    def batch(f):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            f()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    batch(fn), batch(baseline)
-    ratios = sorted(batch(baseline) / batch(fn) for _ in range(repeats))
+    _batch_s(fn, calls), _batch_s(baseline, calls)
+    ratios = sorted(_batch_s(baseline, calls) / _batch_s(fn, calls) for _ in range(repeats))
     q = statistics.quantiles(ratios, n=5)
     return statistics.median(ratios), q[0], q[3]
 

@@ -158,7 +158,6 @@ def temporal_attention(q, k, v, heads, *, use_kernel=None):
     """
     if use_kernel is None:
         use_kernel = isinstance(q, torch.Tensor) and q.is_cuda and triton is not None
-    if use_kernel:
-        _check_args(q, k, v, heads, _DTYPES)
+    if use_kernel:  # the operator checks its arguments (_temporal_attention_triton)
         return _temporal_attention_op(q, k, v, heads)
     return temporal_attention_ref(q, k, v, heads)

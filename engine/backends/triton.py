@@ -50,14 +50,14 @@ class TritonModel(BackendBase):
         self._calls = {}
         self.modules["vae"].to(memory_format=torch.channels_last)
 
-    def _call(self, name: str, *consts):
-        """The compiled (and graph-captured) UNet entry point ``name`` with ``consts`` bound; made
+    def _call(self, name: str, depth: int | None = None):
+        """The compiled (and graph-captured) UNet entry point ``name`` (with ``depth`` bound); made
         on first use, so DeepCache's two extra graphs cost nothing unless asked for."""
-        key = (name, *consts)
+        key = (name, depth)
         if key not in self._calls:
             fn = getattr(self.unet, name)
-            if consts:
-                fn = functools.partial(fn, **dict(zip(("depth",), consts)))
+            if depth is not None:
+                fn = functools.partial(fn, depth=depth)
             fast = compile_call(fn, self._compile_mode)
             self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
         return self._calls[key]
