@@ -109,20 +109,10 @@ def detect(video, out, layout, person, pose_model, pose_model_norm, min_score, m
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import os
-    import tempfile
+    from finephys.clip import atomic_path
 
-    from finephys.clip import file_mode
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 _DETECT_DEFAULTS = {"person": "largest", "pose_model": None, "pose_model_norm": "imagenet",

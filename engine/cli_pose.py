@@ -30,17 +30,10 @@ def _pose_config(ckpt: Path | None):
 
 
 def _save_json(path: Path, data: dict) -> None:
-    import os
-    import tempfile
+    from finephys.clip import atomic_path
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def _threads(n: int) -> None:

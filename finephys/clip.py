@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -237,16 +238,8 @@ def save_clip(clip: PoseClip, path, overwrite: bool = False) -> Path:
         arrays["camera_matrix"] = clip.camera_matrix.astype(np.float64)
     if clip.dist_coeffs is not None:
         arrays["dist_coeffs"] = clip.dist_coeffs.astype(np.float64)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return path
 
 
@@ -255,6 +248,24 @@ def file_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A private temporary path beside ``path`` to write to: when the block ends it gets the
+    umask's permissions and is renamed onto ``path``; if the block raises it is removed, so
+    ``path`` is never left half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def to_layout(clip: PoseClip, layout: str) -> PoseClip:

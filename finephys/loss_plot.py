@@ -6,11 +6,11 @@ S_dd and S_fused, against the training step.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .clip import atomic_path
 
 SERIES = (("lifter", "lifter_step", "train S_dd MPJPE", (40, 110, 220)),
           ("physnet", "physnet_step", "train PhysNet error", (230, 120, 30)),
@@ -61,13 +61,6 @@ def plot_history(hist, path, size=(720, 440)) -> Path:
     d.rectangle([left, top, w - right, h - bottom], outline=(60, 60, 60))
     d.text((left, 8), "fpengine train-pose: error (mm, log scale) vs step", fill=(30, 30, 30))
     d.text((w // 2 - 14, h - 18), "step", fill=(30, 30, 30))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .clip import atomic_path
 from .config import LifterConfig, PhysNetConfig, PoseConfig
 from .errors import InputError
 from .lifter import Lifter
@@ -44,17 +43,9 @@ def save_pose_weights(path, lifter: Lifter, physnet: PhysNet, pose_cfg: PoseConf
         "pose_config": json.dumps(dataclasses.asdict(pose_cfg)),
         "fps": repr(float(fps)), "info": json.dumps(info or {}, sort_keys=True),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        _sort_header(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        _sort_header(tmp)
     return path
 
 

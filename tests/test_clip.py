@@ -209,3 +209,20 @@ def test_example_walk_clip():
     assert clip.num_frames == 24 and clip.image_size == (256, 256) and clip.fps == 8.0
     assert clip.layout == "h36m17" and (clip.scores == 1).all()
     assert (clip.keypoints >= 0).all() and (clip.keypoints <= 255).all()
+
+
+def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    import pytest
+
+    from finephys.clip import atomic_path, file_mode
+
+    target = tmp_path / "out.json"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_text("{}")
+    assert target.read_text() == "{}" and (target.stat().st_mode & 0o777) == file_mode()
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
