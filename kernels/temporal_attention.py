@@ -113,22 +113,29 @@ if triton is not None:
 
 
 def _config(F, d):
+    """(FP, DP, sequences per program, warps, all heads per program) for F frames, head dim d.
+
+    One sequence per program walking all its heads, so that whole rows of q/k/v pass through one
+    program: fastest at every shape of an SD 1.5 step on an H100 (`bench_attention --sweep`,
+    benchmarks/RESULTS.md): 147 us against 255 us for one head per program at N=8192, d=40.
+    """
     fp = max(16, _next_pow2(F))
     dp = max(16, _next_pow2(d))
-    bn = max(1, min(8, 4096 // (fp * dp)))  # about 4096 elements per operand tile
-    return fp, dp, bn, 4
+    return fp, dp, 1, 4 if d <= 64 else 2, True
 
 
-def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None, all_heads=False):
-    """``all_heads``: one program walks every head of its sequences (else one head per program)."""
+def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None, all_heads=None):
+    """``bn``: sequences per program; ``all_heads``: one program walks every head of its sequences
+    (else one head per program); None = the timed default (``_config``)."""
     _check_args(q, k, v, heads, _DTYPES)
     N, F, C = q.shape
     d = C // heads
     out = torch.empty((N, F, C), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    fp, dp, bn0, nw0 = _config(F, d)
+    fp, dp, bn0, nw0, ah0 = _config(F, d)
     bn, num_warps = bn or bn0, num_warps or nw0
+    all_heads = ah0 if all_heads is None else all_heads
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     args = (out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             math.log2(math.e) / math.sqrt(d))
