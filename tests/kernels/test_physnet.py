@@ -104,10 +104,10 @@ def test_kernel_uneven_chunks_and_persistent_programs(interp, gen, slots, ns, pr
 
 
 @pytest.mark.parametrize("B,T,J,dtype", [(2, 9, 17, torch.float32), (3, 11, 5, torch.float32), (1, 5, 22, torch.float32),
-                                         (2, 8, 17, torch.float16)])
-def test_kernel_staged_tiles_match_ref(interp, gen, B, T, J, dtype):
+                                         (2, 4, 1, torch.float32), (1, 6, 2, torch.float32), (2, 8, 17, torch.float16)])
+def test_kernel_folded_tile_matches_ref(interp, gen, B, T, J, dtype):
     args = make_inputs(B, T, J, dtype, gen=gen)
-    got = _physnet_fused_triton(*args, DT, 0.3, staged=True)
+    got = _physnet_fused_triton(*args, DT, 0.3, folded=True)
     tol = 1e-5 if dtype == torch.float32 else 2.0**-10
     assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=tol, atol=tol)
 
@@ -237,14 +237,14 @@ def test_gpu_kernel_matches_ref(B, T, J, noncontig, dtype, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "slots,kl,num_warps,programs,staged", [(1, 8, 1, None, False), (8, 16, 2, None, False), (31, 32, 4, None, False),
+    "slots,kl,num_warps,programs,folded", [(1, 8, 1, None, False), (8, 16, 2, None, False), (31, 32, 4, None, False),
                                            (4, 8, 2, 7, False), (2, 8, 1, 100, False), (1, 8, 1, None, True),
                                            (4, 8, 2, 7, True)]
 )
-def test_gpu_kernel_configs(slots, kl, num_warps, programs, staged, gen):
+def test_gpu_kernel_configs(slots, kl, num_warps, programs, folded, gen):
     args = make_inputs(8, 29, 17, device="cuda", gen=gen)
     got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, kl=kl, num_warps=num_warps, programs=programs,
-                                staged=staged)
+                                folded=folded)
     assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2e-5, atol=2e-5)
 
 
