@@ -58,6 +58,16 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 _RUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def wire(x, device) -> torch.Tensor:
+    """``x`` (tensor or numpy array) as a contiguous tensor on ``device``, ready for ``dist.send``.
+
+    NCCL sends a tensor's storage as laid out and the receiver's buffer is contiguous, so a permuted
+    view (``decode``'s (F,H,W,3) frames are one) would arrive scrambled (torch warns of it on NCCL; the gloo tests do not show it).
+    """
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    return t.to(device).contiguous()
+
+
 @dataclass
 class DistContext:
     """This process's place in the group: ``device`` is cuda:LOCAL_RANK (NCCL) or the CPU (gloo)."""
@@ -326,7 +336,7 @@ def lockstep_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, nu
             if keep < stop:
                 tail = latents[:, :, keep - start :].clone()
                 if me + 1 < active:
-                    dist.send(tail, peers[me + 1])
+                    dist.send(wire(tail, dev), peers[me + 1])
                 else:
                     traj.append(tail)
             bar.update(1)
@@ -334,7 +344,7 @@ def lockstep_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, nu
             if R == 1:
                 prev_traj = traj
             elif me == R - 1:
-                dist.send(torch.stack(traj), peers[0])
+                dist.send(wire(torch.stack(traj), dev), peers[0])
             elif me == 0:
                 ov = windows[first + R - 1][1] - windows[first + R][0]
                 prev_traj = torch.empty((S, 1, C, ov, h, w), device=dev)
@@ -408,8 +418,8 @@ class ParallelGenerationStream:
         for j, (start, stop, latents) in enumerate(self.latent_chunks()):
             frames = decode(m, latents)  # every rank decodes its own window
             if rank:
-                dist.send(latents.contiguous(), 0)
-                dist.send(torch.from_numpy(frames).to(dev), 0)
+                dist.send(wire(latents, dev), 0)
+                dist.send(wire(frames, dev), 0)
                 continue
             got = [(start, latents, frames)]
             for member in range(1, min(R, len(windows) - j * R)):

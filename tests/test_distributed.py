@@ -231,3 +231,17 @@ def test_cli_sigterm_finishes_the_outputs(tmp_path):
     done = len(list(pngs.glob("frame_*.png")))
     assert 3 <= done < 48 and done <= len(read_video(out)) < 48
     assert not list(tmp_path.glob(".v.*"))
+
+
+def test_wire_sends_the_logical_layout():
+    from engine.distributed import wire
+
+    frames = np.random.default_rng(0).integers(0, 255, (3, 2, 4, 5), dtype=np.uint8).transpose(0, 2, 3, 1)
+    assert not frames.flags["C_CONTIGUOUS"]  # decode's (F,H,W,3) frames are a permuted view like this
+    t = wire(frames, torch.device("cpu"))
+    assert t.is_contiguous() and np.array_equal(t.numpy(), frames)
+    lat = torch.randn(1, 4, 16, 8, 8).to(memory_format=torch.channels_last_3d)[:, :, 12:]
+    w = wire(lat, torch.device("cpu"))
+    assert w.is_contiguous() and torch.equal(w, lat)
+    # the receiver's contiguous buffer, filled from the sent storage, reads back the same frames
+    assert np.array_equal(t.flatten().numpy().reshape(frames.shape), frames)
