@@ -19,10 +19,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = [(1, 32), (32, 32), (1024, 32)]  # (B, T): 32, 1024 and 32768 frames
 J = 17
 DT = 1.0 / 30.0
-SWEEP = [  # (slots, kl, num_warps, programs, maxnreg, folded) tried at the largest shape with --sweep
-    (1, 16, 1, None, None, False), (2, 8, 1, None, None, False), (1, 8, 2, None, None, False),
-    (1, 8, 1, None, None, True), (1, 16, 1, None, None, True), (1, 32, 1, None, None, True),
-    (1, 4, 1, None, None, True), (2, 8, 1, None, None, True), (1, 8, 2, None, None, True),
+SWEEP = [  # (slots, kl, num_warps, programs, maxnreg) tried at the largest shape with --sweep
+    (1, 16, 1, None, None), (2, 8, 1, None, None), (1, 8, 1, None, 128), (1, 8, 2, None, None), (1, 8, 4, None, None),
 ]
 
 
@@ -61,7 +59,6 @@ def main(argv=None):
     ap.add_argument("--out", help="append JSON rows to this file")
     ap.add_argument("--dtypes", default="fp32,fp16")
     ap.add_argument("--sweep", action="store_true", help="also time other kernel configurations at 32768 frames")
-    ap.add_argument("--folded", action="store_true", help="time the folded-tile kernel (folded=True) as the triton row")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--profile-once", action="store_true",
                     help="only run the kernel twice per dtype at 32768 frames (for ncu), no timing")
@@ -107,14 +104,12 @@ def main(argv=None):
             x = make_inputs(B, T, dtype)
             nbytes = traffic_bytes(B, T, dtype)
             copy = copy_gbps(nbytes)
-            if args.folded:
-                def kern():
-                    return _physnet_fused_triton(*x, DT, 0.5, folded=True)
-            else:
-                def kern():
-                    return physnet_fused(*x, DT, 0.5)
+
+            def kern():
+                return physnet_fused(*x, DT, 0.5)
+
             backends = [
-                ("triton folded" if args.folded else "triton", kern),
+                ("triton", kern),
                 ("eager", lambda: physnet_fused_ref(*x, DT, 0.5)),
             ]
             if not args.no_compile:
@@ -137,12 +132,11 @@ def main(argv=None):
                 print(f"{'':<28} {dname} triton vs eager, wall per call in alternating batches: {med:.1f}x "
                       f"(p20 {lo:.1f}x, p80 {hi:.1f}x)", flush=True)
             if args.sweep and B * T == max(b * t for b, t in SHAPES):
-                for slots, kl, nw, progs, mr, st in SWEEP:
-                    def fn(slots=slots, kl=kl, nw=nw, progs=progs, mr=mr, st=st):
+                for slots, kl, nw, progs, mr in SWEEP:
+                    def fn(slots=slots, kl=kl, nw=nw, progs=progs, mr=mr):
                         return _physnet_fused_triton(*x, DT, 0.5, slots=slots, kl=kl, num_warps=nw, programs=progs,
-                                                     maxnreg=mr, folded=st)
-                    name = (f"triton[slots={slots},kl={kl},warps={nw},programs={progs or 'all'},maxnreg={mr}"
-                            f"{',folded' if st else ''}]")
+                                                     maxnreg=mr)
+                    name = f"triton[slots={slots},kl={kl},warps={nw},programs={progs or 'all'},maxnreg={mr}]"
                     try:
                         rows.append(row(env, name, B, T, dname, bench_gpu(fn), None, nbytes, copy))
                     except Exception as exc:  # a configuration this triton cannot build: report, go on

@@ -188,68 +188,11 @@ if triton is not None:
         return y_lo, y_hi
 
     @triton.jit
-    def _symv_folded(m_ptr, j_ptr, c_ptr, ok, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr):
-        """Same contract as ``_symv_packed``; reads the triangle as ONE HALF x 2*HALF tile, folded.
-
-        Folded row p holds packed row p in columns c = k <= p ("lo") and packed row D-1-p, element k,
-        in column W-1-k ("hi", W = 2*HALF), for p < ceil(D/2): every element of L once, in 2*HALF^2
-        slots instead of 3*HALF^2 (65% of them used for J = 17 instead of 43%). Row sums of the lo and
-        hi parts give (L f)[p] and (L f)[D-1-p]; column sums give (L^T f)[c] and (L^T f)[W-1-c]
-        (diagonal left out of the column sums); the four are put in place with in-register gathers.
-        """
-        W: tl.constexpr = 2 * HALF
-        KB: tl.constexpr = W // KL
-        R: tl.constexpr = (D + 1) // 2  # folded rows; hi parts exist for p < D - R
-        c = (tl.arange(0, KB)[:, None] * KL + tl.arange(0, KL)[None, :])[None, :, None, :]  # [1,KB,1,KL]
-        p = tl.arange(0, HALF)[None, None, :, None]  # [1,1,HALF,1]
-        ih = D - 1 - p  # packed row of the hi part
-        kh = W - 1 - c  # its element in column c
-        lo = (c <= p) & (p < R)
-        hi = (kh <= ih) & (p < D - R)
-        ok4 = ok[:, None, None, None]
-        idx = tl.where(lo, p * (p + 1) // 2 + c, ih * (ih + 1) // 2 + kh)
-        L = tl.load(m_ptr[:, None, None, None] + idx, mask=ok4 & (lo | hi), other=0.0).to(tl.float32)
-        jp = j_ptr[:, None, None, None]
-        cp = c_ptr[:, None, None, None]
-        f_col = tl.where(c <= p, _load_f(jp, cp, c, ok4, D), _load_f(jp, cp, kh, ok4, D))  # f[k] of each slot
-        f_row = tl.where(c <= p, _load_f(jp, cp, p, ok4, D), _load_f(jp, cp, ih, ok4, D))  # f[i] of each slot
-        P = L * f_col
-        row_all = tl.sum(tl.sum(P, axis=1), axis=2)  # [NS,HALF]
-        row_lo = tl.sum(tl.sum(tl.where(lo, P, 0.0), axis=1), axis=2)
-        row_hi = row_all - row_lo
-        Q = tl.where((c == p) | (kh == ih), 0.0, L * f_row)  # diagonal once, in the row sums
-        NS: tl.constexpr = ok.shape[0]
-        col_all = tl.reshape(tl.sum(Q, axis=2), [NS, W])
-        col_lo = tl.reshape(tl.sum(tl.where(lo, Q, 0.0), axis=2), [NS, W])
-        col_hi = col_all - col_lo
-        d = tl.arange(0, HALF)[None, :] + tl.zeros([NS, HALF], dtype=tl.int32)  # output indices, lo half
-        y_lo = _place_folded(col_lo, col_hi, row_lo, row_hi, d, D, HALF)
-        y_hi = _place_folded(col_lo, col_hi, row_lo, row_hi, d + HALF, D, HALF)
-        return y_lo, y_hi
-
-    @triton.jit
-    def _place_folded(col_lo, col_hi, row_lo, row_hi, d, D: tl.constexpr, HALF: tl.constexpr):
-        """y[d] from the folded sums: (L^T f) at columns d and W-1-d, (L f) at folded rows d and D-1-d."""
-        R: tl.constexpr = (D + 1) // 2
-        di = D - 1 - d
-        y = tl.gather(col_lo, d, 1) + tl.gather(col_hi, 2 * HALF - 1 - d, 1)
-        y += tl.where(d < R, tl.gather(row_lo, tl.minimum(d, HALF - 1), 1), 0.0)
-        y += tl.where((di >= 0) & (di < D - R), tl.gather(row_hi, tl.minimum(tl.maximum(di, 0), HALF - 1), 1), 0.0)
-        return y
-
-    @triton.jit
-    def _symv(m_ptr, j_ptr, c_ptr, ok, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr, FOLDED: tl.constexpr):
-        if FOLDED:
-            return _symv_folded(m_ptr, j_ptr, c_ptr, ok, D, HALF, KL)
-        else:
-            return _symv_packed(m_ptr, j_ptr, c_ptr, ok, D, HALF, KL)
-
-    @triton.jit
     def _physnet_slots_step(
         e, live, b,  # [NS] slot indices, [NS] live flags, clip index
         spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
         q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd,
-        T, dt2, w, w_pp, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr, FOLDED: tl.constexpr,
+        T, dt2, w, w_pp, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr,
     ):
         """Slots e of clip b: qdd[e-1, fwd], qdd[e+1, rev], then s_pp and s_fused of frame e."""
         r = tl.arange(0, HALF)[None, :]
@@ -259,18 +202,18 @@ if triton is not None:
         # forward row: frame e-1
         uf = e - 1
         okf = live & (uf >= 0) & (uf < T)
-        a0_lo, a0_hi = _symv(
+        a0_lo, a0_hi = _symv_packed(
             minv_ptr + b * m_sb + uf * m_st, jtau_ptr + b * j_sb + uf * j_st,
-            cor_ptr + b * c_sb + uf * c_st, okf, D, HALF, KL, FOLDED)
+            cor_ptr + b * c_sb + uf * c_st, okf, D, HALF, KL)
         qp = qdd_ptr + ((b * T + uf) * (2 * D))[:, None]
         tl.store(qp + r, a0_lo.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_lo)
         tl.store(qp + rh, a0_hi.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_hi)
         # reverse row: frame e+1
         ur = e + 1
         okr = live & (ur >= 0) & (ur < T)
-        a1_lo, a1_hi = _symv(
+        a1_lo, a1_hi = _symv_packed(
             minv_ptr + b * m_sb + ur * m_st + m_sd, jtau_ptr + b * j_sb + ur * j_st + j_sd,
-            cor_ptr + b * c_sb + ur * c_st + c_sd, okr, D, HALF, KL, FOLDED)
+            cor_ptr + b * c_sb + ur * c_st + c_sd, okr, D, HALF, KL)
         qp = qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None]
         tl.store(qp + r, a1_lo.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_lo)
         tl.store(qp + rh, a1_hi.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_hi)
@@ -322,7 +265,6 @@ if triton is not None:
         KL: tl.constexpr,  # tile columns per lane group (power of two <= HALF)
         NS: tl.constexpr,  # slots computed together (a tensor dimension; 1 on the GPU)
         LOOP: tl.constexpr,  # False: one program per work item and n_slots <= NS (straight-line code)
-        FOLDED: tl.constexpr,  # True: one folded tile per solve (_symv_folded), else three (_symv_packed)
     ):
         # Slot e in [-1, T] of clip b owns qdd[e-1, forward] and qdd[e+1, reverse] (so each (frame,
         # direction) is solved exactly once over the clip) and s_pp/s_fused[e] for 0 <= e < T, which
@@ -340,7 +282,7 @@ if triton is not None:
                     _physnet_slots_step(
                         s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr,
                         cor_ptr, q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w,
-                        w_pp, D, HALF, KL, FOLDED)
+                        w_pp, D, HALF, KL)
         else:
             item = tl.program_id(0)
             b = (item // n_chunks).to(tl.int64)
@@ -348,7 +290,7 @@ if triton is not None:
             sl = tl.arange(0, NS)
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
-                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL, FOLDED)
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL)
 
 
 _launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
@@ -359,12 +301,11 @@ def _unit_last(x):
 
 
 def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, kl=None, ns=None,
-                          num_warps=None, programs=None, maxnreg=None, folded=False):
+                          num_warps=None, programs=None, maxnreg=None):
     """Launch the fused kernel. ``slots``: slots per work item; ``kl``: tile columns per lane group;
     ``ns``: slots per tensor step (1 on the GPU; whole items in the interpreter); ``programs``: grid
     size (None = one program per work item; fewer = persistent programs striding over the items);
-    ``maxnreg``: register cap per thread (CUDA only); ``folded``: read each triangle as one folded
-    tile (``_symv_folded``) instead of three (``_symv_packed``).
+    ``maxnreg``: register cap per thread (CUDA only).
     """
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
     q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
@@ -395,7 +336,7 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
         (s_pp, s_fused, qdd, q, minv_tril, jtau, coriolis,
          qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
          T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop, "FOLDED": bool(folded)},
+        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop},
         spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd

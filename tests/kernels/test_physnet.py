@@ -103,15 +103,6 @@ def test_kernel_uneven_chunks_and_persistent_programs(interp, gen, slots, ns, pr
     assert_close(got, physnet_fused_ref(*args, DT, 0.4), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("B,T,J,dtype", [(2, 9, 17, torch.float32), (3, 11, 5, torch.float32), (1, 5, 22, torch.float32),
-                                         (2, 4, 1, torch.float32), (1, 6, 2, torch.float32), (2, 8, 17, torch.float16)])
-def test_kernel_folded_tile_matches_ref(interp, gen, B, T, J, dtype):
-    args = make_inputs(B, T, J, dtype, gen=gen)
-    got = _physnet_fused_triton(*args, DT, 0.3, folded=True)
-    tol = 1e-5 if dtype == torch.float32 else 2.0**-10
-    assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=tol, atol=tol)
-
-
 def test_kernel_matches_ref_thousands_of_frames(interp, gen):
     args = make_inputs(16, 128, 17, gen=gen)  # B*T = 2048
     assert_close(physnet_fused(*args, DT, use_kernel=True), physnet_fused_ref(*args, DT), rtol=1e-5, atol=1e-5)
@@ -237,14 +228,11 @@ def test_gpu_kernel_matches_ref(B, T, J, noncontig, dtype, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "slots,kl,num_warps,programs,folded", [(1, 8, 1, None, False), (8, 16, 2, None, False), (31, 32, 4, None, False),
-                                           (4, 8, 2, 7, False), (2, 8, 1, 100, False), (1, 8, 1, None, True),
-                                           (4, 8, 2, 7, True)]
+    "slots,kl,num_warps,programs", [(1, 8, 1, None), (8, 16, 2, None), (31, 32, 4, None), (4, 8, 2, 7), (2, 8, 1, 100)]
 )
-def test_gpu_kernel_configs(slots, kl, num_warps, programs, folded, gen):
+def test_gpu_kernel_configs(slots, kl, num_warps, programs, gen):
     args = make_inputs(8, 29, 17, device="cuda", gen=gen)
-    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, kl=kl, num_warps=num_warps, programs=programs,
-                                folded=folded)
+    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, kl=kl, num_warps=num_warps, programs=programs)
     assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2e-5, atol=2e-5)
 
 
