@@ -319,7 +319,7 @@ def lockstep_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, nu
             continue
         start, stop = windows[k]
         keep = windows[k + 1][0] if k + 1 < K else stop
-        latents, ehs, feats = window_inputs(model, sched, heatmaps_fn(start, stop), text, seed, start, cfg_on)
+        latents, ehs, feats = window_inputs(model, sched, heatmaps_fn(start, stop), text, [seed], start, cfg_on)
         C, h, w = latents.shape[1], latents.shape[3], latents.shape[4]
         overlap = max(windows[k - 1][1] - start, 0) if k else 0
         ramp = (torch.arange(1, overlap + 1, device=dev) / (overlap + 1)).view(1, 1, -1, 1, 1)

@@ -140,15 +140,18 @@ def context_windows(num_frames: int, length: int, stride: int) -> list[tuple[int
     return [(s, s + length) for s in starts]
 
 
-def window_inputs(model, sched, heatmaps, text, seed, start, cfg_on):
-    """One window's initial latents (1,C,n,h,w), text embeddings (B*n,77,C) and pose features
-    (computed once per window; doubled for the guidance batch)."""
-    n, _, height, width = heatmaps.shape
+def window_inputs(model, sched, heatmaps, text, seeds, start, cfg_on):
+    """One window's initial latents (B,C,n,h,w), text embeddings (2B*n or B*n,77,C) and pose
+    features (computed once per window; doubled for the guidance batch) for B requests: heatmaps
+    (B*n,J,H,W) request-major, one seed per request, ``text`` [uncond_1..uncond_B, cond_1..cond_B]."""
+    n = heatmaps.shape[0] // len(seeds)
+    height, width = heatmaps.shape[-2:]
     feats = model.encode_pose(heatmaps)
     if cfg_on:
         feats = [torch.cat([f, f]) for f in feats]
     ehs = text.repeat_interleave(n, dim=0)  # UNetMotionModel takes B*F text embeddings
-    latents = frame_noise(seed, start, start + n, (model.latent_channels, height // 8, width // 8))
+    shape = (model.latent_channels, height // 8, width // 8)
+    latents = torch.cat([frame_noise(seed, start, start + n, shape) for seed in seeds])
     return latents.to(model.device) * sched.init_noise_sigma, ehs, feats
 
 
@@ -168,8 +171,10 @@ class DeepCache:
 
 
 def guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale, cache: DeepCache | None = None):
-    """One DDIM step with classifier-free guidance (both halves in one batch when on)."""
-    cfg_on = guidance_scale > 1.0
+    """One DDIM step with classifier-free guidance (both halves in one batch when on).
+
+    ``guidance_scale``: a float, or a (B,1,1,1,1) tensor of per-request scales (all > 1)."""
+    cfg_on = torch.is_tensor(guidance_scale) or guidance_scale > 1.0
     x = (torch.cat([latents, latents]) if cfg_on else latents).to(model.dtype)
     noise = (model.predict_noise(x, t, ehs, feats) if cache is None else cache.predict(model, i, x, t, ehs, feats))
     noise = noise.float()
@@ -191,22 +196,42 @@ def denoise_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num
     window and the overlap's trajectory, whatever the clip's length. ``heatmaps_fn(start, stop)``
     gives the window's heatmaps; text and the guidance batch are computed once per clip.
     ``deep_cache=(interval, depth)``: with interval > 1, ``DeepCache`` in each window (off: (1, 1)).
+    One request; ``denoise_windows_batch`` runs the same loop for several at once.
     """
+    yield from denoise_windows_batch(model, [heatmaps_fn], num_frames, [prompt], [negative_prompt],
+                                     num_inference_steps, [guidance_scale], [seed], length, stride, progress,
+                                     deep_cache)
+
+
+@torch.no_grad()
+def denoise_windows_batch(model, heatmap_fns, num_frames, prompts, negative_prompts, num_inference_steps,
+                          guidance_scales, seeds, length, stride, progress=True, deep_cache=(1, 1)):
+    """``denoise_windows`` for B requests of one shape stacked on the batch axis (one list entry
+    each): yields ``(start, stop, latents (B,C,stop-start,h,w))``. Each request keeps its own
+    noise, text, pose features and guidance scale, and gets what it would get alone, up to float
+    rounding. Guidance must be on for all (every scale > 1) or off for all."""
+    scales = [float(g) for g in guidance_scales]
+    cfg_on = min(scales) > 1.0
+    if cfg_on != (max(scales) > 1.0):
+        raise InputError(f"guidance_scales: {scales} mix guidance on (> 1) and off (<= 1); batch them apart")
     sched = DdimSchedule(model.scheduler(), num_inference_steps, model.device)
-    cfg_on = guidance_scale > 1.0
-    text = model.encode_text([negative_prompt, prompt] if cfg_on else [prompt])
+    guidance = scales[0] if len(set(scales)) == 1 else (
+        torch.tensor(scales, dtype=torch.float32, device=model.device).view(-1, 1, 1, 1, 1))
+    # text batch order is request-major: [uncond_1..uncond_B, cond_1..cond_B] with guidance
+    text = model.encode_text(list(negative_prompts) + list(prompts) if cfg_on else list(prompts))
     windows = context_windows(num_frames, length, stride)
     bar = tqdm(total=len(windows) * len(sched.timesteps), desc="denoising", disable=not progress, leave=False)
     prev_stop, prev_traj = 0, []
     for k, (start, stop) in enumerate(windows):
         keep = windows[k + 1][0] if k + 1 < len(windows) else stop  # frames >= keep go on to window k+1
-        latents, ehs, feats = window_inputs(model, sched, heatmaps_fn(start, stop), text, seed, start, cfg_on)
+        heatmaps = torch.cat([fn(start, stop) for fn in heatmap_fns])
+        latents, ehs, feats = window_inputs(model, sched, heatmaps, text, seeds, start, cfg_on)
         overlap = max(prev_stop - start, 0)
         ramp = (torch.arange(1, overlap + 1, device=model.device) / (overlap + 1)).view(1, 1, -1, 1, 1)
         traj = []
         cache = DeepCache(*deep_cache) if deep_cache[0] > 1 else None
         for i, t in enumerate(sched.timesteps):
-            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale, cache)
+            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance, cache)
             if overlap:
                 latents[:, :, :overlap] = ramp * latents[:, :, :overlap] + (1 - ramp) * prev_traj[i]
             if keep < stop:

@@ -14,7 +14,8 @@ from engine.generate import GenerateOptions, generate, generate_stream, load_mod
 from engine.video import read_video
 from finephys.clip import save_clip
 from finephys.demo import SCHEDULER
-from finephys.pipeline import context_windows, denoise_windows
+from finephys.errors import InputError
+from finephys.pipeline import context_windows, denoise_windows, denoise_windows_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +73,28 @@ def test_blending_ramps_across_seams():
 @pytest.fixture(scope="module")
 def demo_model():
     return load_model(None)
+
+
+def test_a_batch_of_requests_gives_each_its_own_latents(demo_model):
+    """One sampler loop for the CLI and serve's batches: stacked requests (own pose, prompt, seed and
+    guidance scale) get what each gets alone, over two windows."""
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.rand(14, 17, 32, 32, generator=g) for _ in range(2)]
+    fns = [lambda a, b, m=m: m[a:b] for m in maps]
+    reqs = [("a person walks", "blurry", 7.5, 11), ("a person jumps", "", 3.0, 12)]
+    args = dict(num_frames=14, num_inference_steps=3, length=8, stride=6, progress=False)
+    batch = list(denoise_windows_batch(demo_model, fns, prompts=[r[0] for r in reqs],
+                                       negative_prompts=[r[1] for r in reqs], guidance_scales=[r[2] for r in reqs],
+                                       seeds=[r[3] for r in reqs], **args))
+    assert [(a, b) for a, b, _ in batch] == [(0, 6), (6, 14)]
+    for i, (prompt, neg, scale, seed) in enumerate(reqs):
+        alone = list(denoise_windows(demo_model, fns[i], prompt=prompt, negative_prompt=neg, guidance_scale=scale,
+                                     seed=seed, **args))
+        for (_, _, lb), (_, _, la) in zip(batch, alone):
+            torch.testing.assert_close(lb[i : i + 1], la, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="guidance_scales"):
+        next(denoise_windows_batch(demo_model, fns, prompts=["", ""], negative_prompts=["", ""],
+                                   guidance_scales=[7.5, 1.0], seeds=[0, 1], **args))
 
 
 def test_stream_gives_exactly_the_frames_asked(demo_model, walk_clip):
