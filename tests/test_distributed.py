@@ -97,6 +97,23 @@ def test_parallel_equals_single_process(runs, name):
     assert np.abs(par.frames.astype(int) - ref.frames.astype(int)).max() <= 1
 
 
+@pytest.mark.gpu
+def test_nccl_parallel_equals_single_gpu():
+    """The same runs over NCCL on two GPUs: rank 0's frames are its own windows' and the other
+    rank's, sent over NCCL (a permuted view sent as laid out would arrive scrambled)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    cases = {k: CASES[k] for k in ("guidance", "windows", "triple")}
+    runs = launch(_scenarios, 2, (cases,), device="cuda")
+    for name in cases:
+        par, ref = runs[name]["par"], runs[name]["ref"]
+        diff = (par.latents.float() - ref.latents.float()).abs().max().item()
+        assert diff <= 1e-4 * ref.latents.abs().max().item(), (name, diff)
+        assert par.frames.shape == ref.frames.shape
+        assert np.abs(par.frames.astype(int) - ref.frames.astype(int)).max() <= 1, name
+    assert runs["ranks differ by"] == 0.0
+
+
 def test_guidance_ranks_stay_identical(runs):
     assert runs["ranks differ by"] == 0.0
 
