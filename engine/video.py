@@ -35,6 +35,15 @@ def _check_frame(frame, index: int, size=None) -> np.ndarray:
     return arr
 
 
+def close_quietly(writer) -> None:
+    """Close an imageio writer that is being abandoned (an error is already on its way)."""
+    if writer is not None:
+        try:
+            writer.close()
+        except Exception:
+            pass
+
+
 class VideoWriter:
     """Append frames to an mp4 progressively; the file appears under ``path`` only on close.
 
@@ -106,12 +115,8 @@ class VideoWriter:
 
     def abort(self) -> None:
         """Stop writing and delete the temp file; nothing appears under ``path``."""
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
-            self._writer = None
+        close_quietly(self._writer)
+        self._writer = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None

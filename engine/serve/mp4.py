@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.video import close_quietly
+
 from .files import new_file
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
@@ -67,12 +69,8 @@ class Mp4Stream:
             self.abort()
 
     def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
-            self._writer = None
+        close_quietly(self._writer)
+        self._writer = None
         if not self._reader.closed:
             self._reader.close()
         self.path.unlink(missing_ok=True)
