@@ -215,7 +215,7 @@ def denoise_windows_batch(model, heatmap_fns, num_frames, prompts, negative_prom
     if cfg_on != (max(scales) > 1.0):
         raise InputError(f"guidance_scales: {scales} mix guidance on (> 1) and off (<= 1); batch them apart")
     sched = DdimSchedule(model.scheduler(), num_inference_steps, model.device)
-    guidance = scales[0] if len(set(scales)) == 1 else (
+    guidance = scales[0] if not cfg_on or len(set(scales)) == 1 else (
         torch.tensor(scales, dtype=torch.float32, device=model.device).view(-1, 1, 1, 1, 1))
     # text batch order is request-major: [uncond_1..uncond_B, cond_1..cond_B] with guidance
     text = model.encode_text(list(negative_prompts) + list(prompts) if cfg_on else list(prompts))

@@ -92,6 +92,12 @@ def test_a_batch_of_requests_gives_each_its_own_latents(demo_model):
                                      seed=seed, **args))
         for (_, _, lb), (_, _, la) in zip(batch, alone):
             torch.testing.assert_close(lb[i : i + 1], la, rtol=1e-4, atol=1e-4)
+    # guidance off for both (scales <= 1 differ, and do not matter): each as alone, without guidance
+    off = list(denoise_windows_batch(demo_model, fns, prompts=["a", "b"], negative_prompts=["", ""],
+                                     guidance_scales=[1.0, 0.5], seeds=[4, 5], **args))
+    alone = list(denoise_windows(demo_model, fns[1], prompt="b", negative_prompt="", guidance_scale=1.0, seed=5,
+                                 **args))
+    torch.testing.assert_close(off[-1][2][1:], alone[-1][2], rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="guidance_scales"):
         next(denoise_windows_batch(demo_model, fns, prompts=["", ""], negative_prompts=["", ""],
                                    guidance_scales=[7.5, 1.0], seeds=[0, 1], **args))
