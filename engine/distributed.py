@@ -109,9 +109,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     if missing:
         raise InputError(f"init_distributed: {', '.join(missing)} not set (run under torchrun or use launch())")
     os.environ.update(MULTICAST_OFF)
-    # The windows split's send/recv pairs wait on each other in order anyway, so NCCL serialising them
-    # with the group's other ops (eager init, device_id below) changes no order they run in; keep its
-    # warning (4 lines per run on 2 GPUs) off stderr unless the user asked for it.
+    # NCCL warns (4 lines per run on 2 GPUs) that with eager init (device_id below) the windows split's
+    # send/recv are serialised with the group's other ops; each recv waits on its send anyway. Keep
+    # the warning off stderr unless the user set the variable.
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
