@@ -62,7 +62,8 @@ def wire(x, device) -> torch.Tensor:
     """``x`` (tensor or numpy array) as a contiguous tensor on ``device``, ready for ``dist.send``.
 
     NCCL sends a tensor's storage as laid out and the receiver's buffer is contiguous, so a permuted
-    view (``decode``'s (F,H,W,3) frames are one) would arrive scrambled (torch warns of it on NCCL; the gloo tests do not show it).
+    view would arrive scrambled (torch warns of it on NCCL; the gloo tests do not show it). ``decode``
+    returned such a view before it made its frames contiguous.
     """
     t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
     return t.to(device).contiguous()

@@ -259,7 +259,7 @@ def _frames_u8(model, latents: torch.Tensor, chunk: int) -> torch.Tensor:
     z = latents[0].permute(1, 0, 2, 3)
     out = [model.decode_latents(z[i : i + chunk]).float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
            for i in range(0, z.shape[0], chunk)]
-    return torch.cat(out).permute(0, 2, 3, 1)
+    return torch.cat(out).permute(0, 2, 3, 1).contiguous()  # frames as laid out: writers, NCCL sends
 
 
 @torch.no_grad()

@@ -256,7 +256,7 @@ def test_wire_sends_the_logical_layout():
     from engine.distributed import wire
 
     frames = np.random.default_rng(0).integers(0, 255, (3, 2, 4, 5), dtype=np.uint8).transpose(0, 2, 3, 1)
-    assert not frames.flags["C_CONTIGUOUS"]  # decode's (F,H,W,3) frames are a permuted view like this
+    assert not frames.flags["C_CONTIGUOUS"]
     t = wire(frames, torch.device("cpu"))
     assert t.is_contiguous() and np.array_equal(t.numpy(), frames)
     lat = torch.randn(1, 4, 16, 8, 8).to(memory_format=torch.channels_last_3d)[:, :, 12:]

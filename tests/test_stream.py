@@ -199,3 +199,12 @@ def test_ddim_schedule_matches_diffusers():
         got = ours.step(i, eps, x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         x = want
+
+
+def test_decoded_frames_are_contiguous(demo_model):
+    """Frames as laid out (F,H,W,3): what the video writers and the NCCL sends of --parallel expect."""
+    from finephys.pipeline import decode
+
+    latents = torch.randn(1, demo_model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    frames = decode(demo_model, latents, chunk=2)
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8 and frames.flags["C_CONTIGUOUS"]
