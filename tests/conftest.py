@@ -48,6 +48,29 @@ def demo_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def engine16(tmp_path_factory, demo_ckpt):
+    """The demo checkpoint exported once through `fpengine export` (fp16; runs its parity check)."""
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    out = tmp_path_factory.mktemp("engine_fp16") / "e"
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(demo_ckpt), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine32(tmp_path_factory, demo_ckpt):
+    """The demo checkpoint exported once in fp32 (``export_engine``; runs its parity check)."""
+    from export.build import export_engine
+
+    out = tmp_path_factory.mktemp("engine_fp32") / "e"
+    export_engine(demo_ckpt, out, precision="fp32", log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def walk_clip():
     from finephys.clip import load_clip
 

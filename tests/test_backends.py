@@ -12,19 +12,8 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.video import read_video
 from finephys.errors import InputError
-from tests.test_export import exported
 
 SMALL = ["--frames", "4", "--height", "64", "--width", "64", "--steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def engine16(tmp_path_factory, demo_ckpt):
-    return exported(tmp_path_factory, demo_ckpt, "fp16")
-
-
-@pytest.fixture(scope="module")
-def engine32(tmp_path_factory, demo_ckpt):
-    return exported(tmp_path_factory, demo_ckpt, "fp32")
 
 
 @pytest.fixture(scope="module")

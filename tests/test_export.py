@@ -1,6 +1,6 @@
 """fpengine export: merged weights, ONNX graphs, manifest, stages, atomicity, bad input.
 
-The demo checkpoint is exported once per precision (``exported``, shared with test_backends.py);
+The demo checkpoint is exported once per precision (the ``engine16`` / ``engine32`` fixtures, conftest.py);
 both exports run the parity check on small shapes (4 frames 64x64, 2 steps) and fail if it fails.
 """
 import errno
@@ -19,32 +19,6 @@ from export.contract import ShapeProfile, contracts, resolve_dims, trace_dims
 from export.manifest import ENGINE_FORMAT_VERSION, read_engine_manifest
 from finephys.checkpoint import MANIFEST, sha256
 from finephys.errors import InputError
-
-_ENGINES = {}
-
-
-def exported(tmp_path_factory, ckpt, precision):
-    """The demo checkpoint exported once per session and precision (fp16 via the CLI)."""
-    if precision not in _ENGINES:
-        out = tmp_path_factory.mktemp(f"engine_{precision}") / "e"
-        if precision == "fp16":
-            r = CliRunner().invoke(main, ["export", "--ckpt", str(ckpt), "--out", str(out)])
-            assert r.exit_code == 0, r.output
-        else:
-            export_engine(ckpt, out, precision=precision, log=lambda s: None)
-        _ENGINES[precision] = out
-    return _ENGINES[precision]
-
-
-@pytest.fixture(scope="module")
-def engine16(tmp_path_factory, demo_ckpt):
-    return exported(tmp_path_factory, demo_ckpt, "fp16")
-
-
-@pytest.fixture(scope="module")
-def engine32(tmp_path_factory, demo_ckpt):
-    return exported(tmp_path_factory, demo_ckpt, "fp32")
-
 
 def _leftovers(folder):
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
