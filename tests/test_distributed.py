@@ -2,7 +2,6 @@
 windows of a long clip dealt over ranks, both; the launcher, torchrun and the CLI route."""
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -236,18 +235,10 @@ def test_cli_sigterm_finishes_the_outputs(tmp_path):
     cmd = [sys.executable, "-m", "engine", "generate", "--poses", str(clip), "--prompt", "a walk", "--out", str(out),
            "--frames-dir", str(pngs), "--height", "64", "--width", "64", "--steps", "3", "--context-length", "4",
            "--context-stride", "2", "--parallel", "windows", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(pngs.glob("frame_*.png"))) < 3:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
     from engine.video import read_video
+    from tests.test_stream import sigterm_after_frames
 
-    done = len(list(pngs.glob("frame_*.png")))
+    done = sigterm_after_frames(cmd, pngs)
     assert 3 <= done < 48 and done <= len(read_video(out)) < 48
     assert not list(tmp_path.glob(".v.*"))
 

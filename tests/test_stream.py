@@ -135,22 +135,28 @@ def _long_clip(path, frames):
     return str(path)
 
 
-def test_interrupted_run_leaves_a_playable_partial_file(tmp_path):
-    clip = _long_clip(tmp_path / "long.npz", 48)
-    out, pngs = tmp_path / "v.mp4", tmp_path / "frames"
-    cmd = [sys.executable, "-m", "engine", "generate", "--poses", clip, "--prompt", "a walk", "--out", str(out),
-           "--frames-dir", str(pngs), "--height", "64", "--width", "64", "--steps", "3",
-           "--context-length", "4", "--context-stride", "2"]
+def sigterm_after_frames(cmd, pngs, frames=3):
+    """Run ``cmd`` (a generate writing PNGs to ``pngs``), send SIGTERM once ``frames`` PNGs exist, check
+    it stops as interrupted (exit 130, one line, no traceback); the PNGs written by then."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(pngs.glob("frame_*.png"))) < 3:
+    while time.time() < deadline and proc.poll() is None and len(list(pngs.glob("frame_*.png"))) < frames:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    done = len(list(pngs.glob("frame_*.png")))
+    return len(list(pngs.glob("frame_*.png")))
+
+
+def test_interrupted_run_leaves_a_playable_partial_file(tmp_path):
+    clip = _long_clip(tmp_path / "long.npz", 48)
+    out, pngs = tmp_path / "v.mp4", tmp_path / "frames"
+    cmd = [sys.executable, "-m", "engine", "generate", "--poses", clip, "--prompt", "a walk", "--out", str(out),
+           "--frames-dir", str(pngs), "--height", "64", "--width", "64", "--steps", "3",
+           "--context-length", "4", "--context-stride", "2"]
+    done = sigterm_after_frames(cmd, pngs)
     video = read_video(out)
     assert 3 <= done < 48 and done <= len(video) < 48
     assert video.shape[1:] == (64, 64, 3)
