@@ -20,7 +20,7 @@ import json
 import platform
 from pathlib import Path
 
-from finephys.checkpoint import sha256
+from finephys.checkpoint import parse_manifest_json, sha256
 from finephys.config import FinePhysConfig
 from finephys.errors import InputError
 
@@ -50,16 +50,9 @@ def file_entry(path: Path) -> dict:
 
 def read_engine_manifest(engine_dir: Path) -> dict:
     """The manifest of an engine directory, checked for its format version; InputError otherwise."""
-    engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
-        raise InputError(f"engine directory {engine_dir} does not exist")
-    path = engine_dir / MANIFEST
-    if not path.is_file():
-        raise InputError(f"{engine_dir}: not an engine directory (no {MANIFEST}; write one with fpengine export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    path, manifest = parse_manifest_json(
+        engine_dir, MANIFEST, f"engine directory {engine_dir} does not exist",
+        f"{engine_dir}: not an engine directory (no {MANIFEST}; write one with fpengine export)")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != ENGINE_FORMAT_VERSION:
         raise InputError(f"{path}: engine format_version {version!r}, this fpengine reads {ENGINE_FORMAT_VERSION} "

@@ -98,17 +98,24 @@ def save_checkpoint(parts: FinePhysParts, out: Path, tokenizer_dir: Path, overwr
     return out
 
 
-def read_manifest(folder: Path) -> dict:
+def parse_manifest_json(folder: Path, name: str, no_folder: str, no_manifest: str) -> tuple[Path, object]:
+    """(path, parsed JSON) of the manifest ``folder / name``; InputError ``no_folder`` / ``no_manifest``
+    when the folder / the file is missing, and one naming the file when it is not valid JSON."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"checkpoint folder {folder} does not exist")
-    path = folder / MANIFEST
+        raise InputError(no_folder)
+    path = folder / name
     if not path.is_file():
-        raise InputError(f"{folder}: not a FinePhys checkpoint (no {MANIFEST})")
+        raise InputError(no_manifest)
     try:
-        manifest = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_manifest(folder: Path) -> dict:
+    path, manifest = parse_manifest_json(folder, MANIFEST, f"checkpoint folder {folder} does not exist",
+                                         f"{folder}: not a FinePhys checkpoint (no {MANIFEST})")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise InputError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
