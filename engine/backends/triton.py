@@ -27,6 +27,11 @@ FILES = {
 }
 
 
+def _require_cuda(device) -> None:
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise InputError("--backend triton needs a CUDA GPU (use onnxruntime or reference on the CPU)")
+
+
 class TritonModel(BackendBase):
     """The backend object: the sampler's four calls plus the pose stack (see FinePhysModel)."""
 
@@ -41,8 +46,7 @@ class TritonModel(BackendBase):
 
     def __init__(self, config, parts, modules: dict, device="cuda", dtype=torch.float16,
                  compile_mode: str | None = "default", cuda_graphs: bool = True):
-        if not str(device).startswith("cuda") or not torch.cuda.is_available():
-            raise InputError("--backend triton needs a CUDA GPU (use onnxruntime or reference on the CPU)")
+        _require_cuda(device)
         self.config, self.parts, self.device, self.dtype = config, parts, torch.device(device), dtype
         self.modules = {k: m.to(self.device, dtype).eval().requires_grad_(False) for k, m in modules.items()}
         self.unet = prepare_unet(PoseGuidedUNet(self.modules["unet"]))
@@ -106,8 +110,7 @@ def triton_from_parts(parts, device="cuda", **kw) -> TritonModel:
 
 def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonModel:
     """From an engine directory written by ``fpengine export`` (its precision, LoRA merged)."""
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        raise InputError("--backend triton needs a CUDA GPU (use onnxruntime or reference on the CPU)")
+    _require_cuda(device)  # before any weights are read
     base = GraphBackend(engine_dir, device)  # manifest, file hashes, config, pose stack, tokenizer
     cfg = base.config
     builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
