@@ -19,8 +19,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = [(1, 32), (32, 32), (1024, 32)]  # (B, T): 32, 1024 and 32768 frames
 J = 17
 DT = 1.0 / 30.0
-SWEEP = [  # (slots, kl, num_warps, programs, maxnreg) tried at the largest shape with --sweep
-    (1, 16, 1, None, None), (2, 8, 1, None, None), (1, 8, 1, None, 128), (1, 8, 2, None, None), (1, 8, 4, None, None),
+SWEEP = [  # (slots, num_warps, programs, maxnreg) tried at the largest shape with --sweep (default: 1, 2, all, 128)
+    (1, 4, None, None), (1, 2, None, 112), (1, 2, None, 255), (2, 2, None, None), (1, 1, None, None),
 ]
 
 
@@ -132,11 +132,11 @@ def main(argv=None):
                 print(f"{'':<28} {dname} triton vs eager, wall per call in alternating batches: {med:.1f}x "
                       f"(p20 {lo:.1f}x, p80 {hi:.1f}x)", flush=True)
             if args.sweep and B * T == max(b * t for b, t in SHAPES):
-                for slots, kl, nw, progs, mr in SWEEP:
-                    def fn(slots=slots, kl=kl, nw=nw, progs=progs, mr=mr):
-                        return _physnet_fused_triton(*x, DT, 0.5, slots=slots, kl=kl, num_warps=nw, programs=progs,
+                for slots, nw, progs, mr in SWEEP:
+                    def fn(slots=slots, nw=nw, progs=progs, mr=mr):
+                        return _physnet_fused_triton(*x, DT, 0.5, slots=slots, num_warps=nw, programs=progs,
                                                      maxnreg=mr)
-                    name = f"triton[slots={slots},kl={kl},warps={nw},programs={progs or 'all'},maxnreg={mr}]"
+                    name = f"triton[slots={slots},warps={nw},programs={progs or 'all'},maxnreg={mr or 128}]"
                     try:
                         rows.append(row(env, name, B, T, dname, bench_gpu(fn), None, nbytes, copy))
                     except Exception as exc:  # a configuration this triton cannot build: report, go on

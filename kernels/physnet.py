@@ -19,13 +19,16 @@ rounded, so ``qdd`` is rounded once and ``s_pp`` is computed from the unrounded 
 The Triton kernel does everything in one launch with no recomputation. Clip ``b`` has ``T + 2`` slots
 ``e`` in ``[-1, T]``; slot ``e`` computes the forward ``qdd`` of frame ``e-1`` and the reverse ``qdd`` of
 frame ``e+1`` (so every (frame, direction) is solved exactly once) and from those two the
-prediction(s), the average and the fusion for frame ``e``. On the GPU each one-warp program takes one
-slot (straight-line code); the interpreter takes whole chunks of slots as one tensor step. Each solve reads the packed
-triangle once, as three ``HALF x HALF`` register tiles (top-left triangle, bottom-left square,
-bottom-right triangle; rows of the packed triangle are contiguous, so the loads are coalesced), and
-forms ``M f = L f + L^T f - diag(L) f`` from row and column sums of the same tiles. The tiles are
-shaped ``[HALF/KL, HALF, KL]`` so that a warp's lanes form a 4 x 8 grid over (rows, columns): that
-keeps both reductions to a few shuffles per element instead of a full 32-lane butterfly per row.
+prediction(s), the average and the fusion for frame ``e``. On the GPU each two-warp program takes one
+slot (straight-line code); the interpreter takes whole chunks of slots as one tensor step.
+
+A solve is bound by the SM's load/store pipe, not by DRAM or arithmetic, so the kernel spends as few
+load/store instructions as it can (benchmarks/RESULTS.md has the profiles). Both packed triangles
+of a slot are read flat and contiguous (coalesced; 16-bit inputs as int32 words, two elements per
+load), then the full symmetric ``M^-1[k, i] = L[max(i,k), min(i,k)]`` is gathered from that copy in
+shared memory (``tl.gather``) into a tile whose columns ``i`` sit on lanes and rows ``k`` in
+registers, so ``qdd_i = sum_k M^-1[k, i] f_k`` is a sum in registers: no shuffles, no transposes and
+no separate diagonal term.
 """
 import math
 import numbers
@@ -143,117 +146,88 @@ if triton is not None:
             tl.float32)
 
     @triton.jit
-    def _symv_packed(m_ptr, j_ptr, c_ptr, ok, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr):
-        """qdd = M^-1 (jtau - coriolis) for NS (frame, direction) rows at once.
+    def _solve_pair(mf_ptr, mr_ptr, jf_ptr, jr_ptr, cf_ptr, cr_ptr, okf, okr,
+                    D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, WORDS: tl.constexpr):
+        """M^-1 (jtau - coriolis) for NS (forward, reverse) pairs; returns (y_fwd, y_rev), [NS, DP] fp32.
 
-        m_ptr, j_ptr, c_ptr: [NS] row pointers into minv_tril, jtau, coriolis; ok: [NS] rows to compute.
-        Returns y[:, :HALF], y[:, HALF:] as two [NS, HALF] fp32 tensors.
-        M^-1 = L + L^T - diag(L), L the packed lower triangle (element (i,k), k <= i, at i*(i+1)/2 + k),
-        read once as three HALF x HALF tiles laid out [NS, HALF/KL, HALF, KL] (k = kb*KL + kl): top-left
-        triangle, bottom-left square, bottom-right triangle. Row sums give L f, column sums L^T f.
+        mf_ptr/mr_ptr: [NS] pointers to the two packed triangles (int32 words of two 16-bit elements
+        when WORDS); jf/jr/cf/cr: [NS] pointers to the jtau and coriolis rows; okf/okr: [NS] which
+        rows exist. Both triangles are loaded flat into one [NS, SW] tensor, then M^-1[k, i] is gathered
+        from it as a [NS, DP(k), DP(i), 2] tile.
         """
-        KB: tl.constexpr = HALF // KL
-        kb = tl.arange(0, KB)[None, :, None, None]
-        ii = tl.arange(0, HALF)[None, None, :, None]
-        kl = tl.arange(0, KL)[None, None, None, :]
-        k = kb * KL + kl  # [1,KB,1,KL]
-        ib = ii + HALF
-        mp = m_ptr[:, None, None, None]
-        ok4 = ok[:, None, None, None]
-        # f = jtau - coriolis, indexed by row (i) and by column (k)
-        r = tl.arange(0, HALF)[None, :]
-        rh = r + HALF
-        ok2 = ok[:, None]
-        f_lo = _load_f(j_ptr[:, None], c_ptr[:, None], r, ok2, D)
-        f_hi = _load_f(j_ptr[:, None], c_ptr[:, None], rh, ok2, D)
-        dg_lo = tl.load(m_ptr[:, None] + (r * (r + 1) // 2 + r), mask=ok2 & (r < D), other=0.0).to(tl.float32)
-        dg_hi = tl.load(m_ptr[:, None] + (rh * (rh + 1) // 2 + rh), mask=ok2 & (rh < D), other=0.0).to(tl.float32)
-        NS: tl.constexpr = f_lo.shape[0]
-        fk_lo = tl.reshape(f_lo, [NS, KB, KL])[:, :, None, :]
-        fk_hi = tl.reshape(f_hi, [NS, KB, KL])[:, :, None, :]
-        fi_lo = f_lo[:, None, :, None]
-        fi_hi = f_hi[:, None, :, None]
-        L_tl = tl.load(mp + (ii * (ii + 1) // 2 + k), mask=ok4 & (k <= ii) & (ii < D), other=0.0).to(tl.float32)
-        L_bl = tl.load(mp + (ib * (ib + 1) // 2 + k), mask=ok4 & (ib < D) & (k < HALF), other=0.0).to(tl.float32)
-        L_br = tl.load(mp + (ib * (ib + 1) // 2 + k + HALF), mask=ok4 & (k <= ii) & (ib < D), other=0.0).to(
-            tl.float32)
-        # (L f)[i]: reduce over k (registers first, then lanes)
-        row_lo = tl.sum(tl.sum(L_tl * fk_lo, axis=1), axis=2)
-        row_hi = tl.sum(tl.sum(L_bl * fk_lo + L_br * fk_hi, axis=1), axis=2)
-        # (L^T f)[k]: reduce over i
-        col_lo = tl.reshape(tl.sum(L_tl * fi_lo + L_bl * fi_hi, axis=2), [NS, HALF])
-        col_hi = tl.reshape(tl.sum(L_br * fi_hi, axis=2), [NS, HALF])
-        y_lo = row_lo + col_lo - dg_lo * f_lo
-        y_hi = row_hi + col_hi - dg_hi * f_hi
-        return y_lo, y_hi
+        P: tl.constexpr = D * (D + 1) // 2
+        NE: tl.constexpr = P // 2 if WORDS else P  # source elements per triangle
+        NS: tl.constexpr = okf.shape[0]
+        w = tl.arange(0, SW)[None, :]
+        in_f = w < NE
+        in_r = (w >= NE) & (w < 2 * NE)
+        src = tl.load(tl.where(in_f, mf_ptr[:, None] + w, mr_ptr[:, None] + (w - NE)),
+                      mask=(in_f & okf[:, None]) | (in_r & okr[:, None]), other=0)
+        if WORDS:  # split each word into its two 16-bit elements (little-endian: the low half first)
+            src = tl.reshape(tl.join((src & 0xFFFF).to(tl.int16), (src >> 16).to(tl.int16)), [NS, 2 * SW])
+        SE: tl.constexpr = 2 * SW if WORDS else SW
+        # rows and columns past D repeat the last one: finite values that f (zero past D) or the masked
+        # stores discard, and no address outside the triangle
+        k = tl.minimum(tl.arange(0, DP), D - 1)[:, None, None]
+        i = tl.minimum(tl.arange(0, DP), D - 1)[None, :, None]
+        d = tl.arange(0, 2)[None, None, :]
+        idx = d * P + tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
+        if NS == 1:  # the GPU path: Triton 3.6 lowers a gather across warps only in one dimension
+            g = tl.reshape(tl.gather(tl.reshape(src, [SE]), tl.reshape(idx, [2 * DP * DP]), 0), [1, DP, DP, 2])
+        else:
+            idx = tl.broadcast_to(tl.reshape(idx, [1, 2 * DP * DP]), [NS, 2 * DP * DP])
+            g = tl.reshape(tl.gather(src, idx, 1), [NS, DP, DP, 2])
+        if WORDS:
+            g = g.to(jf_ptr.dtype.element_ty, bitcast=True)
+        kk = tl.arange(0, DP)[None, :]
+        f = tl.join(_load_f(jf_ptr[:, None], cf_ptr[:, None], kk, okf[:, None], D),
+                    _load_f(jr_ptr[:, None], cr_ptr[:, None], kk, okr[:, None], D))  # [NS, DP(k), 2]
+        return tl.split(tl.sum(g.to(tl.float32) * f[:, :, None, :], axis=1))
 
     @triton.jit
     def _physnet_slots_step(
         e, live, b,  # [NS] slot indices, [NS] live flags, clip index
         spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
         q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd,
-        T, dt2, w, w_pp, D: tl.constexpr, HALF: tl.constexpr, KL: tl.constexpr,
+        T, dt2, w, w_pp, D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, WORDS: tl.constexpr,
     ):
         """Slots e of clip b: qdd[e-1, fwd], qdd[e+1, rev], then s_pp and s_fused of frame e."""
-        r = tl.arange(0, HALF)[None, :]
-        rh = r + HALF
-        v_lo = r < D
-        v_hi = rh < D
-        # forward row: frame e-1
+        r = tl.arange(0, DP)[None, :]
+        v = r < D
+        ty = spp_ptr.dtype.element_ty
         uf = e - 1
         okf = live & (uf >= 0) & (uf < T)
-        a0_lo, a0_hi = _symv_packed(
-            minv_ptr + b * m_sb + uf * m_st, jtau_ptr + b * j_sb + uf * j_st,
-            cor_ptr + b * c_sb + uf * c_st, okf, D, HALF, KL)
-        qp = qdd_ptr + ((b * T + uf) * (2 * D))[:, None]
-        tl.store(qp + r, a0_lo.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_lo)
-        tl.store(qp + rh, a0_hi.to(qdd_ptr.dtype.element_ty), mask=okf[:, None] & v_hi)
-        # reverse row: frame e+1
         ur = e + 1
         okr = live & (ur >= 0) & (ur < T)
-        a1_lo, a1_hi = _symv_packed(
-            minv_ptr + b * m_sb + ur * m_st + m_sd, jtau_ptr + b * j_sb + ur * j_st + j_sd,
-            cor_ptr + b * c_sb + ur * c_st + c_sd, okr, D, HALF, KL)
-        qp = qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None]
-        tl.store(qp + r, a1_lo.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_lo)
-        tl.store(qp + rh, a1_hi.to(qdd_ptr.dtype.element_ty), mask=okr[:, None] & v_hi)
+        a0, a1 = _solve_pair(
+            minv_ptr + b * m_sb + uf * m_st, minv_ptr + b * m_sb + ur * m_st + m_sd,
+            jtau_ptr + b * j_sb + uf * j_st, jtau_ptr + b * j_sb + ur * j_st + j_sd,
+            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, WORDS)
+        tl.store(qdd_ptr + ((b * T + uf) * (2 * D))[:, None] + r, a0.to(ty), mask=okf[:, None] & v)
+        tl.store(qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None] + r, a1.to(ty), mask=okr[:, None] & v)
         # integration, averaging and fusion for frame e
         ok = (live & (e >= 0) & (e < T))[:, None]
         has_f = ok & (e >= 2)[:, None]
         has_r = ok & (e <= T - 3)[:, None]
-        qb = q_ptr + (b * q_sb + e * q_st)[:, None]
-        q_lo = tl.load(qb + r, mask=ok & v_lo, other=0.0).to(tl.float32)
-        q_hi = tl.load(qb + rh, mask=ok & v_hi, other=0.0).to(tl.float32)
-        qm1_lo = tl.load(qb - q_st + r, mask=has_f & v_lo, other=0.0).to(tl.float32)
-        qm1_hi = tl.load(qb - q_st + rh, mask=has_f & v_hi, other=0.0).to(tl.float32)
-        qm2_lo = tl.load(qb - 2 * q_st + r, mask=has_f & v_lo, other=0.0).to(tl.float32)
-        qm2_hi = tl.load(qb - 2 * q_st + rh, mask=has_f & v_hi, other=0.0).to(tl.float32)
-        qp1_lo = tl.load(qb + q_st + r, mask=has_r & v_lo, other=0.0).to(tl.float32)
-        qp1_hi = tl.load(qb + q_st + rh, mask=has_r & v_hi, other=0.0).to(tl.float32)
-        qp2_lo = tl.load(qb + 2 * q_st + r, mask=has_r & v_lo, other=0.0).to(tl.float32)
-        qp2_hi = tl.load(qb + 2 * q_st + rh, mask=has_r & v_hi, other=0.0).to(tl.float32)
-        zero = tl.zeros_like(q_lo)
-        tot_lo = tl.where(has_f, 2.0 * qm1_lo - qm2_lo + a0_lo * dt2, zero) + tl.where(
-            has_r, 2.0 * qp1_lo - qp2_lo + a1_lo * dt2, zero)
-        tot_hi = tl.where(has_f, 2.0 * qm1_hi - qm2_hi + a0_hi * dt2, zero) + tl.where(
-            has_r, 2.0 * qp1_hi - qp2_hi + a1_hi * dt2, zero)
+        qb = q_ptr + (b * q_sb + e * q_st)[:, None] + r
+        q0 = tl.load(qb, mask=ok & v, other=0.0).to(tl.float32)
+        qm1 = tl.load(qb - q_st, mask=has_f & v, other=0.0).to(tl.float32)
+        qm2 = tl.load(qb - 2 * q_st, mask=has_f & v, other=0.0).to(tl.float32)
+        qp1 = tl.load(qb + q_st, mask=has_r & v, other=0.0).to(tl.float32)
+        qp2 = tl.load(qb + 2 * q_st, mask=has_r & v, other=0.0).to(tl.float32)
+        zero = tl.zeros_like(q0)
+        tot = tl.where(has_f, 2.0 * qm1 - qm2 + a0 * dt2, zero) + tl.where(has_r, 2.0 * qp1 - qp2 + a1 * dt2, zero)
         n_pred = has_f.to(tl.float32) + has_r.to(tl.float32)
-        spp_lo = tl.where(n_pred > 0.0, tot_lo / tl.maximum(n_pred, 1.0), q_lo)
-        spp_hi = tl.where(n_pred > 0.0, tot_hi / tl.maximum(n_pred, 1.0), q_hi)
-        sf_lo = w * q_lo + w_pp * spp_lo
-        sf_hi = w * q_hi + w_pp * spp_hi
-        ob = ((b * T + e) * D)[:, None]
-        ty = spp_ptr.dtype.element_ty
-        tl.store(spp_ptr + ob + r, spp_lo.to(ty), mask=ok & v_lo)
-        tl.store(spp_ptr + ob + rh, spp_hi.to(ty), mask=ok & v_hi)
-        tl.store(sfused_ptr + ob + r, sf_lo.to(ty), mask=ok & v_lo)
-        tl.store(sfused_ptr + ob + rh, sf_hi.to(ty), mask=ok & v_hi)
-
+        spp = tl.where(n_pred > 0.0, tot / tl.maximum(n_pred, 1.0), q0)
+        ob = ((b * T + e) * D)[:, None] + r
+        tl.store(spp_ptr + ob, spp.to(ty), mask=ok & v)
+        tl.store(sfused_ptr + ob, (w * q0 + w_pp * spp).to(ty), mask=ok & v)
 
     @triton.jit
     def _physnet_fused_slots_kernel(
         spp_ptr, sfused_ptr, qdd_ptr,  # outputs: (B,T,D), (B,T,D), (B,T,2,D), contiguous
         q_ptr, minv_ptr, jtau_ptr, cor_ptr,  # inputs: (B,T,D), (B,T,2,P), (B,T,2,D), (B,T,2,D); last dim unit stride
+        # (minv_ptr as int32 words when WORDS, its strides then in words)
         q_sb, q_st,  # s_dd strides (batch, time)
         m_sb, m_st, m_sd,  # minv_tril strides (batch, time, direction)
         j_sb, j_st, j_sd,  # jtau strides
@@ -261,8 +235,9 @@ if triton is not None:
         T, n_chunks, n_slots, n_items,  # frames per clip, chunks per clip, slots per chunk, B * n_chunks
         dt2, w, w_pp,  # dt^2, w, 1 - w
         D: tl.constexpr,  # 3J
-        HALF: tl.constexpr,  # power of two with 2*HALF >= D
-        KL: tl.constexpr,  # tile columns per lane group (power of two <= HALF)
+        DP: tl.constexpr,  # power of two >= D
+        SW: tl.constexpr,  # power of two >= the int32 words (WORDS) or elements of two triangles
+        WORDS: tl.constexpr,  # minv_ptr holds int32 words of two 16-bit elements
         NS: tl.constexpr,  # slots computed together (a tensor dimension; 1 on the GPU)
         LOOP: tl.constexpr,  # False: one program per work item and n_slots <= NS (straight-line code)
     ):
@@ -282,7 +257,7 @@ if triton is not None:
                     _physnet_slots_step(
                         s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr,
                         cor_ptr, q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w,
-                        w_pp, D, HALF, KL)
+                        w_pp, D, DP, SW, WORDS)
         else:
             item = tl.program_id(0)
             b = (item // n_chunks).to(tl.int64)
@@ -290,7 +265,7 @@ if triton is not None:
             sl = tl.arange(0, NS)
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
-                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, HALF, KL)
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, WORDS)
 
 
 _launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
@@ -300,43 +275,47 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, kl=None, ns=None,
-                          num_warps=None, programs=None, maxnreg=None):
-    """Launch the fused kernel. ``slots``: slots per work item; ``kl``: tile columns per lane group;
-    ``ns``: slots per tensor step (1 on the GPU; whole items in the interpreter); ``programs``: grid
-    size (None = one program per work item; fewer = persistent programs striding over the items);
-    ``maxnreg``: register cap per thread (CUDA only).
+def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, ns=None, num_warps=None,
+                          programs=None, maxnreg=None):
+    """Launch the fused kernel. ``slots``: slots per work item; ``ns``: slots per tensor step (1 on the
+    GPU; whole items in the interpreter); ``programs``: grid size (None = one program per work item;
+    fewer = persistent programs striding over the items); ``maxnreg``: register cap per thread (CUDA
+    only; 128 by default, which ptxas otherwise undercuts with spills for two-warp programs).
     """
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
     q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
-    minv_tril, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
+    m, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
     n = B * T * D  # one allocation for the three outputs (a small call is host-bound)
     out = torch.empty(4 * n, device=s_dd.device, dtype=s_dd.dtype)
     s_pp, s_fused, qdd = out[:n].view(B, T, J, 3), out[n : 2 * n].view(B, T, J, 3), out[2 * n :].view(B, T, 2, D)
-    half = max(_next_pow2(D) // 2, 1)
+    P = D * (D + 1) // 2
+    # 16-bit elements travel as int32 words (half the load and store instructions) when every
+    # triangle starts on a word: an even P, even strides and an even storage offset
+    words = m.element_size() == 2 and P % 2 == 0 and m.storage_offset() % 2 == 0 and all(
+        st % 2 == 0 for st in m.stride()[:3])
+    if words:
+        m = m.view(torch.int32)
+    dp = _next_pow2(D)
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
-        # GPU: one slot per one-warp program, straight-line code (fastest of the configurations timed
-        # on an H100, benchmarks/RESULTS.md)
         slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)
-    if ns is None:
-        ns = 1 if on_gpu else _next_pow2(slots)
-    kl = kl or min(half, 8)
-    if num_warps is None:  # one warp per program up to J = 21: no cross-warp reductions
-        num_warps = max(1, min(8, half * half // 1024))
+    if ns is None:  # the interpreter's tensors stay under Triton's 2**20 elements
+        ns = 1 if on_gpu else min(_next_pow2(slots), max(1, (1 << 20) // (2 * dp * dp)))
+    if num_warps is None:  # two warps per slot: the fastest on an H100 (benchmarks/RESULTS.md)
+        num_warps = 2
     n_chunks = _cdiv(T + 2, slots)  # slots e = -1 .. T
     n_items = B * n_chunks
     grid = min(programs or n_items, n_items)
     loop = grid < n_items or slots > ns
     w = float(fuse_weight)
-    extra = {"maxnreg": maxnreg} if maxnreg and on_gpu else {}
-    qs, ms, js, cs = q.stride(), minv_tril.stride(), jtau.stride(), coriolis.stride()
+    extra = {"maxnreg": maxnreg or 128} if on_gpu else {}
+    qs, ms, js, cs = q.stride(), m.stride(), jtau.stride(), coriolis.stride()
     _launch_physnet(
         (grid,),
-        (s_pp, s_fused, qdd, q, minv_tril, jtau, coriolis,
+        (s_pp, s_fused, qdd, q, m, jtau, coriolis,
          qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
          T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "HALF": half, "KL": kl, "NS": ns, "LOOP": loop},
+        {"D": D, "DP": dp, "SW": _next_pow2(P if words else 2 * P), "WORDS": words, "NS": ns, "LOOP": loop},
         spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd

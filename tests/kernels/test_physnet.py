@@ -79,21 +79,41 @@ def test_ref_middle_frame_of_three_keeps_s_dd(gen):
 
 # --------------------------------------------------------------------- kernel (interpreter on CPU)
 @pytest.mark.parametrize(
-    "B,T,J,slots,ns,kl",
+    "B,T,J,slots,ns",
     [
-        (1, 3, 17, None, None, None),  # B*T = 3, the smallest legal clip
-        (2, 9, 17, 1, 1, None),  # one slot per program, the GPU code shape
-        (2, 9, 17, 4, 2, 16),
-        (3, 11, 5, 4, 1, None),  # another J
-        (1, 6, 1, None, None, None),  # D = 3
-        (1, 5, 22, None, None, None),  # D = 66 > 64: the next tile size
-        (2, 4, 17, 2, 1, 32),
+        (1, 3, 17, None, None),  # B*T = 3, the smallest legal clip
+        (2, 9, 17, 1, 1),  # one slot per program: the GPU code shape (one-dimensional gather)
+        (2, 9, 17, 4, 2),
+        (3, 11, 5, 4, 1),  # another J
+        (1, 6, 1, None, None),  # D = 3
+        (1, 5, 22, None, None),  # D = 66 > 64: the next tile size
+        (2, 4, 17, 2, 1),
     ],
 )
-def test_kernel_matches_ref_fp32(interp, gen, B, T, J, slots, ns, kl):
+def test_kernel_matches_ref_fp32(interp, gen, B, T, J, slots, ns):
     args = make_inputs(B, T, J, gen=gen)
-    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, ns=ns, kl=kl)
+    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, ns=ns)
     assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "J,shift,ns",
+    [
+        (17, 0, None),  # P = 1326 even: the triangles travel as int32 words
+        (17, 0, 1),  # the same in the GPU code shape
+        (22, 0, 1),  # P = 2211 odd: triangles start mid-word, so 16-bit elements
+        (17, 1, 1),  # minv_tril one element past a word boundary: 16-bit elements
+    ],
+)
+def test_kernel_16bit_words_and_elements(interp, gen, dtype, J, shift, ns):
+    s_dd, minv, jtau, cor = make_inputs(2, 5, J, dtype, gen=gen)
+    if shift:
+        minv = torch.cat([torch.zeros(1, dtype=dtype), minv.flatten()])[1:].view_as(minv)
+        assert minv.storage_offset() == 1
+    got = _physnet_fused_triton(s_dd, minv, jtau, cor, DT, 0.3, slots=1 if ns else None, ns=ns)
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    assert_close(got, physnet_fused_ref(s_dd, minv, jtau, cor, DT, 0.3), rtol=ulp, atol=ulp)
 
 
 @pytest.mark.parametrize("slots,ns,programs", [(3, 1, 2), (3, 4, None), (5, 2, 3)])
@@ -228,12 +248,15 @@ def test_gpu_kernel_matches_ref(B, T, J, noncontig, dtype, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "slots,kl,num_warps,programs", [(1, 8, 1, None), (8, 16, 2, None), (31, 32, 4, None), (4, 8, 2, 7), (2, 8, 1, 100)]
+    "slots,num_warps,programs,maxnreg",
+    [(1, 1, None, None), (8, 2, None, None), (31, 4, None, None), (4, 2, 7, 96), (2, 1, 100, None), (1, 2, None, 255)],
 )
-def test_gpu_kernel_configs(slots, kl, num_warps, programs, gen):
-    args = make_inputs(8, 29, 17, device="cuda", gen=gen)
-    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, kl=kl, num_warps=num_warps, programs=programs)
-    assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2e-5, atol=2e-5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_kernel_configs(slots, num_warps, programs, maxnreg, dtype, gen):
+    args = make_inputs(8, 29, 17, dtype, device="cuda", gen=gen)
+    got = _physnet_fused_triton(*args, DT, 0.3, slots=slots, num_warps=num_warps, programs=programs, maxnreg=maxnreg)
+    tol = 2e-5 if dtype == torch.float32 else 2.0**-10
+    assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu
