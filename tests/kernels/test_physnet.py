@@ -249,7 +249,7 @@ def test_gpu_kernel_matches_ref(B, T, J, noncontig, dtype, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "slots,num_warps,programs,maxnreg",
-    [(1, 1, None, None), (8, 2, None, None), (31, 4, None, None), (4, 2, 7, 96), (2, 1, 100, None), (1, 2, None, 255)],
+    [(8, 2, None, None), (31, 4, None, None), (4, 2, 7, 96), (2, 4, 100, None), (1, 2, None, 255)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_kernel_configs(slots, num_warps, programs, maxnreg, dtype, gen):
