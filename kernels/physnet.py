@@ -50,6 +50,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernel's; the re
 # --------------------------------------------------------------------------------------------------
 # argument checks (shared by the kernel and the reference)
 # --------------------------------------------------------------------------------------------------
+def _is_real(v):
+    """A real number that is not a bool (float and int first: ``numbers.Real`` is a slow ABC check)."""
+    t = type(v)
+    return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
+
+
 def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes=_DTYPES + (torch.float64,)):
     """Validate; return (B, T, J, D). Every error is a ValueError whose message starts with the argument."""
     for name, x in (("s_dd", s_dd), ("minv_tril", minv_tril), ("jtau", jtau), ("coriolis", coriolis)):
@@ -70,7 +76,7 @@ def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes
         ("jtau", jtau, (B, T, 2, D)),
         ("coriolis", coriolis, (B, T, 2, D)),
     ):
-        if tuple(x.shape) != shape:
+        if x.shape != shape:
             raise ValueError(
                 f"{name}: expected shape (B,T,2,{'D(D+1)/2' if name == 'minv_tril' else 'D'}) = {shape} "
                 f"for s_dd of shape {tuple(s_dd.shape)} (D = 3J = {D}), got {tuple(x.shape)}"
@@ -79,13 +85,9 @@ def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes
             raise ValueError(f"{name}: expected dtype {s_dd.dtype} (the dtype of s_dd), got {x.dtype}")
         if x.device != s_dd.device:
             raise ValueError(f"{name}: expected device {s_dd.device} (the device of s_dd), got {x.device}")
-    if isinstance(dt, bool) or not isinstance(dt, numbers.Real) or not math.isfinite(dt) or dt <= 0:
+    if not _is_real(dt) or not math.isfinite(dt) or dt <= 0:
         raise ValueError(f"dt: expected a finite number > 0 (1/fps), got {dt!r}")
-    if (
-        isinstance(fuse_weight, bool)
-        or not isinstance(fuse_weight, numbers.Real)
-        or not (0.0 <= fuse_weight <= 1.0)
-    ):
+    if not _is_real(fuse_weight) or not (0.0 <= fuse_weight <= 1.0):
         raise ValueError(f"fuse_weight: expected a number in [0, 1], got {fuse_weight!r}")
     return B, T, J, D
 
@@ -285,16 +287,20 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
     q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
     m, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
-    n = B * T * D  # one allocation for the three outputs (a small call is host-bound)
-    out = torch.empty(4 * n, device=s_dd.device, dtype=s_dd.dtype)
-    s_pp, s_fused, qdd = out[:n].view(B, T, J, 3), out[n : 2 * n].view(B, T, J, 3), out[2 * n :].view(B, T, 2, D)
+    # one allocation for the three outputs, cut with as few tensor ops as possible (a small call is
+    # host-bound): rows 0 and 1 are s_pp and s_fused, rows 2 and 3 together qdd (B,T,2,D)
+    out = torch.empty((4, B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
+    s_pp, s_fused = out.unbind(0)[:2]
+    qdd = out[2:].view(B, T, 2, D)
     P = D * (D + 1) // 2
     # 16-bit elements travel as int32 words (half the load and store instructions) when every
     # triangle starts on a word: an even P, even strides and an even storage offset
-    words = m.element_size() == 2 and P % 2 == 0 and m.storage_offset() % 2 == 0 and all(
-        st % 2 == 0 for st in m.stride()[:3])
+    ms = m.stride()
+    words = (m.element_size() == 2 and P % 2 == 0 and m.storage_offset() % 2 == 0 and ms[0] % 2 == 0
+             and ms[1] % 2 == 0 and ms[2] % 2 == 0)
     if words:
         m = m.view(torch.int32)
+        ms = m.stride()
     dp = _next_pow2(D)
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
@@ -309,7 +315,7 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     loop = grid < n_items or slots > ns
     w = float(fuse_weight)
     extra = {"maxnreg": maxnreg or 128} if on_gpu else {}
-    qs, ms, js, cs = q.stride(), m.stride(), jtau.stride(), coriolis.stride()
+    qs, js, cs = q.stride(), jtau.stride(), coriolis.stride()
     _launch_physnet(
         (grid,),
         (s_pp, s_fused, qdd, q, m, jtau, coriolis,
