@@ -149,12 +149,13 @@ if triton is not None:
 
     @triton.jit
     def _solve_pair(mf_ptr, mr_ptr, jf_ptr, jr_ptr, cf_ptr, cr_ptr, okf, okr,
-                    D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, WORDS: tl.constexpr):
+                    D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, R0: tl.constexpr, WORDS: tl.constexpr):
         """M^-1 (jtau - coriolis) for NS (forward, reverse) pairs; returns (y_fwd, y_rev), [NS, DP] fp32.
 
         mf_ptr/mr_ptr: [NS] pointers to the two packed triangles (int32 words of two 16-bit elements
         when WORDS); jf/jr/cf/cr: [NS] pointers to the jtau and coriolis rows; okf/okr: [NS] which
-        rows exist. Both triangles are loaded flat into one [NS, SW] tensor, then M^-1[k, i] is gathered
+        rows exist. Both triangles are loaded flat into one [NS, SW] tensor, the reverse one from
+        element R0, then M^-1[k, i] is gathered
         from it as a [NS, DP(k), DP(i), 2] tile.
         """
         P: tl.constexpr = D * (D + 1) // 2
@@ -162,8 +163,8 @@ if triton is not None:
         NS: tl.constexpr = okf.shape[0]
         w = tl.arange(0, SW)[None, :]
         in_f = w < NE
-        in_r = (w >= NE) & (w < 2 * NE)
-        src = tl.load(tl.where(in_f, mf_ptr[:, None] + w, mr_ptr[:, None] + (w - NE)),
+        in_r = (w >= R0) & (w < R0 + NE)
+        src = tl.load(tl.where(in_f, mf_ptr[:, None] + w, mr_ptr[:, None] + (w - R0)),
                       mask=(in_f & okf[:, None]) | (in_r & okr[:, None]), other=0)
         if WORDS:  # split each word into its two 16-bit elements (little-endian: the low half first)
             src = tl.reshape(tl.join((src & 0xFFFF).to(tl.int16), (src >> 16).to(tl.int16)), [NS, 2 * SW])
@@ -173,7 +174,7 @@ if triton is not None:
         k = tl.minimum(tl.arange(0, DP), D - 1)[:, None, None]
         i = tl.minimum(tl.arange(0, DP), D - 1)[None, :, None]
         d = tl.arange(0, 2)[None, None, :]
-        idx = d * P + tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
+        idx = d * (SE // SW * R0) + tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
         if NS == 1:  # the GPU path: Triton 3.6 lowers a gather across warps only in one dimension
             g = tl.reshape(tl.gather(tl.reshape(src, [SE]), tl.reshape(idx, [2 * DP * DP]), 0), [1, DP, DP, 2])
         else:
@@ -191,7 +192,8 @@ if triton is not None:
         e, live, b,  # [NS] slot indices, [NS] live flags, clip index
         spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
         q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd,
-        T, dt2, w, w_pp, D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, WORDS: tl.constexpr,
+        T, dt2, w, w_pp, D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, R0: tl.constexpr,
+        WORDS: tl.constexpr,
     ):
         """Slots e of clip b: qdd[e-1, fwd], qdd[e+1, rev], then s_pp and s_fused of frame e."""
         r = tl.arange(0, DP)[None, :]
@@ -204,7 +206,7 @@ if triton is not None:
         a0, a1 = _solve_pair(
             minv_ptr + b * m_sb + uf * m_st, minv_ptr + b * m_sb + ur * m_st + m_sd,
             jtau_ptr + b * j_sb + uf * j_st, jtau_ptr + b * j_sb + ur * j_st + j_sd,
-            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, WORDS)
+            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, R0, WORDS)
         tl.store(qdd_ptr + ((b * T + uf) * (2 * D))[:, None] + r, a0.to(ty), mask=okf[:, None] & v)
         tl.store(qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None] + r, a1.to(ty), mask=okr[:, None] & v)
         # integration, averaging and fusion for frame e
@@ -238,7 +240,8 @@ if triton is not None:
         dt2, w, w_pp,  # dt^2, w, 1 - w
         D: tl.constexpr,  # 3J
         DP: tl.constexpr,  # power of two >= D
-        SW: tl.constexpr,  # power of two >= the int32 words (WORDS) or elements of two triangles
+        SW: tl.constexpr,  # power of two holding both triangles (int32 words when WORDS), the second from R0
+        R0: tl.constexpr,  # where the reverse triangle starts in that tensor
         WORDS: tl.constexpr,  # minv_ptr holds int32 words of two 16-bit elements
         NS: tl.constexpr,  # slots computed together (a tensor dimension; 1 on the GPU)
         LOOP: tl.constexpr,  # False: one program per work item and n_slots <= NS (straight-line code)
@@ -259,7 +262,7 @@ if triton is not None:
                     _physnet_slots_step(
                         s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr,
                         cor_ptr, q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w,
-                        w_pp, D, DP, SW, WORDS)
+                        w_pp, D, DP, SW, R0, WORDS)
         else:
             item = tl.program_id(0)
             b = (item // n_chunks).to(tl.int64)
@@ -267,7 +270,7 @@ if triton is not None:
             sl = tl.arange(0, NS)
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
-                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, WORDS)
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, R0, WORDS)
 
 
 _launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
@@ -302,6 +305,12 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
         m = m.view(torch.int32)
         ms = m.stride()
     dp = _next_pow2(D)
+    # the reverse triangle starts 16 banks (4-byte words) after the forward one in shared memory: lanes
+    # alternate between the two directions, so their gathers fall on opposite halves of the banks (a
+    # model of the bank mapping gives 301 instead of 365 shared-memory wavefronts per slot for 16-bit
+    # inputs and 243 instead of 425 for fp32, against 204 with no conflicts)
+    ne = P // 2 if words else P  # source elements (words or values) per triangle
+    r0 = ne + (16 - ne % 32) % 32
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
         slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)
@@ -321,7 +330,7 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
         (s_pp, s_fused, qdd, q, m, jtau, coriolis,
          qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
          T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "DP": dp, "SW": _next_pow2(P if words else 2 * P), "WORDS": words, "NS": ns, "LOOP": loop},
+        {"D": D, "DP": dp, "SW": _next_pow2(r0 + ne), "R0": r0, "WORDS": words, "NS": ns, "LOOP": loop},
         spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd
