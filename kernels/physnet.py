@@ -280,6 +280,12 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _reverse_start(n, per_bank):
+    """First element of the reverse triangle in the kernel's shared copy: at least ``n`` (the forward
+    triangle's elements), 16 banks past a 32-bank boundary; ``per_bank``: elements per 4-byte bank."""
+    return n + (16 * per_bank - n % (32 * per_bank)) % (32 * per_bank)
+
+
 def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, ns=None, num_warps=None,
                           programs=None, maxnreg=None):
     """Launch the fused kernel. ``slots``: slots per work item; ``ns``: slots per tensor step (1 on the
@@ -310,7 +316,7 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     # model of the bank mapping gives 301 instead of 365 shared-memory wavefronts per slot for 16-bit
     # inputs and 243 instead of 425 for fp32, against 204 with no conflicts)
     ne = P // 2 if words else P  # source elements (words or values) per triangle
-    r0 = ne + (16 - ne % 32) % 32
+    r0 = _reverse_start(ne, 2 if m.element_size() == 2 and not words else 1)
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
         slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)

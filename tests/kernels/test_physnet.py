@@ -278,3 +278,19 @@ def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
             tol = 2e-5 if args[0].dtype == torch.float32 else 2.0**-10
             assert_close(physnet_fused(*args, dt, w), physnet_fused_ref(*args, dt, w), rtol=tol, atol=tol)
     assert len(_launch_physnet.compiled) >= 3
+
+
+# ------------------------------------------------------------------------------- bank model
+def test_reverse_triangle_offset_and_bank_model():
+    """The reverse triangle starts 16 banks past a bank boundary; the bank model (checked against
+    Nsight Compute's 162 and 231 conflict wavefronts per slot without the offset) says it helps."""
+    from benchmarks.physnet_bank_model import gather_wavefronts
+    from kernels.physnet import _reverse_start
+
+    for n, per_bank in [(663, 1), (1326, 1), (561, 2), (1008, 1), (6, 1)]:
+        r0 = _reverse_start(n, per_bank)
+        assert n <= r0 < n + 32 * per_bank and (r0 // per_bank) % 32 == 16
+    D, P = 51, 1326
+    assert gather_wavefronts(D, 2, P) - 204 == 161 and gather_wavefronts(D, 4, P) - 204 == 221
+    assert gather_wavefronts(D, 2, 2 * _reverse_start(P // 2, 1)) < gather_wavefronts(D, 2, P)
+    assert gather_wavefronts(D, 4, _reverse_start(P, 1)) < gather_wavefronts(D, 4, P)
