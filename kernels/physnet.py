@@ -142,8 +142,8 @@ if triton is not None:
 
     @triton.jit
     def _load_f(j_ptr, c_ptr, idx, ok, D: tl.constexpr):
-        """f = jtau - coriolis at element ``idx`` (any shape), 0 where idx is out of [0, D) or not ok."""
-        m = ok & (idx >= 0) & (idx < D)
+        """f = jtau - coriolis at element ``idx`` >= 0 (any shape), 0 where idx >= D or not ok."""
+        m = ok & (idx < D)
         return tl.load(j_ptr + idx, mask=m, other=0.0).to(tl.float32) - tl.load(c_ptr + idx, mask=m, other=0.0).to(
             tl.float32)
 
@@ -155,8 +155,7 @@ if triton is not None:
         mf_ptr/mr_ptr: [NS] pointers to the two packed triangles (int32 words of two 16-bit elements
         when WORDS); jf/jr/cf/cr: [NS] pointers to the jtau and coriolis rows; okf/okr: [NS] which
         rows exist. Both triangles are loaded flat into one [NS, SW] tensor, the reverse one from
-        element R0, then M^-1[k, i] is gathered
-        from it as a [NS, DP(k), DP(i), 2] tile.
+        element R0, then M^-1[k, i] is gathered from it as a [NS, DP(k), DP(i), 2] tile.
         """
         P: tl.constexpr = D * (D + 1) // 2
         NE: tl.constexpr = P // 2 if WORDS else P  # source elements per triangle
@@ -174,7 +173,7 @@ if triton is not None:
         k = tl.minimum(tl.arange(0, DP), D - 1)[:, None, None]
         i = tl.minimum(tl.arange(0, DP), D - 1)[None, :, None]
         d = tl.arange(0, 2)[None, None, :]
-        idx = d * (SE // SW * R0) + tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
+        idx = d * (2 * R0 if WORDS else R0) + tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
         if NS == 1:  # the GPU path: Triton 3.6 lowers a gather across warps only in one dimension
             g = tl.reshape(tl.gather(tl.reshape(src, [SE]), tl.reshape(idx, [2 * DP * DP]), 0), [1, DP, DP, 2])
         else:
