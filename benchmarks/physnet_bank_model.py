@@ -2,38 +2,51 @@
 
     python -m benchmarks.physnet_bank_model [--joints 17]
 
-For every gather instruction (register row k, lanes (direction d = lane % 2, column i = lane // 2 + 16
-warp + 32 rep)) it counts the wavefronts a 32-bank shared memory needs: the most distinct 4-byte words
-that fall on one bank. Prints the wavefronts per slot (two solves) for 16-bit and fp32 inputs with
-the reverse triangle right after the forward one and with the kernel's 16-bank offset. Checked
-against Nsight Compute on an H100 (benchmarks/RESULTS.md): the model's 161 (16-bit) and 221 (fp32)
-conflict wavefronts per slot without the offset matched the measured 162 and 231.
+For every gather instruction it counts the wavefronts a 32-bank shared memory needs: the most
+distinct 4-byte words that fall on one bank. Prints the wavefronts per slot (two solves) for the
+kernel's two layouts and the ones they replaced:
+
+- 16-bit inputs: element p of the forward and the reverse triangle share one int32 word, so one
+  gather per (row k, column i) fetches both matrices; lanes hold columns i (i = lane + 32 warp).
+- fp32: both triangles side by side, the reverse one from element r0; lanes hold (direction
+  d = lane % 2, column i = lane // 2 + 16 warp + 32 rep).
+
+Checked against Nsight Compute (benchmarks/RESULTS.md): conflict wavefronts per slot, model against
+measured, 161/162 (16-bit side by side), 97/99 (16-bit, 16-bank offset), 44/45 (16-bit interleaved),
+221/231 (fp32 side by side) and 39/51 (fp32, 16-bank offset).
 """
 import argparse
 
 from kernels.physnet import _reverse_start
 
 
+def _packed(D, k, i):
+    """M[k, i] = L[max, min] in the packed lower triangle; rows and columns past D repeat the last one."""
+    k, i = min(k, D - 1), min(i, D - 1)
+    return i * (i + 1) // 2 + k if k < i else k * (k + 1) // 2 + i
+
+
+def _wavefronts(addresses):
+    """Wavefronts of one warp instruction: the most distinct 4-byte words on one of 32 banks."""
+    banks = {}
+    for word in addresses:
+        banks.setdefault(word % 32, set()).add(word)
+    return max(len(words) for words in banks.values())
+
+
 def gather_wavefronts(D, esize, r0):
-    """Wavefronts per slot of the gather; ``esize`` bytes per element, ``r0`` the reverse triangle's
-    first element in the shared copy."""
-    last = D - 1
+    """Side-by-side layout: wavefronts per slot; ``esize`` bytes per element, ``r0`` the reverse
+    triangle's first element in the shared copy."""
+    return sum(
+        _wavefronts([(lane % 2 * r0 + _packed(D, k, lane // 2 + 16 * warp + 32 * rep)) * esize // 4
+                     for lane in range(32)])
+        for k in range(D) for warp in range(2) for rep in range(2))
 
-    def packed(k, i):  # M[k, i] = L[max, min]; rows and columns past D repeat the last one
-        k, i = min(k, last), min(i, last)
-        return i * (i + 1) // 2 + k if k < i else k * (k + 1) // 2 + i
 
-    total = 0
-    for k in range(D):
-        for warp in range(2):
-            for rep in range(2):
-                banks = {}
-                for lane in range(32):
-                    d, i = lane % 2, lane // 2 + 16 * warp + 32 * rep
-                    word = (d * r0 + packed(k, i)) * esize // 4
-                    banks.setdefault(word % 32, set()).add(word)
-                total += max(len(words) for words in banks.values())
-    return total
+def interleaved_wavefronts(D):
+    """Interleaved 16-bit layout (one word per element pair): wavefronts per slot."""
+    return sum(_wavefronts([_packed(D, k, lane + 32 * warp) for lane in range(32)])
+               for k in range(D) for warp in range(2))
 
 
 def main(argv=None):
@@ -44,17 +57,17 @@ def main(argv=None):
     if not 32 < D <= 64:
         ap.error(f"--joints: the model follows the lane layout of 33 <= 3J <= 64 (J = 11..21), got J={args.joints}")
     P = D * (D + 1) // 2
-    ideal = D * 4  # one wavefront per instruction: D rows x 2 warps x 2 reps
-    print(f"J={args.joints} D={D}: {ideal} gather instructions per slot (= wavefronts without conflicts)")
-    for name, esize in (("16-bit", 2), ("fp32", 4)):
-        # the kernel's copy: 16-bit triangles travel as words when P is even; r0 as in _physnet_fused_triton
-        units = P // 2 if esize == 2 and P % 2 == 0 else P
-        r0 = _reverse_start(units, 2 if esize == 2 and P % 2 else 1)
-        per_unit = 2 if esize == 2 and P % 2 == 0 else 1  # elements per copy unit
-        plain = gather_wavefronts(D, esize, P)
-        shifted = gather_wavefronts(D, esize, r0 * per_unit)
-        print(f"{name:>6}: reverse triangle right after the forward one {plain} "
-              f"(conflicts {plain - ideal}); 16 banks later {shifted} (conflicts {shifted - ideal})")
+    side = D * 4  # side by side: D rows x 2 warps x 2 reps, one wavefront each without conflicts
+    print(f"J={args.joints} D={D}")
+    inter = interleaved_wavefronts(D)
+    print(f"16-bit, interleaved (the kernel): {inter} wavefronts for {2 * D} instructions "
+          f"(conflicts {inter - 2 * D})")
+    plain, shifted = gather_wavefronts(D, 2, P), gather_wavefronts(D, 2, 2 * _reverse_start(P // 2, 1))
+    print(f"16-bit, side by side (before): {plain} (conflicts {plain - side}); reverse triangle 16 banks later "
+          f"{shifted} (conflicts {shifted - side}), for {side} instructions")
+    plain, shifted = gather_wavefronts(D, 4, P), gather_wavefronts(D, 4, _reverse_start(P, 1))
+    print(f"  fp32, side by side: {plain} (conflicts {plain - side}); reverse triangle 16 banks later (the kernel) "
+          f"{shifted} (conflicts {shifted - side}), for {side} instructions")
     return 0
 
 

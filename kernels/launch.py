@@ -46,14 +46,15 @@ class Launcher:
     (tens of microseconds, far longer than a small kernel runs). On CUDA this keeps the compiled
     kernel per *specialisation key* computed here, a superset of what Triton specialises on (each
     tensor's dtype and 16-byte alignment; each int's ``== 1``, ``% 16 == 0`` and 32-bit range; the
-    constexprs and launch options), and replays it through the compiled kernel's own launcher.
+    constexprs and launch options), and replays it through the compiled kernel's own launcher,
+    skipping Triton's launch hooks and their metadata while none is registered.
     The first call for a key, and every call off CUDA (the interpreter), takes Triton's own path.
     ``args`` are the kernel's non-constexpr arguments in order; ``consts`` its constexprs, in the
     order they follow the arguments in the signature.
     """
 
     def __init__(self, kernel):
-        self.kernel, self.compiled = kernel, {}
+        self.kernel, self.compiled, self._plans, self._stream = kernel, {}, {}, None
 
     @staticmethod
     def _arg_key(a):
@@ -67,24 +68,41 @@ class Launcher:
 
     def __call__(self, grid, args, consts: dict, spec=None, **options):
         """``spec``: optional hashable that, with the tensors' dtypes and alignment, determines every
-        int argument (e.g. shapes and strides): then only the tensors are inspected per call."""
-        device = args[0].device
-        kernel = kernel_for(self.kernel, device)
-        if device.type != "cuda":
-            return kernel[grid](*args, **consts, **options)
+        int argument (e.g. shapes and strides) and which arguments are tensors: then only the
+        tensors are inspected per call."""
+        a0 = args[0]
+        if not a0.is_cuda:
+            return kernel_for(self.kernel, a0.device)[grid](*args, **consts, **options)
+        device = a0.get_device()
         if spec is None:
             arg_key = tuple(map(self._arg_key, args))
-        else:
-            arg_key = (spec, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
-        key = (device.index, arg_key, tuple(consts.items()), tuple(options.items()))
+        else:  # where the tensors are is fixed per spec: look it up once, then read only those
+            plan = (device, spec)
+            where = self._plans.get(plan)
+            if where is None:
+                where = self._plans[plan] = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            arg_key = (spec, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in where]))
+        key = (device, arg_key, tuple(consts.items()), tuple(options.items()))
         compiled = self.compiled.get(key)
         if compiled is None:
-            self.compiled[key] = kernel[grid](*args, **consts, **options)
+            self.compiled[key] = self.kernel[grid](*args, **consts, **options)
             return None
-        stream = driver.active.get_current_stream(device.index)
+        if self._stream is None:
+            self._stream = driver.active.get_current_stream
         full = (*args, *consts.values())
         g = (*grid, 1, 1)
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        if _no_hooks(enter) and _no_hooks(leave):  # the usual case: no metadata to build, no hooks to call
+            compiled.run(g[0], g[1], g[2], self._stream(device), compiled.function, compiled.packed_metadata,
+                         None, None, None, *full)
+            return None
+        stream = self._stream(device)
         meta = compiled.launch_metadata(g, stream, *full)
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
-                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta, enter, leave,
+                     *full)
         return None
+
+
+def _no_hooks(hook):
+    """True for no launch hook: None, or an empty ``HookChain`` (Triton >= 3.4 always has one)."""
+    return hook is None or getattr(hook, "calls", True) == []

@@ -24,11 +24,15 @@ slot (straight-line code); the interpreter takes whole chunks of slots as one te
 
 A solve is bound by the SM's load/store pipe, not by DRAM or arithmetic, so the kernel spends as few
 load/store instructions as it can (benchmarks/RESULTS.md has the profiles). Both packed triangles
-of a slot are read flat and contiguous (coalesced; 16-bit inputs as int32 words, two elements per
-load), then the full symmetric ``M^-1[k, i] = L[max(i,k), min(i,k)]`` is gathered from that copy in
-shared memory (``tl.gather``) into a tile whose columns ``i`` sit on lanes and rows ``k`` in
-registers, so ``qdd_i = sum_k M^-1[k, i] f_k`` is a sum in registers: no shuffles, no transposes and
-no separate diagonal term.
+of a slot are read flat and contiguous (coalesced), copied to shared memory by ``tl.gather``, and the
+full symmetric ``M^-1[k, i] = L[max(i,k), min(i,k)]`` is gathered from that copy into a tile whose
+columns ``i`` sit on lanes and rows ``k`` in registers, so ``qdd_i = sum_k M^-1[k, i] f_k`` is a sum in
+registers: no shuffles, no transposes and no separate diagonal term. 16-bit inputs (read as int32
+words, two elements per load, where alignment allows) are interleaved first: element ``p`` of the
+forward and of the reverse triangle share one int32, so a single 4-byte gather fetches both
+matrices' entries (half the gathers of one per element, and fewer bank conflicts). fp32 keeps the
+triangles side by side, the reverse one 16 banks past the forward one, with lanes alternating
+between the directions (benchmarks/physnet_bank_model.py models the bank conflicts of both).
 """
 import math
 import numbers
@@ -148,43 +152,66 @@ if triton is not None:
             tl.float32)
 
     @triton.jit
+    def _packed(k, i):
+        """Index of M^-1[k, i] = L[max, min] in the packed row-major lower triangle."""
+        return tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
+
+    @triton.jit
+    def _gather(src, idx, NS: tl.constexpr):
+        """src [NS, N] gathered at idx (any shape, the same for every row), flat: [NS, idx.numel]."""
+        n: tl.constexpr = idx.numel
+        if NS == 1:  # the GPU path: Triton 3.6 lowers a gather across warps only in one dimension
+            g = tl.reshape(tl.gather(tl.reshape(src, [src.numel]), tl.reshape(idx, [n]), 0), [1, n])
+        else:
+            g = tl.gather(src, tl.broadcast_to(tl.reshape(idx, [1, n]), [NS, n]), 1)
+        return g
+
+    @triton.jit
     def _solve_pair(mf_ptr, mr_ptr, jf_ptr, jr_ptr, cf_ptr, cr_ptr, okf, okr,
-                    D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, R0: tl.constexpr, WORDS: tl.constexpr):
+                    D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, R0: tl.constexpr, WORDS: tl.constexpr,
+                    PAIRS: tl.constexpr):
         """M^-1 (jtau - coriolis) for NS (forward, reverse) pairs; returns (y_fwd, y_rev), [NS, DP] fp32.
 
-        mf_ptr/mr_ptr: [NS] pointers to the two packed triangles (int32 words of two 16-bit elements
-        when WORDS); jf/jr/cf/cr: [NS] pointers to the jtau and coriolis rows; okf/okr: [NS] which
-        rows exist. Both triangles are loaded flat into one [NS, SW] tensor, the reverse one from
-        element R0, then M^-1[k, i] is gathered from it as a [NS, DP(k), DP(i), 2] tile.
+        mf_ptr/mr_ptr: [NS] pointers to the two packed triangles; jf/jr/cf/cr: [NS] pointers to the
+        jtau and coriolis rows; okf/okr: [NS] which rows exist.
+        PAIRS (16-bit inputs, read as int16, or as int32 words of two elements when WORDS): element p
+        of both triangles is packed into one int32 (forward low, reverse high), so one gather of a
+        [NS, DP(k), DP(i)] tile of those fetches both matrices.
+        Otherwise (fp32): both triangles are loaded flat into one [NS, SW] tensor, the reverse one
+        from element R0, and gathered as a [NS, DP(k), DP(i), 2] tile.
         """
         P: tl.constexpr = D * (D + 1) // 2
-        NE: tl.constexpr = P // 2 if WORDS else P  # source elements per triangle
+        NE: tl.constexpr = P // 2 if WORDS else P  # source units (words or elements) per triangle
         NS: tl.constexpr = okf.shape[0]
         w = tl.arange(0, SW)[None, :]
+        # rows and columns past D repeat the last one: finite values that f (zero past D) or the masked
+        # stores discard, and no address outside the triangle
+        kr = tl.minimum(tl.arange(0, DP), D - 1)
+        kk = tl.arange(0, DP)[None, :]
+        ff = _load_f(jf_ptr[:, None], cf_ptr[:, None], kk, okf[:, None], D)  # [NS, DP(k)]
+        fr = _load_f(jr_ptr[:, None], cr_ptr[:, None], kk, okr[:, None], D)
+        if PAIRS:
+            a = tl.load(mf_ptr[:, None] + w, mask=(w < NE) & okf[:, None], other=0)
+            b = tl.load(mr_ptr[:, None] + w, mask=(w < NE) & okr[:, None], other=0)
+            if WORDS:  # words (low element first): pair up the low halves, then the high halves
+                lo = (a & 0xFFFF) | (b << 16)
+                hi = ((a >> 16) & 0xFFFF) | (b & -65536)
+                src = tl.reshape(tl.join(lo, hi), [NS, 2 * SW])
+            else:
+                src = (a.to(tl.int32) & 0xFFFF) | (b.to(tl.int32) << 16)
+            g = tl.reshape(_gather(src, _packed(kr[:, None], kr[None, :]), NS), [NS, DP, DP])  # int32 [k, i]
+            ty = jf_ptr.dtype.element_ty
+            gf = g.to(tl.int16).to(ty, bitcast=True).to(tl.float32)
+            gr = (g >> 16).to(tl.int16).to(ty, bitcast=True).to(tl.float32)
+            return tl.sum(gf * ff[:, :, None], axis=1), tl.sum(gr * fr[:, :, None], axis=1)
         in_f = w < NE
         in_r = (w >= R0) & (w < R0 + NE)
         src = tl.load(tl.where(in_f, mf_ptr[:, None] + w, mr_ptr[:, None] + (w - R0)),
                       mask=(in_f & okf[:, None]) | (in_r & okr[:, None]), other=0)
-        if WORDS:  # split each word into its two 16-bit elements (little-endian: the low half first)
-            src = tl.reshape(tl.join((src & 0xFFFF).to(tl.int16), (src >> 16).to(tl.int16)), [NS, 2 * SW])
-        SE: tl.constexpr = 2 * SW if WORDS else SW
-        # rows and columns past D repeat the last one: finite values that f (zero past D) or the masked
-        # stores discard, and no address outside the triangle
-        k = tl.minimum(tl.arange(0, DP), D - 1)[:, None, None]
-        i = tl.minimum(tl.arange(0, DP), D - 1)[None, :, None]
         d = tl.arange(0, 2)[None, None, :]
-        idx = d * (2 * R0 if WORDS else R0) + tl.where(k < i, i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
-        if NS == 1:  # the GPU path: Triton 3.6 lowers a gather across warps only in one dimension
-            g = tl.reshape(tl.gather(tl.reshape(src, [SE]), tl.reshape(idx, [2 * DP * DP]), 0), [1, DP, DP, 2])
-        else:
-            idx = tl.broadcast_to(tl.reshape(idx, [1, 2 * DP * DP]), [NS, 2 * DP * DP])
-            g = tl.reshape(tl.gather(src, idx, 1), [NS, DP, DP, 2])
-        if WORDS:
-            g = g.to(jf_ptr.dtype.element_ty, bitcast=True)
-        kk = tl.arange(0, DP)[None, :]
-        f = tl.join(_load_f(jf_ptr[:, None], cf_ptr[:, None], kk, okf[:, None], D),
-                    _load_f(jr_ptr[:, None], cr_ptr[:, None], kk, okr[:, None], D))  # [NS, DP(k), 2]
-        return tl.split(tl.sum(g.to(tl.float32) * f[:, :, None, :], axis=1))
+        g = tl.reshape(_gather(src, d * R0 + _packed(kr[:, None, None], kr[None, :, None]), NS), [NS, DP, DP, 2])
+        f = tl.join(ff, fr)  # [NS, DP(k), 2]
+        return tl.split(tl.sum(g * f[:, :, None, :], axis=1))
 
     @triton.jit
     def _physnet_slots_step(
@@ -192,7 +219,7 @@ if triton is not None:
         spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
         q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd,
         T, dt2, w, w_pp, D: tl.constexpr, DP: tl.constexpr, SW: tl.constexpr, R0: tl.constexpr,
-        WORDS: tl.constexpr,
+        WORDS: tl.constexpr, PAIRS: tl.constexpr,
     ):
         """Slots e of clip b: qdd[e-1, fwd], qdd[e+1, rev], then s_pp and s_fused of frame e."""
         r = tl.arange(0, DP)[None, :]
@@ -205,7 +232,7 @@ if triton is not None:
         a0, a1 = _solve_pair(
             minv_ptr + b * m_sb + uf * m_st, minv_ptr + b * m_sb + ur * m_st + m_sd,
             jtau_ptr + b * j_sb + uf * j_st, jtau_ptr + b * j_sb + ur * j_st + j_sd,
-            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, R0, WORDS)
+            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, R0, WORDS, PAIRS)
         tl.store(qdd_ptr + ((b * T + uf) * (2 * D))[:, None] + r, a0.to(ty), mask=okf[:, None] & v)
         tl.store(qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None] + r, a1.to(ty), mask=okr[:, None] & v)
         # integration, averaging and fusion for frame e
@@ -239,9 +266,10 @@ if triton is not None:
         dt2, w, w_pp,  # dt^2, w, 1 - w
         D: tl.constexpr,  # 3J
         DP: tl.constexpr,  # power of two >= D
-        SW: tl.constexpr,  # power of two holding both triangles (int32 words when WORDS), the second from R0
-        R0: tl.constexpr,  # where the reverse triangle starts in that tensor
+        SW: tl.constexpr,  # power of two holding one triangle's words or elements (PAIRS), else both, the second from R0
+        R0: tl.constexpr,  # where the reverse triangle starts in that tensor (fp32)
         WORDS: tl.constexpr,  # minv_ptr holds int32 words of two 16-bit elements
+        PAIRS: tl.constexpr,  # 16-bit inputs: the two triangles are interleaved element by element
         NS: tl.constexpr,  # slots computed together (a tensor dimension; 1 on the GPU)
         LOOP: tl.constexpr,  # False: one program per work item and n_slots <= NS (straight-line code)
     ):
@@ -261,7 +289,7 @@ if triton is not None:
                     _physnet_slots_step(
                         s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr,
                         cor_ptr, q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w,
-                        w_pp, D, DP, SW, R0, WORDS)
+                        w_pp, D, DP, SW, R0, WORDS, PAIRS)
         else:
             item = tl.program_id(0)
             b = (item // n_chunks).to(tl.int64)
@@ -269,7 +297,7 @@ if triton is not None:
             sl = tl.arange(0, NS)
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
-                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, R0, WORDS)
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, R0, WORDS, PAIRS)
 
 
 _launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
@@ -301,21 +329,21 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     s_pp, s_fused = out.unbind(0)[:2]
     qdd = out[2:].view(B, T, 2, D)
     P = D * (D + 1) // 2
-    # 16-bit elements travel as int32 words (half the load and store instructions) when every
-    # triangle starts on a word: an even P, even strides and an even storage offset
+    # 16-bit inputs: the kernel interleaves the two triangles element by element (one gather fetches
+    # both), reading them as int32 words (two elements per load) when every triangle starts on a word:
+    # an even P, even strides and an even storage offset; fp32: the reverse triangle starts 16 banks
+    # after the forward one in the shared copy (lanes alternate directions, so their gathers fall on
+    # opposite halves of the banks; benchmarks/physnet_bank_model.py)
+    pairs = m.element_size() == 2
     ms = m.stride()
-    words = (m.element_size() == 2 and P % 2 == 0 and m.storage_offset() % 2 == 0 and ms[0] % 2 == 0
-             and ms[1] % 2 == 0 and ms[2] % 2 == 0)
-    if words:
-        m = m.view(torch.int32)
+    words = pairs and P % 2 == 0 and m.storage_offset() % 2 == 0 and ms[0] % 2 == 0 and ms[1] % 2 == 0 \
+        and ms[2] % 2 == 0
+    if pairs:
+        m = m.view(torch.int32 if words else torch.int16)
         ms = m.stride()
+    ne = P // 2 if words else P  # source units (words or elements) per triangle
+    r0 = 0 if pairs else _reverse_start(P, 1)
     dp = _next_pow2(D)
-    # the reverse triangle starts 16 banks (4-byte words) after the forward one in shared memory: lanes
-    # alternate between the two directions, so their gathers fall on opposite halves of the banks (a
-    # model of the bank mapping gives 301 instead of 365 shared-memory wavefronts per slot for 16-bit
-    # inputs and 243 instead of 425 for fp32, against 204 with no conflicts)
-    ne = P // 2 if words else P  # source elements (words or values) per triangle
-    r0 = _reverse_start(ne, 2 if m.element_size() == 2 and not words else 1)
     on_gpu = s_dd.device.type == "cuda"
     if slots is None:  # the interpreter pays per program and per operation, not per element
         slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)
@@ -335,7 +363,8 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
         (s_pp, s_fused, qdd, q, m, jtau, coriolis,
          qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
          T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "DP": dp, "SW": _next_pow2(r0 + ne), "R0": r0, "WORDS": words, "NS": ns, "LOOP": loop},
+        {"D": D, "DP": dp, "SW": _next_pow2(r0 + ne), "R0": r0, "WORDS": words, "PAIRS": pairs, "NS": ns,
+         "LOOP": loop},
         spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
     )
     return s_pp, s_fused, qdd

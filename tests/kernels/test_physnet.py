@@ -282,9 +282,10 @@ def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
 
 # ------------------------------------------------------------------------------- bank model
 def test_reverse_triangle_offset_and_bank_model():
-    """The reverse triangle starts 16 banks past a bank boundary; the bank model (checked against
-    Nsight Compute's 162 and 231 conflict wavefronts per slot without the offset) says it helps."""
-    from benchmarks.physnet_bank_model import gather_wavefronts
+    """fp32: the reverse triangle starts 16 banks past a bank boundary; 16-bit: the triangles are
+    interleaved. The bank model (checked against Nsight Compute, benchmarks/RESULTS.md) says both
+    beat the side-by-side copy."""
+    from benchmarks.physnet_bank_model import gather_wavefronts, interleaved_wavefronts
     from kernels.physnet import _reverse_start
 
     for n, per_bank in [(663, 1), (1326, 1), (561, 2), (1008, 1), (6, 1)]:
@@ -292,5 +293,6 @@ def test_reverse_triangle_offset_and_bank_model():
         assert n <= r0 < n + 32 * per_bank and (r0 // per_bank) % 32 == 16
     D, P = 51, 1326
     assert gather_wavefronts(D, 2, P) - 204 == 161 and gather_wavefronts(D, 4, P) - 204 == 221
-    assert gather_wavefronts(D, 2, 2 * _reverse_start(P // 2, 1)) < gather_wavefronts(D, 2, P)
-    assert gather_wavefronts(D, 4, _reverse_start(P, 1)) < gather_wavefronts(D, 4, P)
+    assert gather_wavefronts(D, 4, _reverse_start(P, 1)) - 204 == 39
+    assert interleaved_wavefronts(D) - 102 == 44
+    assert interleaved_wavefronts(D) < gather_wavefronts(D, 2, 2 * _reverse_start(P // 2, 1)) < gather_wavefronts(D, 2, P)
