@@ -49,6 +49,8 @@ class Launcher:
     constexprs and launch options), and replays it through the compiled kernel's own launcher,
     skipping Triton's launch hooks and their metadata while none is registered.
     The first call for a key, and every call off CUDA (the interpreter), takes Triton's own path.
+    A tuple for the ``maxnreg`` option lists register caps to try: the first whose build spills
+    nothing is kept.
     ``args`` are the kernel's non-constexpr arguments in order; ``consts`` its constexprs, in the
     order they follow the arguments in the signature.
     """
@@ -85,8 +87,11 @@ class Launcher:
         key = (device, arg_key, tuple(consts.items()), tuple(options.items()))
         compiled = self.compiled.get(key)
         if compiled is None:
-            self.compiled[key] = self.kernel[grid](*args, **consts, **options)
-            return None
+            caps = options.get("maxnreg")
+            if not isinstance(caps, tuple):
+                self.compiled[key] = self.kernel[grid](*args, **consts, **options)
+                return None
+            compiled = self.compiled[key] = self._first_without_spills(grid, args, consts, options, caps)
         if self._stream is None:
             self._stream = driver.active.get_current_stream
         full = (*args, *consts.values())
@@ -101,6 +106,16 @@ class Launcher:
         compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta, enter, leave,
                      *full)
         return None
+
+    def _first_without_spills(self, grid, args, consts, options, caps):
+        """Build with each register cap in ``caps`` in turn; keep the first build that spills nothing to
+        local memory (fewer registers per thread, more programs per SM), else the last."""
+        for cap in caps:
+            compiled = self.kernel.warmup(*args, grid=grid, **consts, **{**options, "maxnreg": cap})
+            compiled._init_handles()
+            if compiled.n_spills == 0:
+                break
+        return compiled
 
 
 def _no_hooks(hook):

@@ -280,6 +280,25 @@ def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
     assert len(_launch_physnet.compiled) >= 3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("J,caps", [(17, (64, 128)), (17, (40, 128)), (21, (64, 96, 128))])
+def test_gpu_register_caps_take_the_first_build_without_spills(J, caps, gen):
+    """A tuple of register caps: the launcher keeps the first build that spills nothing (64 registers
+    suffice for fp16 at J = 17, 40 never do), and the results stay exact."""
+    from kernels.physnet import _launch_physnet
+
+    args = make_inputs(3, 9, J, torch.float16, device="cuda", gen=gen)
+    for _ in range(2):  # the build, then the cached launch
+        got = _physnet_fused_triton(*args, DT, 0.3, maxnreg=caps)
+        assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2.0**-10, atol=2.0**-10)
+    kept = [c for k, c in _launch_physnet.compiled.items() if ("maxnreg", caps) in k[3]]
+    assert len(kept) == 1 and kept[0].n_regs <= caps[-1]
+    if caps == (64, 128):
+        assert kept[0].n_spills == 0 and kept[0].n_regs <= 64
+    if caps[0] == 40:  # 40 registers spill: a larger cap was kept
+        assert kept[0].n_regs > 40
+
+
 # ------------------------------------------------------------------------------- bank model
 def test_reverse_triangle_offset_and_bank_model():
     """fp32: the reverse triangle starts 16 banks past a bank boundary; 16-bit: the triangles are
