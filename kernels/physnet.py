@@ -89,11 +89,15 @@ def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes
             raise ValueError(f"{name}: expected dtype {s_dd.dtype} (the dtype of s_dd), got {x.dtype}")
         if x.device != s_dd.device:
             raise ValueError(f"{name}: expected device {s_dd.device} (the device of s_dd), got {x.device}")
+    _check_numbers(dt, fuse_weight)
+    return B, T, J, D
+
+
+def _check_numbers(dt, fuse_weight):
     if not _is_real(dt) or not math.isfinite(dt) or dt <= 0:
         raise ValueError(f"dt: expected a finite number > 0 (1/fps), got {dt!r}")
     if not _is_real(fuse_weight) or not (0.0 <= fuse_weight <= 1.0):
         raise ValueError(f"fuse_weight: expected a number in [0, 1], got {fuse_weight!r}")
-    return B, T, J, D
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +237,8 @@ if triton is not None:
         a0, a1 = _solve_pair(
             minv_ptr + b * m_sb + uf * m_st, minv_ptr + b * m_sb + ur * m_st + m_sd,
             jtau_ptr + b * j_sb + uf * j_st, jtau_ptr + b * j_sb + ur * j_st + j_sd,
-            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, R0, WORDS, PAIRS)
+            cor_ptr + b * c_sb + uf * c_st, cor_ptr + b * c_sb + ur * c_st + c_sd, okf, okr, D, DP, SW, R0, WORDS,
+            PAIRS)
         tl.store(qdd_ptr + ((b * T + uf) * (2 * D))[:, None] + r, a0.to(ty), mask=okf[:, None] & v)
         tl.store(qdd_ptr + ((b * T + ur) * (2 * D) + D)[:, None] + r, a1.to(ty), mask=okr[:, None] & v)
         # integration, averaging and fusion for frame e
@@ -267,7 +272,8 @@ if triton is not None:
         dt2, w, w_pp,  # dt^2, w, 1 - w
         D: tl.constexpr,  # 3J
         DP: tl.constexpr,  # power of two >= D
-        SW: tl.constexpr,  # power of two holding one triangle's words or elements (PAIRS), else both, the second from R0
+        SW: tl.constexpr,  # power of two holding one triangle's words or elements (PAIRS), else both triangles
+        # (the second from R0)
         R0: tl.constexpr,  # where the reverse triangle starts in that tensor (fp32)
         WORDS: tl.constexpr,  # minv_ptr holds int32 words of two 16-bit elements
         PAIRS: tl.constexpr,  # 16-bit inputs: the two triangles are interleaved element by element
@@ -298,20 +304,70 @@ if triton is not None:
             sl = tl.arange(0, NS)
             _physnet_slots_step(
                 s0 - 1 + sl, sl < n_slots, b, spp_ptr, sfused_ptr, qdd_ptr, q_ptr, minv_ptr, jtau_ptr, cor_ptr,
-                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, R0, WORDS, PAIRS)
+                q_sb, q_st, m_sb, m_st, m_sd, j_sb, j_st, j_sd, c_sb, c_st, c_sd, T, dt2, w, w_pp, D, DP, SW, R0, WORDS,
+                PAIRS)
 
 
 _launch_physnet = Launcher(_physnet_fused_slots_kernel) if triton is not None else None
-
-
-def _unit_last(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _reverse_start(n, per_bank):
     """First element of the reverse triangle in the kernel's shared copy: at least ``n`` (the forward
     triangle's elements), 16 banks past a 32-bank boundary; ``per_bank``: elements per 4-byte bank."""
     return n + (16 * per_bank - n % (32 * per_bank)) % (32 * per_bank)
+
+
+class _Plan:
+    """Everything a launch needs that follows from the inputs' shapes, strides, dtypes and devices and
+    from the launch options: worked out (and the inputs validated) once per layout, then reused."""
+
+    __slots__ = ("dims", "copy", "view", "ints", "consts", "spec", "grid", "options")
+
+    def __init__(self, s_dd, minv_tril, jtau, coriolis, slots, ns, num_warps, programs, maxnreg):
+        B, T, J, D = self.dims = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, 1.0, 0.5, _DTYPES)
+        # the kernel needs unit stride along the last dimension; s_dd as (B,T,D) is a view whenever
+        # (J,3) are contiguous
+        q = s_dd.reshape(B, T, D)
+        self.copy = tuple(x.stride(-1) != 1 for x in (q, minv_tril, jtau, coriolis))
+        q, m, jtau, coriolis = (x.contiguous() if c else x for x, c in zip((q, minv_tril, jtau, coriolis), self.copy))
+        P = D * (D + 1) // 2
+        # 16-bit inputs: the kernel interleaves the two triangles element by element (one gather fetches
+        # both), reading them as int32 words (two elements per load) when every triangle starts on a
+        # word: an even P, even strides and an even storage offset; fp32: the reverse triangle starts
+        # 16 banks after the forward one in the shared copy (lanes alternate directions, so their
+        # gathers fall on opposite halves of the banks; benchmarks/physnet_bank_model.py)
+        pairs = m.element_size() == 2
+        words = pairs and P % 2 == 0 and m.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in m.stride()[:3])
+        self.view = (torch.int32 if words else torch.int16) if pairs else None
+        if pairs:
+            m = m.view(self.view)
+        ne = P // 2 if words else P  # source units (words or elements) per triangle
+        r0 = 0 if pairs else _reverse_start(P, 1)
+        dp = _next_pow2(D)
+        on_gpu = s_dd.device.type == "cuda"
+        if slots is None:  # the interpreter pays per program and per operation, not per element
+            slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)
+        if ns is None:  # the interpreter's tensors stay under Triton's 2**20 elements
+            ns = 1 if on_gpu else min(_next_pow2(slots), max(1, (1 << 20) // (2 * dp * dp)))
+        n_chunks = _cdiv(T + 2, slots)  # slots e = -1 .. T
+        n_items = B * n_chunks
+        self.grid = (min(programs or n_items, n_items),)
+        qs, ms, js, cs = q.stride(), m.stride(), jtau.stride(), coriolis.stride()
+        self.ints = (qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
+                     T, n_chunks, slots, n_items)
+        self.consts = {"D": D, "DP": dp, "SW": _next_pow2(r0 + ne), "R0": r0, "WORDS": words, "PAIRS": pairs,
+                       "NS": ns, "LOOP": self.grid[0] < n_items or slots > ns}
+        self.spec = (B, T, J, qs, ms, js, cs, self.grid, slots)
+        # two warps per slot: the fastest on an H100 and an H200 (benchmarks/RESULTS.md). Register cap:
+        # 16-bit programs hold one column per thread and fit in 64 registers for most J, which doubles
+        # the programs per SM against 128 (fp16, J = 17, H200: 80 us against 94 us at 32768 frames);
+        # the lowest cap whose build spills nothing is taken. fp32 spills below 112.
+        self.options = {"num_warps": num_warps or 2}
+        if on_gpu:
+            self.options["maxnreg"] = maxnreg or ((64, 96, 128) if pairs else 128)
+
+
+_PLANS = {}  # _Plan by the inputs' layout and the launch options
 
 
 def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slots=None, ns=None, num_warps=None,
@@ -321,57 +377,42 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     fewer = persistent programs striding over the items); ``maxnreg``: register cap per thread (CUDA
     only), or a tuple of caps of which the first that builds without spills is taken; by default
     (64, 96, 128) for 16-bit inputs and 128 for fp32 (ptxas otherwise picks 80 and spills).
+
+    A small call is bound by this host code, so what follows from the inputs' layout is worked out
+    once per layout (``_Plan``); a layout seen before was validated then, and only ``dt`` and
+    ``fuse_weight`` are checked again.
     """
-    B, T, J, D = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, _DTYPES)
-    q = _unit_last(s_dd.reshape(B, T, D))  # a view whenever (J,3) are contiguous
-    m, jtau, coriolis = _unit_last(minv_tril), _unit_last(jtau), _unit_last(coriolis)
-    # one allocation for the three outputs, cut with as few tensor ops as possible (a small call is
-    # host-bound): rows 0 and 1 are s_pp and s_fused, rows 2 and 3 together qdd (B,T,2,D)
-    out = torch.empty((4, B, T, J, 3), device=s_dd.device, dtype=s_dd.dtype)
-    s_pp, s_fused = out.unbind(0)[:2]
-    qdd = out[2:].view(B, T, 2, D)
-    P = D * (D + 1) // 2
-    # 16-bit inputs: the kernel interleaves the two triangles element by element (one gather fetches
-    # both), reading them as int32 words (two elements per load) when every triangle starts on a word:
-    # an even P, even strides and an even storage offset; fp32: the reverse triangle starts 16 banks
-    # after the forward one in the shared copy (lanes alternate directions, so their gathers fall on
-    # opposite halves of the banks; benchmarks/physnet_bank_model.py)
-    pairs = m.element_size() == 2
-    ms = m.stride()
-    words = pairs and P % 2 == 0 and m.storage_offset() % 2 == 0 and ms[0] % 2 == 0 and ms[1] % 2 == 0 \
-        and ms[2] % 2 == 0
-    if pairs:
-        m = m.view(torch.int32 if words else torch.int16)
-        ms = m.stride()
-    ne = P // 2 if words else P  # source units (words or elements) per triangle
-    r0 = 0 if pairs else _reverse_start(P, 1)
-    dp = _next_pow2(D)
-    on_gpu = s_dd.device.type == "cuda"
-    if slots is None:  # the interpreter pays per program and per operation, not per element
-        slots = 1 if on_gpu else min(_next_pow2(T + 2), 256)
-    if ns is None:  # the interpreter's tensors stay under Triton's 2**20 elements
-        ns = 1 if on_gpu else min(_next_pow2(slots), max(1, (1 << 20) // (2 * dp * dp)))
-    if num_warps is None:  # two warps per slot: the fastest on an H100 (benchmarks/RESULTS.md)
-        num_warps = 2
-    n_chunks = _cdiv(T + 2, slots)  # slots e = -1 .. T
-    n_items = B * n_chunks
-    grid = min(programs or n_items, n_items)
-    loop = grid < n_items or slots > ns
+    try:
+        key = (s_dd.shape, s_dd.stride(), s_dd.dtype, s_dd.device, minv_tril.shape, minv_tril.stride(),
+               minv_tril.storage_offset() % 2, minv_tril.dtype, minv_tril.device, jtau.shape, jtau.stride(),
+               jtau.dtype, jtau.device, coriolis.shape, coriolis.stride(), coriolis.dtype, coriolis.device,
+               slots, ns, num_warps, programs, maxnreg)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors: the full check says which argument is wrong
+        key = plan = None
+    if plan is None:
+        plan = _Plan(s_dd, minv_tril, jtau, coriolis, slots, ns, num_warps, programs, maxnreg)
+        if key is not None:
+            if len(_PLANS) >= 1024:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    _check_numbers(dt, fuse_weight)
+    B, T, J, D = plan.dims
+    cq, cm, cj, cc = plan.copy
+    q = s_dd.reshape(B, T, D)
+    q = q.contiguous() if cq else q
+    m = minv_tril.contiguous() if cm else minv_tril
+    m = m.view(plan.view) if plan.view is not None else m
+    jtau = jtau.contiguous() if cj else jtau
+    coriolis = coriolis.contiguous() if cc else coriolis
+    dev, ty = s_dd.device, s_dd.dtype
+    s_pp = torch.empty((B, T, J, 3), device=dev, dtype=ty)
+    s_fused = torch.empty((B, T, J, 3), device=dev, dtype=ty)
+    qdd = torch.empty((B, T, 2, D), device=dev, dtype=ty)
     w = float(fuse_weight)
-    # register cap: 16-bit programs hold one column per thread and fit in 64 registers for most J, which
-    # doubles the programs per SM against 128 (fp16, J = 17, H200: 80 us against 94 us at 32768
-    # frames); the lowest cap whose build spills nothing is taken. fp32 spills below 112.
-    extra = {"maxnreg": maxnreg or ((64, 96, 128) if pairs else 128)} if on_gpu else {}
-    qs, js, cs = q.stride(), jtau.stride(), coriolis.stride()
-    _launch_physnet(
-        (grid,),
-        (s_pp, s_fused, qdd, q, m, jtau, coriolis,
-         qs[0], qs[1], ms[0], ms[1], ms[2], js[0], js[1], js[2], cs[0], cs[1], cs[2],
-         T, n_chunks, slots, n_items, float(dt) * float(dt), w, 1.0 - w),
-        {"D": D, "DP": dp, "SW": _next_pow2(r0 + ne), "R0": r0, "WORDS": words, "PAIRS": pairs, "NS": ns,
-         "LOOP": loop},
-        spec=(B, T, J, qs, ms, js, cs, grid, slots), num_warps=num_warps, **extra,
-    )
+    _launch_physnet(plan.grid,
+                    (s_pp, s_fused, qdd, q, m, jtau, coriolis, *plan.ints, float(dt) * float(dt), w, 1.0 - w),
+                    plan.consts, spec=plan.spec, **plan.options)
     return s_pp, s_fused, qdd
 
 

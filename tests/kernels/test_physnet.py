@@ -177,6 +177,27 @@ def test_kernel_middle_frame_and_fuse_weight_edges(interp, gen):
     torch.testing.assert_close(s_fused, s_pp, rtol=0, atol=0)  # w = 0: s_fused = s_pp
 
 
+def test_kernel_reuses_a_layouts_plan_but_checks_every_call(interp, gen):
+    """A second call with the same layout reuses the launch plan: it must still follow dt and the
+    fuse weight, still reject bad numbers, and a new layout (a strided view) gets its own plan."""
+    from kernels.physnet import _PLANS
+
+    args = make_inputs(2, 5, 4, gen=gen)
+    _physnet_fused_triton(*args, DT, 0.3)
+    n = len(_PLANS)
+    assert_close(_physnet_fused_triton(*args, 0.05, 0.9), physnet_fused_ref(*args, 0.05, 0.9), rtol=1e-5, atol=1e-5)
+    assert len(_PLANS) == n
+    for dt, w, name in [(math.nan, 0.3, "dt"), (DT, 1.5, "fuse_weight")]:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            _physnet_fused_triton(*args, dt, w)
+    s_dd, minv, jtau, cor = args
+    wide = torch.randn(2, 5, 2, 2 * minv.shape[-1], generator=gen)
+    wide[..., ::2] = minv
+    strided = (s_dd, wide[..., ::2], jtau, cor)  # same shape, last stride 2
+    assert_close(_physnet_fused_triton(*strided, DT, 0.3), physnet_fused_ref(*args, DT, 0.3), rtol=1e-5, atol=1e-5)
+    assert len(_PLANS) == n + 1
+
+
 def test_kernel_rejects_float64(interp, gen):
     with pytest.raises(ValueError, match="^s_dd:"):
         physnet_fused(*make_inputs(1, 4, 2, torch.float64, gen=gen), DT, use_kernel=True)
@@ -291,7 +312,9 @@ def test_gpu_register_caps_take_the_first_build_without_spills(J, caps, gen):
     for _ in range(2):  # the build, then the cached launch
         got = _physnet_fused_triton(*args, DT, 0.3, maxnreg=caps)
         assert_close(got, physnet_fused_ref(*args, DT, 0.3), rtol=2.0**-10, atol=2.0**-10)
-    kept = [c for k, c in _launch_physnet.compiled.items() if ("maxnreg", caps) in k[3]]
+    # launch keys: (device, (spec = (B, T, J, strides...), alignments), constexprs, options)
+    kept = [c for k, c in _launch_physnet.compiled.items()
+            if ("maxnreg", caps) in k[3] and k[1][0][:3] == (3, 9, J)]
     assert len(kept) == 1 and kept[0].n_regs <= caps[-1]
     if caps == (64, 128):
         assert kept[0].n_spills == 0 and kept[0].n_regs <= 64
@@ -314,4 +337,5 @@ def test_reverse_triangle_offset_and_bank_model():
     assert gather_wavefronts(D, 2, P) - 204 == 161 and gather_wavefronts(D, 4, P) - 204 == 221
     assert gather_wavefronts(D, 4, _reverse_start(P, 1)) - 204 == 39
     assert interleaved_wavefronts(D) - 102 == 44
-    assert interleaved_wavefronts(D) < gather_wavefronts(D, 2, 2 * _reverse_start(P // 2, 1)) < gather_wavefronts(D, 2, P)
+    side_by_side_offset = gather_wavefronts(D, 2, 2 * _reverse_start(P // 2, 1))
+    assert interleaved_wavefronts(D) < side_by_side_offset < gather_wavefronts(D, 2, P)
