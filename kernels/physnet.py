@@ -159,7 +159,7 @@ if triton is not None:
     def _packed(k, i):
         """Index of M^-1[k, i] = L[max, min] in the packed row-major lower triangle (k, i >= 0): the
         larger of the two candidates (i(i+1)/2 + k and k(k+1)/2 + i; equal when k == i)."""
-        return tl.maximum(i * (i + 1) // 2 + k, k * (k + 1) // 2 + i)
+        return k + tl.maximum(i * (i + 1) // 2, k * (k - 1) // 2 + i)
 
     @triton.jit
     def _gather(src, idx, NS: tl.constexpr):
@@ -253,8 +253,8 @@ if triton is not None:
         qp2 = tl.load(qb + 2 * q_st, mask=has_r & v, other=0.0).to(tl.float32)
         zero = tl.zeros_like(q0)
         tot = tl.where(has_f, 2.0 * qm1 - qm2 + a0 * dt2, zero) + tl.where(has_r, 2.0 * qp1 - qp2 + a1 * dt2, zero)
-        n_pred = has_f.to(tl.float32) + has_r.to(tl.float32)
-        spp = tl.where(n_pred > 0.0, tot / tl.maximum(n_pred, 1.0), q0)
+        # the mean of the predictions that exist (halving is exact), s_dd where there is none
+        spp = tl.where(has_f & has_r, 0.5 * tot, tl.where(has_f | has_r, tot, q0))
         ob = ((b * T + e) * D)[:, None] + r
         tl.store(spp_ptr + ob, spp.to(ty), mask=ok & v)
         tl.store(sfused_ptr + ob, (w * q0 + w_pp * spp).to(ty), mask=ok & v)
