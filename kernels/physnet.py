@@ -157,9 +157,10 @@ if triton is not None:
 
     @triton.jit
     def _packed(k, i):
-        """Index of M^-1[k, i] = L[max, min] in the packed row-major lower triangle (k, i >= 0): the
-        larger of the two candidates (i(i+1)/2 + k and k(k+1)/2 + i; equal when k == i)."""
-        return k + tl.maximum(i * (i + 1) // 2, k * (k - 1) // 2 + i)
+        """Index of M^-1[k, i] = L[max, min] in the packed row-major lower triangle (k, i >= 0):
+        max(i(i+1)/2 + k, k(k+1)/2 + i), written k + i + max(i(i-1)/2, k(k-1)/2). With k a register
+        index (a constant) that is one max against an immediate, and k + i rides in the address."""
+        return k + i + tl.maximum(i * (i - 1) // 2, k * (k - 1) // 2)
 
     @triton.jit
     def _gather(src, idx, NS: tl.constexpr):
@@ -359,12 +360,13 @@ class _Plan:
                        "NS": ns, "LOOP": self.grid[0] < n_items or slots > ns}
         self.spec = (B, T, J, qs, ms, js, cs, self.grid, slots)
         # two warps per slot: the fastest on an H100 and an H200 (benchmarks/RESULTS.md). Register cap:
-        # 16-bit programs hold one column per thread and fit in 64 registers for most J, which doubles
-        # the programs per SM against 128 (fp16, J = 17, H200: 80 us against 94 us at 32768 frames);
-        # the lowest cap whose build spills nothing is taken. fp32 spills below 112.
+        # 16-bit programs hold one column per thread and fit in 64-72 registers for most J, which
+        # doubles the programs per SM against 128 (fp16, J = 17, H200: 80 us at 64 or 72 registers
+        # against 94 us at 128, 32768 frames); the lowest cap whose build spills nothing is taken.
+        # fp32 spills below 112.
         self.options = {"num_warps": num_warps or 2}
         if on_gpu:
-            self.options["maxnreg"] = maxnreg or ((64, 96, 128) if pairs else 128)
+            self.options["maxnreg"] = maxnreg or ((64, 72, 96, 128) if pairs else 128)
 
 
 _PLANS = {}  # _Plan by the inputs' layout and the launch options
@@ -376,7 +378,7 @@ def _physnet_fused_triton(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, slot
     GPU; whole items in the interpreter); ``programs``: grid size (None = one program per work item;
     fewer = persistent programs striding over the items); ``maxnreg``: register cap per thread (CUDA
     only), or a tuple of caps of which the first that builds without spills is taken; by default
-    (64, 96, 128) for 16-bit inputs and 128 for fp32 (ptxas otherwise picks 80 and spills).
+    (64, 72, 96, 128) for 16-bit inputs and 128 for fp32 (ptxas otherwise picks 80 and spills).
 
     A small call is bound by this host code, so what follows from the inputs' layout is worked out
     once per layout (``_Plan``); a layout seen before was validated then, and only ``dt`` and

@@ -302,10 +302,10 @@ def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("J,caps", [(17, (64, 128)), (17, (40, 128)), (21, (64, 96, 128))])
+@pytest.mark.parametrize("J,caps", [(17, (72, 128)), (17, (40, 128)), (21, (64, 72, 96, 128))])
 def test_gpu_register_caps_take_the_first_build_without_spills(J, caps, gen):
-    """A tuple of register caps: the launcher keeps the first build that spills nothing (64 registers
-    suffice for fp16 at J = 17, 40 never do), and the results stay exact."""
+    """A tuple of register caps: the launcher keeps the first build that spills nothing (72 registers
+    suffice for fp16 at J = 17 with Triton 3.6's ptxas, 40 never do), and the results stay exact."""
     from kernels.physnet import _launch_physnet
 
     args = make_inputs(3, 9, J, torch.float16, device="cuda", gen=gen)
@@ -316,8 +316,8 @@ def test_gpu_register_caps_take_the_first_build_without_spills(J, caps, gen):
     kept = [c for k, c in _launch_physnet.compiled.items()
             if ("maxnreg", caps) in k[3] and k[1][0][:3] == (3, 9, J)]
     assert len(kept) == 1 and kept[0].n_regs <= caps[-1]
-    if caps == (64, 128):
-        assert kept[0].n_spills == 0 and kept[0].n_regs <= 64
+    if caps == (72, 128):
+        assert kept[0].n_spills == 0 and kept[0].n_regs <= 72
     if caps[0] == 40:  # 40 registers spill: a larger cap was kept
         assert kept[0].n_regs > 40
 
