@@ -56,7 +56,7 @@ class Launcher:
     """
 
     def __init__(self, kernel):
-        self.kernel, self.compiled, self._plans, self._stream = kernel, {}, {}, None
+        self.kernel, self.compiled, self._tensor_positions, self._stream = kernel, {}, {}, None
 
     @staticmethod
     def _arg_key(a):
@@ -79,10 +79,10 @@ class Launcher:
         if spec is None:
             arg_key = tuple(map(self._arg_key, args))
         else:  # where the tensors are is fixed per spec: look it up once, then read only those
-            plan = (device, spec)
-            where = self._plans.get(plan)
+            where = self._tensor_positions.get((device, spec))
             if where is None:
-                where = self._plans[plan] = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+                where = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+                self._tensor_positions[(device, spec)] = where
             arg_key = (spec, tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in where]))
         key = (device, arg_key, tuple(consts.items()), tuple(options.items()))
         compiled = self.compiled.get(key)

@@ -62,6 +62,13 @@ def _is_real(v):
 
 def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes=_DTYPES + (torch.float64,)):
     """Validate; return (B, T, J, D). Every error is a ValueError whose message starts with the argument."""
+    dims = _check_tensors(s_dd, minv_tril, jtau, coriolis, dtypes)
+    _check_numbers(dt, fuse_weight)
+    return dims
+
+
+def _check_tensors(s_dd, minv_tril, jtau, coriolis, dtypes):
+    """The four tensors' types, shapes, dtypes and devices; return (B, T, J, D)."""
     for name, x in (("s_dd", s_dd), ("minv_tril", minv_tril), ("jtau", jtau), ("coriolis", coriolis)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -89,7 +96,6 @@ def _check_physnet_args(s_dd, minv_tril, jtau, coriolis, dt, fuse_weight, dtypes
             raise ValueError(f"{name}: expected dtype {s_dd.dtype} (the dtype of s_dd), got {x.dtype}")
         if x.device != s_dd.device:
             raise ValueError(f"{name}: expected device {s_dd.device} (the device of s_dd), got {x.device}")
-    _check_numbers(dt, fuse_weight)
     return B, T, J, D
 
 
@@ -325,7 +331,7 @@ class _Plan:
     __slots__ = ("dims", "copy", "view", "ints", "consts", "spec", "grid", "options")
 
     def __init__(self, s_dd, minv_tril, jtau, coriolis, slots, ns, num_warps, programs, maxnreg):
-        B, T, J, D = self.dims = _check_physnet_args(s_dd, minv_tril, jtau, coriolis, 1.0, 0.5, _DTYPES)
+        B, T, J, D = self.dims = _check_tensors(s_dd, minv_tril, jtau, coriolis, _DTYPES)
         # the kernel needs unit stride along the last dimension; s_dd as (B,T,D) is a view whenever
         # (J,3) are contiguous
         q = s_dd.reshape(B, T, D)
