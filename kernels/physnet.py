@@ -367,9 +367,9 @@ class _Plan:
         self.spec = (B, T, J, qs, ms, js, cs, self.grid, slots)
         # two warps per slot: the fastest on an H100 and an H200 (benchmarks/RESULTS.md). Register cap:
         # 16-bit programs hold one column per thread and fit in 64-72 registers for most J, which
-        # doubles the programs per SM against 128 (fp16, J = 17, H200: 80 us at 64 or 72 registers
-        # against 94 us at 128, 32768 frames); the lowest cap whose build spills nothing is taken.
-        # fp32 spills below 112.
+        # nearly doubles the programs per SM against 128 (fp16, J = 17, H200, 32768 frames: 77.6 us at
+        # 72 registers, 81.7 us at 64 where it spills 8 bytes, 93.9 us at 128); the lowest cap whose
+        # build spills nothing is taken. fp32 spills below 112.
         self.options = {"num_warps": num_warps or 2}
         if on_gpu:
             self.options["maxnreg"] = maxnreg or ((64, 72, 96, 128) if pairs else 128)
