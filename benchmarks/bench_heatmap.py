@@ -7,13 +7,12 @@ keypoints read); GB/s is compared with a device-to-device copy of the same bytes
 run. Also times the PixelUnshuffle(8) layout against the reference followed by pixel_unshuffle.
 Prints a markdown table; never asserts.
 """
-import argparse
 import sys
 
 import torch
 
-from benchmarks.common import (bench_gpu, bench_wall, copy_gbps, env_info, markdown_table, timed_first_call,
-                               warm_up_gpu, write_rows)
+from benchmarks.common import (bench_gpu, bench_wall, copy_gbps, env_info, kernel_bench_args, report,
+                               timed_first_call, warm_up_gpu)
 from kernels.heatmap import _render_heatmaps_triton, render_heatmaps, render_heatmaps_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,14 +34,7 @@ def unshuffled_ref(kp, vis, S, out_dtype, r=8):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="append JSON rows to this file")
-    ap.add_argument("--dtypes", default="fp32,fp16")
-    ap.add_argument("--sweep", action="store_true", help="also time other tile shapes at 512^2")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    ap.add_argument("--profile-once", action="store_true",
-                    help="only run the kernel twice per dtype at 512^2 (for ncu), no timing")
-    args = ap.parse_args(argv)
+    args = kernel_bench_args(__doc__, "other tile shapes", "512^2").parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_heatmap: needs a CUDA GPU", file=sys.stderr)
         return 0
@@ -96,10 +88,7 @@ def main(argv=None):
                 print(f"{shape:<16} {dname} {name:<30} {med:9.1f} us  wall {wall or 0:9.1f} us"
                       f"  {rows[-1]['gbps']:7.0f} GB/s  copy {copy:5.0f} GB/s", flush=True)
             torch.cuda.empty_cache()
-    if args.out:
-        write_rows(rows, args.out)
-    print()
-    print(markdown_table(rows, "render_heatmaps"))
+    report(rows, args.out, "render_heatmaps")
     return 0
 
 

@@ -6,13 +6,12 @@ B*T in {32, 1024, 32768} frames (clips of T = 32), J = 17. Bytes moved = every i
 every output written once; GB/s is compared with a device-to-device copy of the same bytes, measured
 in the same run. Prints a markdown table; never asserts.
 """
-import argparse
 import sys
 
 import torch
 
-from benchmarks.common import (bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, markdown_table,
-                               timed_first_call, wall_ratio, warm_up_gpu, write_rows)
+from benchmarks.common import (bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, kernel_bench_args, report,
+                               timed_first_call, wall_ratio, warm_up_gpu)
 from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,13 +56,7 @@ def row(env, backend, B, T, dtype_name, gpu, wall, nbytes, copy, **extra):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="append JSON rows to this file")
-    ap.add_argument("--dtypes", default="fp32,fp16")
-    ap.add_argument("--sweep", action="store_true", help="also time other kernel configurations at 32768 frames")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    ap.add_argument("--profile-once", action="store_true",
-                    help="only run the kernel twice per dtype at 32768 frames (for ncu), no timing")
+    ap = kernel_bench_args(__doc__, "other kernel configurations", "32768 frames")
     ap.add_argument("--host-profile", action="store_true",
                     help="only cProfile 2000 back-to-back 32-frame calls per dtype (where the host time goes)")
     args = ap.parse_args(argv)
@@ -149,10 +142,7 @@ def main(argv=None):
                           flush=True)
             del x
             torch.cuda.empty_cache()
-    if args.out:
-        write_rows(rows, args.out)
-    print()
-    print(markdown_table(rows, "physnet_fused"))
+    report(rows, args.out, "physnet_fused")
     return 0
 
 

@@ -3,6 +3,7 @@
 Every row records op, backend, shape, dtype, median/p20/p80 microseconds, achieved GB/s, the GB/s of a
 device-to-device copy of the same bytes measured in the same run, GPU name, versions and commit.
 """
+import argparse
 import json
 import os
 import statistics
@@ -13,6 +14,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def kernel_bench_args(doc, sweep, big):
+    """The options every kernel benchmark takes; ``sweep``: what --sweep times, ``big``: the largest shape."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", help="append JSON rows to this file")
+    ap.add_argument("--dtypes", default="fp32,fp16")
+    ap.add_argument("--sweep", action="store_true", help=f"also time {sweep} at {big}")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    ap.add_argument("--profile-once", action="store_true",
+                    help=f"only run the kernel twice per dtype at {big} (for ncu), no timing")
+    return ap
 
 
 def commit():
@@ -133,6 +146,14 @@ def write_rows(rows, path):
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def report(rows, out, op):
+    """Append the rows to ``out`` (if given) and print them as a markdown table."""
+    if out:
+        write_rows(rows, out)
+    print()
+    print(markdown_table(rows, op))
 
 
 def markdown_table(rows, title):
