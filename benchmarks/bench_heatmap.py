@@ -11,11 +11,10 @@ import sys
 
 import torch
 
-from benchmarks.common import (bench_gpu, bench_wall, copy_gbps, env_info, kernel_bench_args, report,
+from benchmarks.common import (DTYPES, bench_gpu, bench_wall, copy_gbps, env_info, kernel_bench_args, report,
                                timed_first_call, warm_up_gpu)
 from kernels.heatmap import _render_heatmaps_triton, render_heatmaps, render_heatmaps_ref
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZES = [256, 512]
 B, T, J, SIGMA = 1, 16, 17, 3.0
 SWEEP = [(8, 512, 4), (32, 256, 8), (64, 64, 4)]  # (block_h, block_w, warps)
@@ -39,7 +38,7 @@ def main(argv=None):
         print("bench_heatmap: needs a CUDA GPU", file=sys.stderr)
         return 0
     if args.profile_once:
-        for dname in args.dtypes.split(","):
+        for dname in args.dtypes:
             kp, vis = make_inputs(max(SIZES))
             for _ in range(2):
                 render_heatmaps(kp, vis, max(SIZES), max(SIZES), SIGMA, DTYPES[dname])
@@ -50,7 +49,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 64
     compiled = torch.compile(render_heatmaps_ref)
     rows = []
-    for dname in args.dtypes.split(","):
+    for dname in args.dtypes:
         dtype = DTYPES[dname]
         for S in SIZES:
             kp, vis = make_inputs(S)

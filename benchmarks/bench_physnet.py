@@ -10,11 +10,10 @@ import sys
 
 import torch
 
-from benchmarks.common import (bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, kernel_bench_args, report,
-                               timed_first_call, wall_ratio, warm_up_gpu)
+from benchmarks.common import (DTYPES, bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, kernel_bench_args,
+                               report, timed_first_call, wall_ratio, warm_up_gpu)
 from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = [(1, 32), (32, 32), (1024, 32)]  # (B, T): 32, 1024 and 32768 frames
 J = 17
 DT = 1.0 / 30.0
@@ -68,7 +67,7 @@ def main(argv=None):
         import pstats
 
         from kernels.physnet import _launch_physnet
-        for dname in args.dtypes.split(","):
+        for dname in args.dtypes:
             x = make_inputs(*SHAPES[0], DTYPES[dname])
             physnet_fused(*x, DT, 0.5)
             torch.cuda.synchronize()
@@ -82,7 +81,7 @@ def main(argv=None):
             pstats.Stats(prof).sort_stats("tottime").print_stats(12)
         return 0
     if args.profile_once:
-        for dname in args.dtypes.split(","):
+        for dname in args.dtypes:
             x = make_inputs(*SHAPES[-1], DTYPES[dname])
             for _ in range(2):
                 physnet_fused(*x, DT, 0.5)
@@ -93,7 +92,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 64
     compiled = torch.compile(physnet_fused_ref)
     rows = []
-    for dname in args.dtypes.split(","):
+    for dname in args.dtypes:
         dtype = DTYPES[dname]
         for B, T in SHAPES:
             x = make_inputs(B, T, dtype)

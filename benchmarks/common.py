@@ -16,11 +16,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the kernels' input dtypes
+
+
+def _dtype_names(text):
+    """--dtypes: comma-separated names of DTYPES, as a list."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(DTYPES)}, got {text!r}")
+    return names
+
+
 def kernel_bench_args(doc, sweep, big):
     """The options every kernel benchmark takes; ``sweep``: what --sweep times, ``big``: the largest shape."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--out", help="append JSON rows to this file")
-    ap.add_argument("--dtypes", default="fp32,fp16")
+    ap.add_argument("--dtypes", type=_dtype_names, default="fp32,fp16", help="comma-separated: fp32, fp16, bf16")
     ap.add_argument("--sweep", action="store_true", help=f"also time {sweep} at {big}")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     ap.add_argument("--profile-once", action="store_true",

@@ -16,14 +16,20 @@ measured, 161/162 (16-bit side by side), 97/99 (16-bit, 16-bank offset), 44/45 (
 221/231 (fp32 side by side) and 39/51 (fp32, 16-bank offset).
 """
 import argparse
+import functools
 
-from kernels.physnet import _reverse_start
+from kernels.physnet import _reverse_start, _tril_index
+
+
+@functools.lru_cache(maxsize=None)
+def _index(D):
+    return _tril_index(D, "cpu").tolist()
 
 
 def _packed(D, k, i):
-    """M[k, i] = L[max, min] in the packed lower triangle; rows and columns past D repeat the last one."""
-    k, i = min(k, D - 1), min(i, D - 1)
-    return i * (i + 1) // 2 + k if k < i else k * (k + 1) // 2 + i
+    """M[k, i] = L[max, min] in the packed lower triangle (the reference's index); rows and columns
+    past D repeat the last one."""
+    return _index(D)[min(k, D - 1)][min(i, D - 1)]
 
 
 def _wavefronts(addresses):
