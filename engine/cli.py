@@ -134,7 +134,7 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     for note in stream.notes:
         click.echo(note, err=True)
     if save_poses is not None:
-        save_npz(save_poses, {**stream.stages.to_npz_dict(), **detected})
+        save_npz(save_poses, {**stream.stages.to_npz_dict(stream.plan), **detected})
     if preview is not None:
         write_pose_preview(stream.stages, preview, overwrite)
     target = " and ".join(str(p) for p in (out, frames_dir) if p is not None)
@@ -178,13 +178,14 @@ def poses(poses, ckpt, out, preview, overwrite):
 
 @main.command()
 @click.argument("out", type=PATH)
-@click.option("--demo", is_flag=True, help="Write the small seeded demo model.")
+@click.option("--demo", is_flag=True, help="Write the small trained demo model.")
+@click.option("--untrained", is_flag=True, help="With --demo: seeded-random generator weights (the start of `fpengine train`).")
 @click.option("--base", type=PATH, default=None, help="SD 1.5: a diffusers folder or a single .safetensors/.ckpt.")
 @click.option("--motion-module", type=PATH, default=None, help="AnimateDiff motion module (.ckpt/.safetensors).")
 @click.option("--lora", type=PATH, default=None, help="LoRA file (diffusers or kohya keys).")
 @click.option("--pose-weights", type=PATH, default=None, help="Pose-stack weights from `fpengine train-pose`.")
 @click.option("--overwrite", is_flag=True)
-def init(out, demo, base, motion_module, lora, pose_weights, overwrite):
+def init(out, demo, untrained, base, motion_module, lora, pose_weights, overwrite):
     """Compose a FinePhys checkpoint folder OUT (from public parts, or --demo)."""
     import tempfile
 
@@ -195,6 +196,8 @@ def init(out, demo, base, motion_module, lora, pose_weights, overwrite):
 
     if demo == (base is not None) or (base is None) != (motion_module is None):
         raise InputError("init: pass either --demo, or --base and --motion-module")
+    if untrained and not demo:
+        raise InputError("init: --untrained goes with --demo")
     if demo and (lora is not None or pose_weights is not None):
         raise InputError("init: --lora and --pose-weights go with --base, not --demo")
     prepare_output_dir(out, overwrite)
@@ -202,7 +205,7 @@ def init(out, demo, base, motion_module, lora, pose_weights, overwrite):
         tok = Path(tmp)
         if demo:
             write_clip_tokenizer(tok)
-            parts = make_demo_parts(tok)
+            parts = make_demo_parts(tok, trained=not untrained)
         else:
             tok = tokenizer_source(base) or (write_clip_tokenizer(tok) or tok)
             parts = compose(base, motion_module, tok, lora=lora, pose_weights=pose_weights)
@@ -221,6 +224,15 @@ from .cli_pose import eval_pose_cmd, train_pose_cmd  # noqa: E402
 
 main.add_command(train_pose_cmd)
 main.add_command(eval_pose_cmd)
+
+from .cli_train import train_cmd, train_judge_cmd  # noqa: E402
+
+main.add_command(train_cmd)
+main.add_command(train_judge_cmd)
+
+from .cli_eval_video import eval_video_cmd  # noqa: E402
+
+main.add_command(eval_video_cmd)
 
 from .cli_serve import serve as _serve_command  # noqa: E402
 

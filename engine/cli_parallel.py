@@ -54,7 +54,7 @@ def _cli_worker(ctx: DistContext, job: CliJob):
     for note in stream.notes:
         click.echo(note, err=True)
     if job.save_poses is not None:
-        save_npz(job.save_poses, {**stream.stages.to_npz_dict(), **job.detected})
+        save_npz(job.save_poses, {**stream.stages.to_npz_dict(stream.plan), **job.detected})
     if job.preview is not None:
         write_pose_preview(stream.stages, job.preview, job.overwrite)
     stopping = []

@@ -30,6 +30,15 @@ H36M_FROM_CMU = (
     "RightShoulder", "RightElbow", "RightWrist",
 )
 
+# The same H36M-17 joints in the cgspeed "MotionBuilder-friendly" release (data/motion/cmu/README.md):
+# there ``LeftShoulder`` is the clavicle (the arm joint is ``LeftArm``) and ``Neck`` the lower neck
+# (the upper neck is ``Neck1``); its frame 0 is a converter T-pose, not captured data.
+H36M_FROM_CMU_MOTIONBUILDER = (
+    "Hips", "RightUpLeg", "RightLeg", "RightFoot", "LeftUpLeg", "LeftLeg", "LeftFoot",
+    "Spine", "Neck1", "Head", "Head_end", "LeftArm", "LeftForeArm", "LeftHand",
+    "RightArm", "RightForeArm", "RightHand",
+)
+
 _CHANNELS = {c.lower(): c for c in ("Xposition", "Yposition", "Zposition",
                                     "Xrotation", "Yrotation", "Zrotation")}
 
@@ -254,12 +263,18 @@ def forward_kinematics(bvh: Bvh, scale: float = 1.0, end_sites: bool = False) ->
 def bvh_to_h36m(bvh: Bvh, scale: float = CMU_SCALE) -> np.ndarray:
     """H36M-17 joint positions ``(F, 17, 3)`` in metres (Y up, as in the file) from a CMU BVH."""
     names = bvh.names + bvh.end_names
-    missing = [n for n in H36M_FROM_CMU if n not in names]
+    motionbuilder = "RightUpLeg" in names
+    wanted = H36M_FROM_CMU_MOTIONBUILDER if motionbuilder else H36M_FROM_CMU
+    missing = [n for n in wanted if n not in names]
     if missing:
         raise InputError(f"BVH lacks joints {missing}, expected the CMU skeleton "
-                         f"(cgspeed conversion) names {list(H36M_FROM_CMU)}")
-    pos = forward_kinematics(bvh, scale, end_sites=True)
-    return pos[:, [names.index(n) for n in H36M_FROM_CMU]]
+                         f"(cgspeed conversion) names {list(wanted)}")
+    pos = forward_kinematics(bvh, scale, end_sites=True)[:, [names.index(n) for n in wanted]]
+    if motionbuilder:
+        if len(pos) < 2:
+            raise InputError("BVH (MotionBuilder release) has no frame after its T-pose frame 0")
+        pos = pos[1:]  # frame 0 is the converter's T-pose
+    return pos
 
 
 def _resample_positions(x: np.ndarray, fps_old: float, fps_new: float) -> np.ndarray:

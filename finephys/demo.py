@@ -1,26 +1,34 @@
 """The embedded demo model: the full FinePhys architecture at a size that runs on a CPU in
-seconds, built from a fixed seed (no network). Its pose stack (lifter + PhysNet) loads the
-shipped trained weights ``finephys/assets/demo_pose.safetensors`` (made by ``fpengine
-train-pose`` on real motion capture; README, "Training the pose stack"); the other parts stay
-seeded-random. ``fpengine init --demo DIR`` saves it."""
+seconds. Its pose stack (lifter + PhysNet) loads ``finephys/assets/demo_pose.safetensors`` (made
+by ``fpengine train-pose`` on real motion capture); the heatmap encoder, UNet, VAE, text encoder
+and LoRA load ``finephys/assets/demo_model.safetensors`` (made by ``fpengine train --train all``
+on figures rendered from motion capture; README, "Training the demo generator"). With
+``trained=False`` those parts are seeded-random instead: the starting point of that training.
+``fpengine init --demo DIR`` saves it."""
 from __future__ import annotations
 
-import re
+import json
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .clip import atomic_path
+from .errors import InputError
+from .weights import check_state_dict, read_safetensors
 
 from .config import EncoderConfig, FinePhysConfig, LifterConfig, LoraConfig, PhysNetConfig, PoseConfig
-from .model import FinePhysParts, new_parts
+from .model import FinePhysParts, new_lora, new_parts
 from .pose_weights import DEMO_WEIGHTS, load_pose_weights_into
 from .text import load_tokenizer, write_clip_tokenizer
 
 DEMO_SEED = 0
-# The demo LoRA targets the spatial attention projections (not the motion modules) and CLIP's.
-_UNET_LORA = re.compile(r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)")
-_TEXT_LORA = ("q_proj", "k_proj", "v_proj", "out_proj")
-CHANNELS = (32, 64, 64, 64)
+CHANNELS = (48, 96, 96, 96)
+DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model.safetensors"
+DEMO_MODEL_FORMAT = "fpengine-demo-model"
+_PACKED = ("encoder", "unet", "vae", "text_encoder")
 
 SCHEDULER = {
     "_class_name": "DDIMScheduler",
@@ -36,7 +44,7 @@ SCHEDULER = {
 }
 
 
-def demo_config() -> FinePhysConfig:
+def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     unet = {
         "sample_size": 16,
         "in_channels": 4,
@@ -57,12 +65,12 @@ def demo_config() -> FinePhysConfig:
         "out_channels": 3,
         "down_block_types": ["DownEncoderBlock2D"] * 4,
         "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [16, 32, 32, 32],
+        "block_out_channels": [32, 64, 64, 64],
         "layers_per_block": 1,
         "latent_channels": 4,
         "norm_num_groups": 8,
         "sample_size": 128,
-        "scaling_factor": 0.18215,
+        "scaling_factor": scaling_factor,
     }
     text = {
         "vocab_size": 49408,
@@ -94,30 +102,68 @@ def demo_config() -> FinePhysConfig:
     )
 
 
-def _random_lora(parts: FinePhysParts, rank: int, gen: torch.Generator) -> dict:
-    """Small random LoRA factors in peft naming for every targeted projection."""
-    lora = {}
-    targets = [("unet", n, m) for n, m in parts.unet.named_modules() if _UNET_LORA.fullmatch(n)]
-    targets += [
-        ("text_encoder", n, m) for n, m in parts.text_encoder.named_modules() if n.split(".")[-1] in _TEXT_LORA
-    ]
-    for prefix, name, mod in targets:
-        lora[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=gen) * 0.1
-        lora[f"{prefix}.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=gen) * 0.1
-    return lora
-
-
-def make_demo_parts(tokenizer_dir: Path, seed: int = DEMO_SEED) -> FinePhysParts:
-    cfg = demo_config()
+def make_demo_parts(tokenizer_dir: Path, seed: int = DEMO_SEED, trained: bool = True) -> FinePhysParts:
+    """The demo's parts: trained (the shipped weights) or, with ``trained=False``, seeded-random
+    apart from the pose stack."""
+    meta = _packed_metadata() if trained else None
+    cfg = demo_config(float(meta["scaling_factor"])) if meta else demo_config()
     parts = new_parts(cfg, load_tokenizer(tokenizer_dir), seed=seed)
     load_pose_weights_into(DEMO_WEIGHTS, parts.lifter, parts.physnet)  # trained, shipped
     gen = torch.Generator().manual_seed(seed + 1)
-    parts.lora = _random_lora(parts, cfg.lora.rank, gen)
+    parts.lora = new_lora(parts, cfg.lora.rank, gen, text=True)
+    if trained:
+        sd = read_safetensors(DEMO_MODEL)
+        for name in _PACKED:
+            module = getattr(parts, name)
+            own = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
+            check_state_dict(module.state_dict(), own, f"{DEMO_MODEL} ({name})")
+            module.load_state_dict(own)
+        lora = {k[len("lora."):]: v.float() for k, v in sd.items() if k.startswith("lora.")}
+        check_state_dict(parts.lora, lora, f"{DEMO_MODEL} (lora)")
+        parts.lora = lora
     return parts
 
 
-def load_demo(seed: int = DEMO_SEED) -> FinePhysParts:
+def _packed_metadata() -> dict:
+    if not DEMO_MODEL.is_file():
+        raise InputError(f"the trained demo weights {DEMO_MODEL} are missing (reinstall fpengine)")
+    with safe_open(str(DEMO_MODEL), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != DEMO_MODEL_FORMAT:
+        raise InputError(f"{DEMO_MODEL}: format {meta.get('format')!r}, expected {DEMO_MODEL_FORMAT!r}")
+    return meta
+
+
+def pack_demo(parts: FinePhysParts, path: Path = DEMO_MODEL, info: dict | None = None) -> Path:
+    """Write a trained demo checkpoint's generator weights (fp16) as the shipped asset."""
+    tensors = {}
+    for name in _PACKED:
+        for k, v in getattr(parts, name).state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().cpu().to(torch.float16).contiguous()
+    for k, v in parts.lora.items():
+        tensors[f"lora.{k}"] = v.detach().cpu().to(torch.float16).contiguous()
+    meta = {"format": DEMO_MODEL_FORMAT, "scaling_factor": repr(float(parts.vae.config.scaling_factor)),
+            "info": json.dumps(info or {}, sort_keys=True)}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_demo(seed: int = DEMO_SEED, trained: bool = True) -> FinePhysParts:
     """The embedded demo model, in memory."""
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp))
-        return make_demo_parts(Path(tmp), seed)
+        return make_demo_parts(Path(tmp), seed, trained)
+
+
+if __name__ == "__main__":  # python -m finephys.demo pack CHECKPOINT: install a trained demo
+    import sys
+
+    from .checkpoint import load_checkpoint
+
+    if len(sys.argv) != 3 or sys.argv[1] != "pack":
+        sys.exit("usage: python -m finephys.demo pack CHECKPOINT_DIR")
+    trained = load_checkpoint(Path(sys.argv[2]))
+    if trained.config.to_dict() != demo_config(float(trained.vae.config.scaling_factor)).to_dict():
+        sys.exit(f"{sys.argv[2]}: not a demo-sized checkpoint")
+    print(pack_demo(trained, info={"source": sys.argv[2]}))

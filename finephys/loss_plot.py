@@ -18,13 +18,15 @@ SERIES = (("lifter", "lifter_step", "train S_dd MPJPE", (40, 110, 220)),
           ("val_fused", "val_step", "held-out S_fused MPJPE", (200, 40, 60)))
 
 
-def plot_history(hist, path, size=(720, 440)) -> Path:
+def plot_history(hist, path, size=(720, 440), series=SERIES,
+                 title: str = "fpengine train-pose: error (mm, log scale) vs step") -> Path:
+    """A log-scale line per (values, steps, label, colour) attribute tuple of ``series`` of ``hist``."""
     path = Path(path)
     w, h = size
     left, right, top, bottom = 64, 16, 28, 44
     img = Image.new("RGB", size, (255, 255, 255))
     d = ImageDraw.Draw(img)
-    lines = [(getattr(hist, k), getattr(hist, s), label, color) for k, s, label, color in SERIES
+    lines = [(getattr(hist, k), getattr(hist, s), label, color) for k, s, label, color in series
              if getattr(hist, k)]
     values = [v for ys, _, _, _ in lines for v in ys if v > 0]
     steps = [x for _, xs, _, _ in lines for x in xs]
@@ -59,7 +61,7 @@ def plot_history(hist, path, size=(720, 440)) -> Path:
             d.line([(w - right - 190, y + 6), (w - right - 170, y + 6)], fill=color, width=3)
             d.text((w - right - 164, y), label, fill=(30, 30, 30))
     d.rectangle([left, top, w - right, h - bottom], outline=(60, 60, 60))
-    d.text((left, 8), "fpengine train-pose: error (mm, log scale) vs step", fill=(30, 30, 30))
+    d.text((left, 8), title, fill=(30, 30, 30))
     d.text((w // 2 - 14, h - 18), "step", fill=(30, 30, 30))
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")

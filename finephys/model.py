@@ -70,6 +70,26 @@ def new_parts(cfg: FinePhysConfig, tokenizer, seed: int = 0) -> FinePhysParts:
     )
 
 
+# LoRA targets: the spatial attention projections of the UNet (not the motion modules) and CLIP's.
+LORA_UNET_TARGETS = re.compile(r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)")
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def new_lora(parts: FinePhysParts, rank: int, gen: torch.Generator, text: bool = True,
+             a_std: float = 0.1, b_std: float = 0.1) -> dict:
+    """LoRA factors in peft naming for every targeted projection: A ~ N(0, a_std), B ~ N(0, b_std)
+    (b_std = 0: a LoRA that starts as no change, for training)."""
+    lora = {}
+    targets = [("unet", n, m) for n, m in parts.unet.named_modules() if LORA_UNET_TARGETS.fullmatch(n)]
+    if text:
+        targets += [("text_encoder", n, m) for n, m in parts.text_encoder.named_modules()
+                    if n.split(".")[-1] in LORA_TEXT_TARGETS]
+    for prefix, name, mod in targets:
+        lora[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=gen) * a_std
+        lora[f"{prefix}.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=gen) * b_std
+    return lora
+
+
 def _lora_state(lora: dict, prefix: str) -> dict:
     return {k[len(prefix) + 1 :]: v for k, v in lora.items() if k.startswith(prefix + ".")}
 

@@ -34,8 +34,15 @@ class PoseStages:
     fps: float
     layout: str
 
-    def to_npz_dict(self) -> dict:
-        return {
+    def video_2d(self, height: int, width: int, frames: int | None = None) -> np.ndarray:
+        """(frames,J,2) the guiding joints in the video's pixels, exactly as the heatmaps are drawn."""
+        return to_video_pixels(self.projected_2d[:frames], self.image_size, height, width).astype(np.float32)
+
+    def to_npz_dict(self, plan=None) -> dict:
+        """The stages as arrays; with the generation's ``plan`` (height, width, frames) also
+        ``video_2d``."""
+        extra = {} if plan is None else {"video_2d": self.video_2d(plan.height, plan.width, plan.frames)}
+        return {**extra,
             "input_2d": self.input_2d, "scores": self.scores, "s_dd": self.s_dd, "s_pp": self.s_pp,
             "s_fused": self.s_fused, "projected_2d": self.projected_2d,
             "image_size": np.asarray(self.image_size, dtype=np.int64), "fps": np.float64(self.fps),
@@ -58,21 +65,28 @@ def prepare_clip(clip: PoseClip, model: FinePhysModel) -> tuple[PoseClip, list[s
 
 
 @torch.no_grad()
+def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, width: float, fps: float, fuse_weight: float,
+               use_kernels: bool = False, K=None, dist=None):
+    """Batched pose stack: 2D (B,T,J,2) pixels + scores (B,T,J) -> (S_dd, S_pp, S_fused, projected 2D)."""
+    s_dd = lift_windows(parts.lifter, normalise_2d(kp, sc, width), sc)
+    minv, jtau, coriolis = parts.physnet.predict(s_dd)
+    # The reference integrates in plain torch; backends with use_kernels take the fused Triton kernel.
+    step = physnet_fused if use_kernels else integrate
+    s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / fps, fuse_weight)
+    return s_dd, s_pp, s_fused, fit_and_project(s_fused, kp, sc, K, dist)
+
+
+@torch.no_grad()
 def run_pose_stack(model: FinePhysModel, clip: PoseClip) -> PoseStages:
     """Lift, re-estimate with physics, fuse and project back; ``clip`` must be prepared."""
-    p = model.parts
     dev = model.device
     kp = torch.as_tensor(clip.keypoints, dtype=torch.float32, device=dev)[None]
     sc = torch.as_tensor(clip.scores, dtype=torch.float32, device=dev)[None]
-    height, width = clip.image_size
-    s_dd = lift_windows(p.lifter, normalise_2d(kp, sc, width), sc)
-    minv, jtau, coriolis = p.physnet.predict(s_dd)
-    # The reference integrates in plain torch; backends with use_kernels take the fused Triton kernel.
-    step = physnet_fused if getattr(model, "use_kernels", False) else integrate
-    s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / model.config.fps, model.config.pose.fuse_weight)
     K = None if clip.camera_matrix is None else torch.as_tensor(clip.camera_matrix, dtype=torch.float32)
     dist = None if clip.dist_coeffs is None else torch.as_tensor(clip.dist_coeffs, dtype=torch.float32)
-    projected = fit_and_project(s_fused, kp, sc, K, dist)
+    s_dd, s_pp, s_fused, projected = pose_stack(
+        model.parts, kp, sc, clip.image_size[1], model.config.fps, model.config.pose.fuse_weight,
+        getattr(model, "use_kernels", False), K, dist)
     f = lambda x: x[0].float().cpu().numpy()  # noqa: E731
     return PoseStages(
         input_2d=clip.keypoints, scores=clip.scores, s_dd=f(s_dd), s_pp=f(s_pp), s_fused=f(s_fused),
@@ -80,16 +94,31 @@ def run_pose_stack(model: FinePhysModel, clip: PoseClip) -> PoseStages:
     )
 
 
+def to_video_pixels(keypoints, image_size, height: int, width: int):
+    """Pixels of an ``image_size`` (height, width) image -> pixels of the video (height x width)."""
+    ih, iw = image_size
+    kp = keypoints.clone() if torch.is_tensor(keypoints) else np.array(keypoints, dtype=np.float32)
+    kp[..., 0] *= width / iw
+    kp[..., 1] *= height / ih
+    return kp
+
+
+def guidance_heatmaps(config, keypoints: torch.Tensor, visibility: torch.Tensor, height: int, width: int,
+                      use_kernel: bool = False) -> torch.Tensor:
+    """Heatmaps (B,T,J,H,W) that guide the video from joints (B,T,J,2) in video pixels; the
+    Gaussians' sigma is the model's ``heatmap_sigma`` at 512 px, scaled with the video size."""
+    sigma = config.pose.heatmap_sigma * max(height, width) / 512.0
+    return render_heatmaps(keypoints, visibility, height, width, sigma, use_kernel=use_kernel)
+
+
 def pose_heatmaps(model: FinePhysModel, stages: PoseStages, height: int, width: int,
                   start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Heatmaps (stop-start, J, H, W) at the video size from the projected skeleton."""
-    ih, iw = stages.image_size
-    kp = torch.as_tensor(stages.projected_2d[start:stop], dtype=torch.float32, device=model.device).clone()
-    kp[..., 0] *= width / iw
-    kp[..., 1] *= height / ih
+    kp = torch.as_tensor(stages.projected_2d[start:stop], dtype=torch.float32, device=model.device)
+    kp = to_video_pixels(kp, stages.image_size, height, width)
     vis = torch.ones(kp.shape[:-1], device=model.device)
-    sigma = model.config.pose.heatmap_sigma * max(height, width) / 512.0
-    return render_heatmaps(kp[None], vis[None], height, width, sigma, use_kernel=getattr(model, "use_kernels", False))[0]
+    return guidance_heatmaps(model.config, kp[None], vis[None], height, width,
+                             use_kernel=getattr(model, "use_kernels", False))[0]
 
 
 def check_video_size(height: int, width: int) -> None:

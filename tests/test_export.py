@@ -42,7 +42,8 @@ def test_contract_dims_and_profiles():
     assert profile.frames == (1, 16, 32) and profile.height == (64, 128, 256)
     shapes = unet.profile_shapes(profile, cfg)
     assert shapes["encoder_hidden_states"] == ((1, 77, 32), (32, 77, 32), (64, 77, 32))
-    assert shapes["pose_feat_0"][2] == (64, 32, 32, 32) and "timestep" not in shapes  # static: no profile
+    # pose feature 0: batch*frames x the UNet's first block channels x the latent (256/8) at the largest shape
+    assert shapes["pose_feat_0"][2] == (64, cfg.unet["block_out_channels"][0], 32, 32) and "timestep" not in shapes
     t = trace_dims(cfg)
     assert t["latent_width"] % 8 != 0 and len({t["batch"], t["frames"], t["prompts"]}) > 1
     with pytest.raises(InputError, match="MIN <= OPT <= MAX"):
@@ -72,7 +73,7 @@ def test_onnx_external_data(tmp_path, demo_ckpt):
     with torch.no_grad():
         want = parts.encoder(x)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w.numpy(), atol=1e-5)
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-4)  # outputs up to ~5 here
 
 
 # --- LoRA merge ---------------------------------------------------------------------------------

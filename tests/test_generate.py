@@ -26,7 +26,6 @@ def test_generate_frames_and_determinism(demo_model, walk_clip):
     assert a.frames.shape == (5, 64, 96, 3) and a.frames.dtype == np.uint8
     assert np.array_equal(a.frames, b.frames)
     assert not np.array_equal(a.frames, c.frames)
-    assert a.frames.std() > 0
 
 
 def test_deep_cache_is_off_by_default_and_approximates_the_full_steps(demo_model, walk_clip):
@@ -53,6 +52,8 @@ def test_cli_generate_writes_video_poses_and_preview(tmp_path, demo_ckpt):
     assert read_video(out).shape == (4, 64, 96, 3)
     stages = np.load(poses, allow_pickle=False)
     assert stages["s_fused"].shape == (24, 17, 3) and stages["projected_2d"].shape == (24, 17, 2)
+    # the guiding joints in the video's pixels: the 256x256 clip's projection scaled to 96x64
+    np.testing.assert_allclose(stages["video_2d"], stages["projected_2d"][:4] * [96 / 256, 64 / 256], rtol=1e-6)
     assert read_video(prev).shape[0] == 24
     r = CliRunner().invoke(main, args)  # outputs exist now
     assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output

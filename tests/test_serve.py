@@ -171,8 +171,6 @@ def test_batched_requests_match_single_ones(demo_model, walk_clip):
         alone = np.stack(list(generate_stream(demo_model, walk_clip, opts, progress=False)))
         assert batched.shape == alone.shape == (7, 32, 32, 3)
         assert np.abs(batched.astype(int) - alone).max() <= 2
-    first, second = (np.concatenate([c[i] for c in chunks]).astype(int) for i in (0, 1))
-    assert np.abs(first - second).mean() > 1  # different requests, different videos
 
 
 def test_batched_deep_cache_matches_single_requests(demo_model, walk_clip):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# How the embedded demo was made: the judge pose network and the demo generator, trained on
+# figures rendered from the shared motion capture, on one GPU (README, "Training the demo").
+#   examples/train_demo.sh STAGE [MOTION_DIR] [OUT_DIR]
+# Each stage fits one 10-minute device call and starts from the one before (OUT_DIR is kept
+# between calls); the step counts are those the shipped demo got (stages 1-4 ran under
+# --time-limit, which stopped them there). Then
+#   python -m finephys.demo pack OUT_DIR/demo4      installs the generator as the shipped demo
+#   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
+set -euo pipefail
+STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4 [MOTION_DIR] [OUT_DIR]}
+MOTION=${2:-../shared/data/motion}
+OUT=${3:-demo-train}
+FPENGINE=${FPENGINE:-fpengine}
+DATA="render:$MOTION/cmu,$MOTION/131_01.bvh"
+HOLD="--hold-out $MOTION/panoptic_160906_band2"  # never trained on; nor is the last 20% of every sequence
+COMMON=(--data "$DATA" $HOLD --mixed-precision bf16 --val-every 250 --overwrite)
+DIFFUSION="encoder,lora,unet,text_encoder"
+mkdir -p "$OUT"
+case $STAGE in
+1)  # every module from seeded-random weights: the VAE first, then the diffusion loss; the judge beside it
+    $FPENGINE init --demo --untrained "$OUT/start" --overwrite
+    $FPENGINE train-judge --data "$DATA" $HOLD --out "$OUT/judge_pose.onnx" --steps 4000 --batch-size 24 \
+        --overwrite > "$OUT/judge.log" 2>&1 &
+    judge=$!
+    $FPENGINE train --ckpt "$OUT/start" --out "$OUT/demo1" --train all --vae-steps 2500 --steps 1130 \
+        --batch-size 8 --lr 4e-4 "${COMMON[@]}"
+    wait $judge
+    tail -n 1 "$OUT/judge.log" ;;
+2)  $FPENGINE train --ckpt "$OUT/demo1" --out "$OUT/demo2" --train $DIFFUSION --steps 1754 --batch-size 8 \
+        --lr 4e-4 "${COMMON[@]}" ;;
+3)  $FPENGINE train --ckpt "$OUT/demo2" --out "$OUT/demo3" --train $DIFFUSION --steps 918 --batch-size 32 \
+        --lr 4e-4 "${COMMON[@]}" ;;
+4)  $FPENGINE train --ckpt "$OUT/demo3" --out "$OUT/demo4" --train $DIFFUSION --steps 500 --batch-size 32 \
+        --lr 2e-4 --compile "${COMMON[@]}" ;;
+*)  echo "STAGE: expected 1, 2, 3 or 4" >&2; exit 2 ;;
+esac
