@@ -85,8 +85,9 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
         if not isinstance(p, str):
             raise InputError(f"prompt: expected text, got {type(p).__name__}")
     ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > MAX_LENGTH:
-        removed = tokenizer.batch_decode(full[:, MAX_LENGTH - 1 : -1])
-        log.warning("The prompt is longer than %d CLIP tokens; this part was truncated: %s", MAX_LENGTH, removed)
+    for p in dict.fromkeys(prompts):  # each distinct prompt once
+        full = tokenizer(p, verbose=False).input_ids
+        if len(full) > MAX_LENGTH:
+            removed = tokenizer.decode(full[MAX_LENGTH - 1 : -1])
+            log.warning("The prompt is longer than %d CLIP tokens; this part was truncated: %r", MAX_LENGTH, removed)
     return ids

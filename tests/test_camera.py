@@ -49,3 +49,21 @@ def test_pinhole_with_distortion_round_trip(dist):
     w = torch.ones(2, 5, 17)
     torch.testing.assert_close(fit_pinhole_translation(s, kp, w, K, dist), trans, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(fit_and_project(s, kp, w, K, dist), kp, rtol=1e-4, atol=1e-2)
+
+
+def test_pinhole_projection_matches_a_hand_derived_case():
+    """One point worked out by hand with OpenCV's model (k1, k2, p1, p2): (0.4, -0.2, 2) m ->
+    x, y = 0.2, -0.1; r^2 = 0.05; radial = 1 - 0.2 * 0.05 + 0.05 * 0.05^2 = 0.990125;
+    x' = 0.2 * radial + 2 * 0.001 * 0.2 * -0.1 - 0.002 * (0.05 + 2 * 0.04) = 0.197725;
+    y' = -0.1 * radial + 0.001 * (0.05 + 2 * 0.01) + 2 * -0.002 * 0.2 * -0.1 = -0.0988625;
+    u = 900 x' + 640 = 817.9525, v = 880 y' + 360 = 273.001."""
+    K = torch.tensor([[900.0, 0, 640], [0, 880, 360], [0, 0, 1]], dtype=torch.float64)
+    point = torch.tensor([0.4, -0.2, 2.0], dtype=torch.float64).view(1, 1, 1, 3)
+    uv = project_pinhole(point, torch.zeros(1, 1, 3, dtype=torch.float64), K,
+                         torch.tensor([-0.2, 0.05, 0.001, -0.002], dtype=torch.float64))
+    torch.testing.assert_close(uv.flatten().double(), torch.tensor([817.9525, 273.001], dtype=torch.float64),
+                               rtol=0, atol=1e-3)
+    # without distortion: the plain pinhole, u = 900 * 0.2 + 640, v = 880 * -0.1 + 360
+    uv = project_pinhole(point, torch.zeros(1, 1, 3, dtype=torch.float64), K)
+    torch.testing.assert_close(uv.flatten().double(), torch.tensor([820.0, 272.0], dtype=torch.float64),
+                               rtol=0, atol=1e-3)

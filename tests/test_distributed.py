@@ -194,6 +194,7 @@ def _pngs(folder):
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("frame_*.png"))])
 
 
+@pytest.mark.slow
 def test_cli_windows_over_two_processes(tmp_path, runs):
     out, pngs = tmp_path / "v.mp4", tmp_path / "frames"
     args = ["--poses", WALK, "--prompt", "a walk", "--out", str(out), "--frames-dir", str(pngs), "--frames", "22",
@@ -211,6 +212,7 @@ def test_cli_windows_over_two_processes(tmp_path, runs):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "already exists" in r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_both_over_four_processes(tmp_path, runs):
     """`torchrun -m engine generate --parallel both`: 2 guidance pairs x 2 window ranks; rank 0 writes."""
     pngs = tmp_path / "frames"
@@ -228,6 +230,7 @@ def test_torchrun_both_over_four_processes(tmp_path, runs):
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_cli_sigterm_finishes_the_outputs(tmp_path):
     clip = tmp_path / "long.npz"
     save_clip(loop_clip(load_clip(WALK), 48), clip)

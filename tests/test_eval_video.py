@@ -12,16 +12,14 @@ from engine.video import write_video
 from finephys.clip import PoseClip
 from finephys.judge import COCO_FROM_H36M
 from finephys.train_data import RenderSource
-from tests.conftest import motion_dir
+from tests.conftest import shared_motion
 
 
 @pytest.fixture(scope="module")
 def held_out():
     """Three held-out windows (the last 20% of CMU sequences and Panoptic), rendered as the demo
     sees them: (frames uint8 (T,H,W,3), joints (T,17,2) pixels, caption)."""
-    motion = motion_dir()
-    if not motion.is_dir():
-        pytest.fail(f"shared motion data not found at {motion} (set FPENGINE_MOTION_DIR)")
+    motion = shared_motion()
     src = RenderSource([motion / "cmu", motion / "131_01.bvh"], (128, 128), 8.0, 8,
                        held_out=[motion / "panoptic_160906_band2"])
     out = []

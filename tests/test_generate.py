@@ -133,12 +133,16 @@ def test_cli_bad_checkpoint_weights(tmp_path, demo_ckpt):
     assert r.exit_code == 2 and "unet" in r.output and not (tmp_path / "v.mp4").exists(), r.output
 
 
-def test_long_prompt_warns_and_runs(tmp_path):
+def test_long_prompt_warns_and_runs(tmp_path, caplog):
     r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "jump " * 90,
                                   "--out", str(tmp_path / "v.mp4"), *SMALL])
     assert r.exit_code == 0, r.output
+    # 90 words + start and end tokens: the last 15 words do not fit in CLIP's 77 tokens, and only they are named
+    warned = [rec.getMessage() for rec in caplog.records if "longer than 77 CLIP tokens" in rec.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("truncated: '" + "jump " * 14 + "jump'"), warned
 
 
+@pytest.mark.slow
 def test_real_subprocess(tmp_path):
     out = tmp_path / "v.mp4"
     cmd = [sys.executable, "-m", "engine", "generate", "--poses", "examples/walk.npz", "--prompt", "a walk",

@@ -176,6 +176,7 @@ print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_clip(tmp_path):
     peaks = {}
     for frames in (64, 256):

@@ -18,7 +18,7 @@ def untrained(tmp_path_factory):
 
 
 def _render_spec(motion):
-    return f"render:{motion / 'cmu' / '05_01.bvh'},{motion / '131_01.bvh'}"
+    return f"render:{motion}"
 
 
 def _train(ckpt, data, out, *extra):
@@ -33,10 +33,10 @@ def _weights(ckpt):
     return named
 
 
-def test_smoke_run_writes_a_checkpoint_and_resuming_continues_it_exactly(untrained, motion, tmp_path):
+def test_smoke_run_writes_a_checkpoint_and_resuming_continues_it_exactly(untrained, made_motion, tmp_path):
     """2 steps then --resume to 3 give the weights of 3 steps in one go (the same batches, noise,
     optimiser state and EMA), and the result is a checkpoint every command loads."""
-    data = _render_spec(motion)
+    data = _render_spec(made_motion)
     r = _train(untrained, data, tmp_path / "a", "--steps", "3")
     assert r.exit_code == 0, r.output
     r = _train(untrained, data, tmp_path / "b", "--steps", "2")

@@ -82,11 +82,20 @@ def test_unshuffled_layout_matches_pixel_unshuffle(gen, r, use_kernel, request):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_dispatch_on_cpu_uses_the_reference(gen):
+def test_dispatch_on_cpu_uses_the_reference(gen, monkeypatch):
+    """Routing: on CPU tensors the default never enters the kernel path (made to raise here)."""
+    import kernels.heatmap as mod
+
+    def kernel(*a, **k):
+        raise AssertionError("the Triton path was taken for CPU tensors")
+
+    monkeypatch.setattr(mod, "_render_heatmaps_triton", kernel)
     kp, vis = make_inputs(1, 2, 3, 12, 10, gen=gen)
     want = render_heatmaps_ref(kp, vis, 12, 10, 2.0, torch.float16)
     assert torch.equal(render_heatmaps(kp, vis, 12, 10, 2.0, torch.float16), want)
     assert torch.equal(render_heatmaps(kp, vis, 12, 10, 2.0, torch.float16, use_kernel=False), want)
+    with pytest.raises(AssertionError, match='Triton path'):  # the patch is live: forcing it enters it
+        render_heatmaps(kp, vis, 12, 10, 2.0, torch.float16, use_kernel=True)
 
 
 def _bad_cases():

@@ -203,12 +203,21 @@ def test_kernel_rejects_float64(interp, gen):
         physnet_fused(*make_inputs(1, 4, 2, torch.float64, gen=gen), DT, use_kernel=True)
 
 
-def test_dispatch_on_cpu_uses_the_reference(gen):
+def test_dispatch_on_cpu_uses_the_reference(gen, monkeypatch):
+    """Routing: on CPU tensors the default never enters the kernel path (made to raise here)."""
+    import kernels.physnet as mod
+
+    def kernel(*a, **k):
+        raise AssertionError("the Triton path was taken for CPU tensors")
+
+    monkeypatch.setattr(mod, "_physnet_fused_triton", kernel)
     args = make_inputs(2, 5, 17, gen=gen)
     want = physnet_fused_ref(*args, DT, 0.5)
     for got in (physnet_fused(*args, DT), physnet_fused(*args, DT, use_kernel=False)):
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+    with pytest.raises(AssertionError, match='Triton path'):  # the patch is live: forcing it enters it
+        physnet_fused(*args, DT, use_kernel=True)
 
 
 # --------------------------------------------------------------------------------- bad arguments

@@ -1,4 +1,6 @@
 """Temporal (short-sequence) attention kernel vs its reference, and the reference vs SDPA."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,9 +47,18 @@ def test_kernel_rejects_float64(interp, gen):
         temporal_attention(q, k, v, 4, use_kernel=True)
 
 
-def test_dispatch_on_cpu_uses_the_reference(gen):
+def test_dispatch_on_cpu_uses_the_reference(gen, monkeypatch):
+    """Routing: on CPU tensors the default never enters the kernel path (made to raise here)."""
+    import kernels.temporal_attention as mod
+
+    def kernel(*a, **k):
+        raise AssertionError("the Triton path was taken for CPU tensors")
+
+    monkeypatch.setattr(mod, "_temporal_attention_op", kernel)
     q, k, v = make_qkv(2, 16, 32, gen=gen)
     assert torch.equal(temporal_attention(q, k, v, 4), temporal_attention_ref(q, k, v, 4))
+    with pytest.raises(AssertionError, match='Triton path'):  # the patch is live: forcing it enters it
+        temporal_attention(q, k, v, 4, use_kernel=True)
 
 
 @pytest.mark.parametrize("name,mutate,heads", [
@@ -85,13 +96,18 @@ def test_unet_with_temporal_processor_matches_diffusers(interp, gen, fuse):
     from finephys.demo import demo_config
     from finephys.model import build_unet
 
+    # the demo UNet cut to one cross-attention block and one plain block each way (plus the motion
+    # mid block): every kind of motion module the kernel serves, at a size the interpreter runs fast
     cfg = demo_config()
+    cfg = dataclasses.replace(cfg, unet={**cfg.unet, "block_out_channels": [16, 16],
+                                         "down_block_types": ["CrossAttnDownBlockMotion", "DownBlockMotion"],
+                                         "up_block_types": ["UpBlockMotion", "CrossAttnUpBlockMotion"]})
     unet = build_unet(cfg).eval()
     with torch.no_grad():
         for p in unet.parameters():  # diffusers zero-initialises the motion modules' output projections
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    x = torch.randn(2, 4, 6, 8, 8, generator=gen)
-    text = torch.randn(12, 77, cfg.unet["cross_attention_dim"], generator=gen)
+    x = torch.randn(1, 4, 6, 4, 4, generator=gen)  # batch 1, 6 frames, 4x4 latents: 16 sequences at the top
+    text = torch.randn(6, 77, cfg.unet["cross_attention_dim"], generator=gen)
     with torch.no_grad():
         want = unet(x, torch.tensor(500), text).sample
         if fuse:
@@ -101,5 +117,5 @@ def test_unet_with_temporal_processor_matches_diffusers(interp, gen, fuse):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         # the temporal attention is live: changing one motion-module projection changes the output
         name, attn = next((n, m) for n, m in unet.named_modules() if "motion_modules" in n and hasattr(m, "heads"))
-        attn.to_out[0].weight.mul_(1.5)
+        attn.to_out[0].weight.mul_(5.0)
         assert (unet(x, torch.tensor(500), text).sample - want).abs().max() > 1e-3, name
