@@ -52,7 +52,8 @@ def read_engine_manifest(engine_dir: Path) -> dict:
     """The manifest of an engine directory, checked for its format version; InputError otherwise."""
     path, manifest = parse_manifest_json(
         engine_dir, MANIFEST, f"engine directory {engine_dir} does not exist",
-        f"{engine_dir}: not an engine directory (no {MANIFEST}; write one with fpengine export)")
+        f"{engine_dir}: not an engine directory (no {MANIFEST}; write one with fpengine export)",
+        "an engine directory (fpengine export writes one)")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != ENGINE_FORMAT_VERSION:
         raise InputError(f"{path}: engine format_version {version!r}, this fpengine reads {ENGINE_FORMAT_VERSION} "

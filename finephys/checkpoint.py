@@ -98,10 +98,13 @@ def save_checkpoint(parts: FinePhysParts, out: Path, tokenizer_dir: Path, overwr
     return out
 
 
-def parse_manifest_json(folder: Path, name: str, no_folder: str, no_manifest: str) -> tuple[Path, object]:
+def parse_manifest_json(folder: Path, name: str, no_folder: str, no_manifest: str,
+                        what: str = "a folder") -> tuple[Path, object]:
     """(path, parsed JSON) of the manifest ``folder / name``; InputError ``no_folder`` / ``no_manifest``
     when the folder / the file is missing, and one naming the file when it is not valid JSON."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file, expected {what}")
     if not folder.is_dir():
         raise InputError(no_folder)
     path = folder / name
@@ -115,7 +118,8 @@ def parse_manifest_json(folder: Path, name: str, no_folder: str, no_manifest: st
 
 def read_manifest(folder: Path) -> dict:
     path, manifest = parse_manifest_json(folder, MANIFEST, f"checkpoint folder {folder} does not exist",
-                                         f"{folder}: not a FinePhys checkpoint (no {MANIFEST})")
+                                         f"{folder}: not a FinePhys checkpoint (no {MANIFEST})",
+                                         "a FinePhys checkpoint folder")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise InputError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")

@@ -22,6 +22,7 @@ from finephys.layouts import LAYOUTS, convert_keypoints, get_layout
 
 FORMAT_VERSION = 1
 MIN_FRAMES = 3
+FPS_RANGE = (0.1, 1000.0)  # frames per second a clip may declare
 KEYS = ("keypoints", "scores", "layout", "image_size", "fps", "format_version",
         "camera_matrix", "dist_coeffs")
 _NUMERIC = "fiu"
@@ -123,6 +124,9 @@ def _check_fields(where, keypoints, scores, layout, image_size, fps, camera_matr
     fps = _scalar(where, kind, "fps", fps)
     if not np.isfinite(fps) or fps <= 0:
         raise InputError(f"{where}: {kind} 'fps' is {fps}, expected a finite number > 0")
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:  # 1e-308 fps would overflow every frame count made from it
+        raise InputError(f"{where}: {kind} 'fps' is {fps:g}, expected a frame rate from {FPS_RANGE[0]:g} "
+                         f"to {FPS_RANGE[1]:g}")
 
     out = {"keypoints": kp, "scores": sc, "layout": layout,
            "image_size": (int(size[0]), int(size[1])), "fps": fps,
@@ -147,6 +151,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _read_npz(path: Path) -> dict:
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a clip.npz file")
     if not path.is_file():
         raise InputError(f"{path}: file not found, expected a clip.npz file")
     with open(path, "rb") as f:

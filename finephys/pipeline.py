@@ -56,9 +56,10 @@ def prepare_clip(clip: PoseClip, model: FinePhysModel) -> tuple[PoseClip, list[s
     cfg = model.config
     clip = to_layout(clip, cfg.layout)
     if abs(clip.fps - cfg.fps) > 1e-6:
-        before = clip.num_frames
+        before, before_fps = clip.num_frames, clip.fps
         clip = resample(clip, cfg.fps)
-        notes.append(f"resampled the clip from {before} frames at its fps to {clip.num_frames} frames at {cfg.fps:g} fps")
+        notes.append(f"resampled the clip from {before} frames at {before_fps:g} fps to {clip.num_frames} frames at "
+                     f"{cfg.fps:g} fps")
     if clip.num_frames < 3:
         raise InputError(f"clip: at least 3 frames needed at {cfg.fps:g} fps, got {clip.num_frames}")
     return clip, notes
@@ -124,7 +125,7 @@ def pose_heatmaps(model: FinePhysModel, stages: PoseStages, height: int, width: 
 def check_video_size(height: int, width: int) -> None:
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v <= 0 or v % 8:
-            raise InputError(f"{name}: expected a positive multiple of 8, got {v}")
+            raise InputError(f"--{name} {v}: expected a positive multiple of 8")
 
 
 class DdimSchedule:

@@ -60,6 +60,7 @@ class PoseGuidedUNet(nn.Module):
         """Valid ``depth`` values of the DeepCache-style calls: 1 .. pairs of the last up block."""
         return range(1, len(self.unet.up_blocks[-1].resnets) + 1)
 
+
     def forward(self, sample, timestep, encoder_hidden_states, pose_features=None):
         """sample (B,C,F,h,w); timestep scalar or (B,); encoder_hidden_states (B*F, L, C_text)
         (repeat-interleaved per frame); pose_features: list of (B*F, C_k, h_k, w_k) or None."""
@@ -133,3 +134,11 @@ class PoseGuidedUNet(nn.Module):
                           num_frames=f)
         out = self._end(x, sample)
         return (out, deep) if depth else out
+
+
+def cache_depths_of(unet_config: dict) -> range:
+    """``PoseGuidedUNet.cache_depths`` from the UNet's config alone (no weights): diffusers gives
+    the last up block ``layers_per_block`` of the first down block + 1 resnets."""
+    per_block = unet_config.get("layers_per_block", 2)
+    first = per_block[0] if isinstance(per_block, (list, tuple)) else per_block
+    return range(1, int(first) + 2)

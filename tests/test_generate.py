@@ -107,11 +107,13 @@ def test_cli_bad_clips_one_line(tmp_path, change, words):
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--height", "60"], "multiple of 8"),
+    (["--height", "60"], "--height 60: expected a positive multiple of 8"),
     (["--out", "nodir/v.mp4"], "does not exist"),
     (["--frames", "40"], "frames"),
     (["--ckpt", "nope"], "does not exist"),
+    (["--ckpt", "examples/walk.npz"], "examples/walk.npz: is a file, expected a FinePhys checkpoint folder"),
     (["--poses", "missing.npz"], "does not exist"),
+    (["--poses", "examples"], "examples: is a folder, expected a clip.npz file"),
     (["--deep-cache", "0"], "--deep-cache 0: expected 1 (off)"),
     (["--deep-cache", "2", "--deep-cache-depth", "9"], "--deep-cache-depth 9: expected 1..2"),
     (["--deep-cache", "2", "--parallel", "guidance"], "--deep-cache: not with --parallel"),
@@ -152,3 +154,13 @@ def test_real_subprocess(tmp_path):
     assert read_video(out).shape == (4, 64, 96, 3)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
+    import dataclasses
+
+    from finephys.pipeline import prepare_clip
+
+    clip, notes = prepare_clip(dataclasses.replace(walk_clip, fps=12.0), demo_model)
+    assert notes == ["resampled the clip from 24 frames at 12 fps to 16 frames at 8 fps"]
+    assert clip.num_frames == 16

@@ -85,10 +85,28 @@ def test_options_are_checked_as_the_cli_checks_them(tmp_path):
     clip = clip_from_json(_walk_json(), prepare_workdir(tmp_path / "w"), Limits())
     with pytest.raises(InputError, match=r"^--frames 100: expected 1\.\.24 \(the clip's frames at 8 fps\)$"):
         check_request(demo_config(), clip, parse_options({**SMALL, "num_frames": 100}), Limits())
-    with pytest.raises(InputError, match=r"^height: expected a positive multiple of 8, got 33$"):
+    with pytest.raises(InputError, match=r"^--height 33: expected a positive multiple of 8$"):
         check_request(demo_config(), clip, parse_options({**SMALL, "height": 33}), Limits())
     with pytest.raises(RequestError, match=r"^--steps 101: this service runs at most 100 steps$"):
         check_request(demo_config(), clip, parse_options({**SMALL, "num_inference_steps": 101}), Limits())
+    # DeepCache is checked from the config as the model would check it (this was a 500)
+    p, _ = check_request(demo_config(), clip, parse_options({**SMALL, "num_inference_steps": 4, "deep_cache": 2, "deep_cache_depth": 2}),
+                         Limits())
+    assert p.deep_cache == (2, 2)
+    with pytest.raises(InputError, match=r"^--deep-cache-depth 3: expected 1\.\.2 "):
+        check_request(demo_config(), clip, parse_options({**SMALL, "num_inference_steps": 4, "deep_cache": 2,
+                                                                "deep_cache_depth": 3}), Limits())
+
+
+def test_config_gives_the_unets_deep_cache_depths():
+    from finephys.model import build_unet
+    from finephys.unet import PoseGuidedUNet, cache_depths_of
+
+    cfg = demo_config()
+    for per_block in (1, 2, [3, 1, 1, 1]):
+        unet_cfg = {**cfg.unet, "layers_per_block": per_block}
+        real = PoseGuidedUNet(build_unet(dataclasses.replace(cfg, unet=unet_cfg))).cache_depths()
+        assert cache_depths_of(unet_cfg) == real, per_block
 
 
 def test_uploaded_and_json_clips_get_the_cli_messages(tmp_path):
@@ -351,7 +369,7 @@ def test_bad_requests_get_4xx_with_the_cli_message(service, tmp_path):
     cases = [
         (_post(service, {**SMALL, "num_frames": "abc"}), "Invalid value for '--frames': 'abc' is not a valid integer."),
         (_post(service, {**SMALL, "num_frames": 100}), "--frames 100: expected 1..24 (the clip's frames at 8 fps)"),
-        (_post(service, {**SMALL, "width": 30}), "width: expected a positive multiple of 8, got 30"),
+        (_post(service, {**SMALL, "width": 30}), "--width 30: expected a positive multiple of 8"),
         (_post(service, {k: v for k, v in SMALL.items() if k != "prompt"}), "Missing option '--prompt'."),
         (_post(service, SMALL, b"not a zip", "mine.npz"),
          "mine.npz: is not an npz (zip) archive, or is truncated, expected a clip.npz file"),

@@ -218,6 +218,12 @@ class _ConfigOnly:
     def __init__(self, config):
         self.config = config
 
+    def deep_cache_depths(self) -> range:
+        """The service's replicas run the reference backend, whose UNet has the partial calls."""
+        from finephys.unet import cache_depths_of
+
+        return cache_depths_of(self.config.unet)
+
 
 def check_request(config, clip: PoseClip, opts: GenerateOptions, limits: Limits) -> tuple[Plan, list[str]]:
     """What ``generate_stream`` would check, plus the service's limits; no weights needed."""
