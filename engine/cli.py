@@ -158,14 +158,14 @@ def poses(poses, ckpt, out, preview, overwrite):
     from finephys.clip import load_clip
     from finephys.pipeline import prepare_clip, run_pose_stack
 
-    from .generate import load_model
+    from .generate import load_pose_model
     from .outputs import check_distinct, check_output, save_npz, write_pose_preview
 
     check_output(out, overwrite, "--out", (".npz",))
     check_output(preview, overwrite, "--preview", (".mp4",))
     check_distinct({"--out": out, "--preview": preview, "--poses": poses})
     clip = load_clip(_existing(poses, "--poses"))
-    model = load_model(None if ckpt is None else _existing(ckpt, "--ckpt"))
+    model = load_pose_model(None if ckpt is None else _existing(ckpt, "--ckpt"))  # the pose stack only
     clip, notes = prepare_clip(clip, model)
     for note in notes:
         click.echo(note, err=True)

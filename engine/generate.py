@@ -79,6 +79,26 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engi
     return assemble(parts, device=pick_device(device), dtype=dtype)
 
 
+@dataclass
+class PoseModel:
+    """What the pose stack reads of a model (``prepare_clip``, ``run_pose_stack``): its config, a
+    lifter and PhysNet, on the CPU; for ``fpengine poses``, which needs no generator."""
+
+    config: object
+    parts: object  # .lifter, .physnet
+    device: torch.device = torch.device("cpu")
+
+
+def load_pose_model(ckpt: Path | None) -> PoseModel:
+    from types import SimpleNamespace
+
+    from finephys.checkpoint import load_pose_parts
+    from finephys.demo import load_demo_pose_parts
+
+    cfg, lifter, physnet = load_demo_pose_parts() if ckpt is None else load_pose_parts(ckpt)
+    return PoseModel(cfg, SimpleNamespace(lifter=lifter, physnet=physnet))
+
+
 def _pick(value, default):
     return default if value is None else value
 

@@ -126,14 +126,18 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def _config(folder: Path, manifest: dict) -> FinePhysConfig:
+    try:
+        return FinePhysConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{folder / MANIFEST}: bad config ({exc})") from None
+
+
 def load_checkpoint(folder: Path, verify_hashes: bool = False) -> FinePhysParts:
     """Strictly rebuild every component from ``folder`` (fp32, CPU)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    try:
-        cfg = FinePhysConfig.from_dict(manifest["config"])
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"{folder / MANIFEST}: bad config ({exc})") from None
+    cfg = _config(folder, manifest)
     if verify_hashes:
         for rel, digest in manifest.get("files", {}).items():
             if not (folder / rel).is_file():
@@ -151,3 +155,16 @@ def load_checkpoint(folder: Path, verify_hashes: bool = False) -> FinePhysParts:
         if bad:
             check_state_dict({}, {k: parts.lora[k] for k in bad}, str(folder / LORA_FILE))
     return parts
+
+
+def load_pose_parts(folder: Path):
+    """(config, lifter, PhysNet) of a checkpoint, without building the generator (eval mode)."""
+    from .lifter import Lifter
+    from .physnet import PhysNet
+
+    folder = Path(folder)
+    cfg = _config(folder, read_manifest(folder))
+    lifter, physnet = Lifter(cfg.pose.lifter), PhysNet(cfg.pose.physnet)
+    load_strict(lifter, folder / WEIGHT_FILES["lifter"])
+    load_strict(physnet, folder / WEIGHT_FILES["physnet"])
+    return cfg, lifter.eval(), physnet.eval()

@@ -149,6 +149,17 @@ def pack_demo(parts: FinePhysParts, path: Path = DEMO_MODEL, info: dict | None =
     return Path(path)
 
 
+def load_demo_pose_parts():
+    """(config, lifter, PhysNet) of the embedded demo, without building its generator."""
+    from .lifter import Lifter
+    from .physnet import PhysNet
+
+    cfg = demo_config()
+    lifter, physnet = Lifter(cfg.pose.lifter), PhysNet(cfg.pose.physnet)
+    load_pose_weights_into(DEMO_WEIGHTS, lifter, physnet)
+    return cfg, lifter.eval(), physnet.eval()
+
+
 def load_demo(seed: int = DEMO_SEED, trained: bool = True) -> FinePhysParts:
     """The embedded demo model, in memory."""
     with tempfile.TemporaryDirectory() as tmp:

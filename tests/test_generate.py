@@ -59,10 +59,26 @@ def test_cli_generate_writes_video_poses_and_preview(tmp_path, demo_ckpt):
     assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output
 
 
-def test_cli_poses(tmp_path):
-    r = CliRunner().invoke(main, ["poses", "--poses", "examples/walk.npz", "--out", str(tmp_path / "s.npz")])
+@pytest.mark.parametrize("from_ckpt", [False, True])
+def test_cli_poses_runs_the_pose_stack_alone(tmp_path, monkeypatch, demo_model, demo_ckpt, walk_clip, from_ckpt):
+    """The stages of `generate`'s pose stack, without building the generator (it was 16 s of 16.3)."""
+    import finephys.model
+
+    from finephys.pipeline import prepare_clip, run_pose_stack
+
+    want = run_pose_stack(demo_model, prepare_clip(walk_clip, demo_model)[0])
+
+    def no_generator(*a, **k):
+        raise AssertionError("fpengine poses built a generator")
+
+    monkeypatch.setattr(finephys.model, "build_unet", no_generator)  # what new_parts builds the UNet with
+    extra = ["--ckpt", str(demo_ckpt)] if from_ckpt else []
+    r = CliRunner().invoke(main, ["poses", "--poses", "examples/walk.npz", "--out", str(tmp_path / "s.npz"), *extra])
     assert r.exit_code == 0, r.output
-    assert np.load(tmp_path / "s.npz")["s_dd"].shape == (24, 17, 3)
+    got = np.load(tmp_path / "s.npz")
+    assert got["s_dd"].shape == (24, 17, 3)
+    for key in ("s_dd", "s_pp", "s_fused", "projected_2d"):
+        np.testing.assert_array_equal(got[key], getattr(want, key), err_msg=key)
 
 
 def _bad_clip(tmp_path, **change):
