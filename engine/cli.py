@@ -99,7 +99,7 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
 
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
     """
-    from .generate import GenerateOptions, generate_stream, load_model
+    from .generate import GenerateOptions, check_options, generate_stream, load_model
     from .outputs import check_distinct, check_output, save_npz, stream_frames, write_pose_preview
 
     if parallel is None and gpus is not None:
@@ -122,9 +122,11 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
         _existing(ckpt, "--ckpt")
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                            guidance_scale, seed, context_length, context_stride, deep_cache, deep_cache_depth)
+    if parallel is not None and deep_cache != 1:
+        raise InputError("--deep-cache: not with --parallel (each process runs the full UNet)")
+    if ckpt is None or engine is None:  # both: load_model says which to drop
+        check_options(clip, opts, ckpt, engine)  # before any weights load
     if parallel is not None:
-        if deep_cache != 1:
-            raise InputError("--deep-cache: not with --parallel (each process runs the full UNet)")
         from .cli_parallel import CliJob, cli_generate
 
         return cli_generate(CliJob(parallel, opts, clip, detected, ckpt, engine, backend, out, frames_dir,

@@ -79,6 +79,42 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engi
     return assemble(parts, device=pick_device(device), dtype=dtype)
 
 
+class ConfigOnly:
+    """Stands in for a model where only its config is read (clip preparation, planning), to check
+    options before any weights load. Its DeepCache depths are the reference UNet's (the triton
+    backend's are the same; the graph backends have none, which their own plan reports)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def deep_cache_depths(self) -> range:
+        from finephys.unet import cache_depths_of
+
+        return cache_depths_of(self.config.unet)
+
+
+def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = None, engine: Path | None = None) -> None:
+    """``plan``'s checks from the config of ``ckpt`` / ``engine`` / the demo, before loading weights
+    (seconds earlier); ``generate_stream`` checks again against the loaded backend."""
+    if engine is not None:
+        from export.manifest import engine_config, read_engine_manifest
+
+        try:
+            config = engine_config(read_engine_manifest(engine))
+        except InputError:
+            return  # loading the backend reports it, after what it checks first (a GPU for triton)
+    elif ckpt is not None:
+        from finephys.checkpoint import read_config
+
+        config = read_config(ckpt)
+    else:
+        from finephys.demo import demo_config
+
+        config = demo_config()
+    model = ConfigOnly(config)
+    plan(model, prepare_clip(clip, model)[0], opts)
+
+
 @dataclass
 class PoseModel:
     """What the pose stack reads of a model (``prepare_clip``, ``run_pose_stack``): its config, a

@@ -126,6 +126,11 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def read_config(folder: Path) -> FinePhysConfig:
+    """A checkpoint's config alone (its manifest), no weights read."""
+    return _config(Path(folder), read_manifest(folder))
+
+
 def _config(folder: Path, manifest: dict) -> FinePhysConfig:
     try:
         return FinePhysConfig.from_dict(manifest["config"])

@@ -180,3 +180,21 @@ def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     clip, notes = prepare_clip(dataclasses.replace(walk_clip, fps=12.0), demo_model)
     assert notes == ["resampled the clip from 24 frames at 12 fps to 16 frames at 8 fps"]
     assert clip.num_frames == 16
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--steps", "0"], "--steps: expected 1..1000, got 0"),
+    (["--frames", "100000"], "--frames 100000: expected 1..24"),
+    (["--deep-cache", "2", "--deep-cache-depth", "9"], "--deep-cache-depth 9: expected 1..2"),
+])
+def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra, words):
+    """Options are checked against the model's config before its weights load (that took 14-16 s)."""
+    import engine.generate
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(engine.generate, "load_model", no_load)
+    args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.generate import GenerateOptions, Plan, plan
+from engine.generate import ConfigOnly, GenerateOptions, Plan, plan
 from finephys.clip import KEYS, PoseClip, load_clip
 from finephys.errors import InputError
 from finephys.pipeline import prepare_clip
@@ -212,22 +212,9 @@ def parse_request(body: bytes, content_type: str | None, root: Path,
                                f"multipart/form-data")
 
 
-class _ConfigOnly:
-    """Stands in for a model where only its config is read (clip preparation, planning)."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def deep_cache_depths(self) -> range:
-        """The service's replicas run the reference backend, whose UNet has the partial calls."""
-        from finephys.unet import cache_depths_of
-
-        return cache_depths_of(self.config.unet)
-
-
 def check_request(config, clip: PoseClip, opts: GenerateOptions, limits: Limits) -> tuple[Plan, list[str]]:
     """What ``generate_stream`` would check, plus the service's limits; no weights needed."""
-    model = _ConfigOnly(config)
+    model = ConfigOnly(config)  # the service's replicas run the reference backend
     frames_at_model_fps = int(round((clip.num_frames - 1) * config.fps / clip.fps)) + 1
     if frames_at_model_fps > limits.max_clip_frames:
         raise PayloadTooLarge(f"clip: {clip.num_frames} frames at {clip.fps:g} fps are "
