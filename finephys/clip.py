@@ -8,6 +8,7 @@ Keys: ``keypoints`` float32 (T,J,2) pixels (origin top-left) or (T,J,3) = x, y, 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import zipfile
@@ -19,6 +20,9 @@ import numpy as np
 
 from finephys.errors import InputError
 from finephys.layouts import LAYOUTS, convert_keypoints, get_layout
+
+log = logging.getLogger(__name__)
+SCORE_MARGIN = 1.1  # heatmap detectors' maxima run a little over 1 (HRNet: 1.06); up to this is clipped to 1
 
 FORMAT_VERSION = 1
 MIN_FRAMES = 3
@@ -102,10 +106,13 @@ def _check_fields(where, keypoints, scores, layout, image_size, fps, camera_matr
         f, j = np.argwhere(bad)[0]
         raise InputError(f"{where}: {kind} 'scores' is {sc[f, j]} at frame {f}, joint {j}, "
                          f"expected finite values in [0, 1]")
-    if sc.min() < 0 or sc.max() > 1:
-        f, j = np.argwhere((sc < 0) | (sc > 1))[0]
+    if sc.min() < 0 or sc.max() > SCORE_MARGIN:
+        f, j = np.argwhere((sc < 0) | (sc > SCORE_MARGIN))[0]
         raise InputError(f"{where}: {kind} 'scores' is {sc[f, j]:g} at frame {f}, joint {j}, "
-                         f"expected values in [0, 1]")
+                         f"expected values in [0, 1] (up to {SCORE_MARGIN:g} is read as 1)")
+    if sc.max() > 1:
+        log.warning("%s: scores up to %.3g (a detector's heatmap maxima) were clipped to 1", where, sc.max())
+        sc = np.minimum(sc, np.float32(1))
     if not (sc > 0).any():
         raise InputError(f"{where}: {kind} 'scores' are all 0, expected at least one visible joint")
     kp = kp.astype(np.float32)

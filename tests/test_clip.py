@@ -228,3 +228,14 @@ def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_scores_a_little_over_one_are_clipped_with_one_warning(tmp_path, caplog):
+    """Real heatmap detectors (HRNet) give maxima up to about 1.06: read as 1, said once."""
+    path = write(tmp_path, scores=np.full((T, J), 1.06))
+    clip = load_clip(path)
+    assert clip.scores.max() == 1.0
+    warned = [r.getMessage() for r in caplog.records if "clipped to 1" in r.getMessage()]
+    assert len(warned) == 1 and "1.06" in warned[0] and str(path) in warned[0]
+    with pytest.raises(InputError, match=r"'scores' is 1.2 .*expected values in \[0, 1\]"):
+        load_clip(write(tmp_path, scores=np.full((T, J), 1.2)))
