@@ -71,10 +71,14 @@ def _existing(path: Path, what: str) -> Path:
               show_default=True, help="auto: the engine's fastest backend here with --engine, else reference.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--frames", "num_frames", type=int, default=None, help="Frames to generate (default: the whole clip).")
-@click.option("--height", type=int, default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--steps", "num_inference_steps", type=int, default=None, help="Denoising steps.")
-@click.option("--guidance", "guidance_scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--height", type=int, default=None,
+              help="Video height in pixels, a multiple of 8  [default: the model's; 128 for the demo]")
+@click.option("--width", type=int, default=None,
+              help="Video width in pixels, a multiple of 8  [default: the model's; 128 for the demo]")
+@click.option("--steps", "num_inference_steps", type=int, default=None,
+              help="DDIM denoising steps, 1-1000  [default: the model's; 10 for the demo]")
+@click.option("--guidance", "guidance_scale", type=float, default=None,
+              help="Classifier-free guidance scale (<= 1: off)  [default: the model's; 7.5 for the demo]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--context-length", type=int, default=None, help="Frames per denoising window (default: the model's).")
 @click.option("--context-stride", type=int, default=None, help="Window step (default: 3/4 of the window).")

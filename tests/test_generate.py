@@ -198,3 +198,15 @@ def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra
     args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_generate_help_gives_sizes_steps_and_guidance_their_defaults():
+    from finephys.demo import demo_config
+
+    cfg = demo_config()  # the help names the demo's defaults: it must follow the demo's config
+    text = " ".join(CliRunner().invoke(main, ["generate", "--help"], terminal_width=200).output.split())
+    for option, words in (("--height INTEGER", f"a multiple of 8 [default: the model's; {cfg.height} for the demo]"),
+                          ("--width INTEGER", f"a multiple of 8 [default: the model's; {cfg.width} for the demo]"),
+                          ("--steps INTEGER", f"[default: the model's; {cfg.num_inference_steps} for the demo]"),
+                          ("--guidance FLOAT", f"[default: the model's; {cfg.guidance_scale:g} for the demo]")):
+        assert option in text and words in text.split(option, 1)[1][:120], option
