@@ -104,7 +104,7 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
     """
     from .generate import GenerateOptions, check_options, generate_stream, load_model
-    from .outputs import check_distinct, check_output, save_npz, stream_frames, write_pose_preview
+    from .outputs import check_distinct, check_output, interrupted_line, save_npz, stream_frames, write_pose_preview
 
     if parallel is None and gpus is not None:
         raise InputError("--gpus goes with --parallel")
@@ -147,7 +147,7 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     with _terminate_as_interrupt():
         count, interrupted = stream_frames(stream, stream.fps, out, frames_dir, overwrite)
     if interrupted:
-        click.echo(f"interrupted: {target} holds the {count} frames finished so far", err=True)
+        click.echo(interrupted_line(count, out, frames_dir), err=True)
         sys.exit(130)
     p = stream.plan
     click.echo(f"wrote {target}: {count} frames of {p.height}x{p.width} at {stream.fps:g} fps", err=True)

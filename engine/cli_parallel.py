@@ -41,7 +41,7 @@ def _cli_worker(ctx: DistContext, job: CliJob):
     import click
 
     from .generate import load_model
-    from .outputs import save_npz, stream_frames, write_pose_preview
+    from .outputs import interrupted_line, save_npz, stream_frames, write_pose_preview
 
     if ctx.rank:  # only rank 0 answers an interrupt; the others stop when it has gone
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -81,7 +81,7 @@ def _cli_worker(ctx: DistContext, job: CliJob):
     target = " and ".join(str(p) for p in (job.out, job.frames_dir) if p is not None)
     p = stream.plan
     if interrupted:
-        click.echo(f"interrupted: {target} holds the {count} frames finished so far", err=True)
+        click.echo(interrupted_line(count, job.out, job.frames_dir), err=True)
     else:
         click.echo(f"wrote {target}: {count} frames of {p.height}x{p.width} at {stream.fps:g} fps "
                    f"({job.mode} over {ctx.world_size} {ctx.device.type} processes)", err=True)

@@ -66,6 +66,14 @@ class PngSequence:
         self.count += 1
 
 
+def interrupted_line(count: int, out: Path | None, frames_dir: Path | None) -> str:
+    """What an interrupted run says it left: only outputs that exist, and none before a first frame."""
+    kept = [str(p) for p in (out, frames_dir) if p is not None and Path(p).exists()]
+    if count == 0 or not kept:
+        return "interrupted before the first frame was finished: nothing was written"
+    return f"interrupted: {' and '.join(kept)} holds the {count} frames finished so far"
+
+
 def stream_frames(frames, fps: float, out: Path | None, frames_dir: Path | None, overwrite: bool):
     """Write frames to an mp4 (growing under a temporary name, renamed when done) and/or a PNG
     folder as they arrive. Ctrl-C / SIGTERM (as KeyboardInterrupt) stops the run and finishes the

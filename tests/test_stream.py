@@ -215,3 +215,23 @@ def test_decoded_frames_are_contiguous(demo_model):
     latents = torch.randn(1, demo_model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     frames = decode(demo_model, latents, chunk=2)
     assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8 and frames.flags["C_CONTIGUOUS"]
+
+
+def test_an_interrupted_run_names_only_what_it_wrote(tmp_path):
+    """Interrupted before the first frame: no file, and the message says nothing was written (it
+    used to name a file that never existed); after two frames it names the playable file."""
+    from engine.outputs import interrupted_line, stream_frames
+
+    def frames(n):
+        for _ in range(n):
+            yield np.zeros((16, 16, 3), np.uint8)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "none.mp4"
+    count, interrupted = stream_frames(frames(0), 8.0, out, None, False)
+    assert (count, interrupted) == (0, True) and not out.exists()
+    assert interrupted_line(count, out, None) == "interrupted before the first frame was finished: nothing was written"
+    out = tmp_path / "two.mp4"
+    count, interrupted = stream_frames(frames(2), 8.0, out, None, False)
+    assert interrupted and read_video(out).shape == (2, 16, 16, 3)
+    assert interrupted_line(count, out, None) == f"interrupted: {out} holds the 2 frames finished so far"
