@@ -18,11 +18,12 @@ import torch
 
 from benchmarks.bench_unet_step import meta
 from benchmarks.common import write_rows
-from engine.generate import GenerateOptions, generate, generate_stream
-from finephys.clip import load_clip, loop_clip
-from finephys.model import assemble, new_parts
-from finephys.presets import full_size_config
-from finephys.text import load_tokenizer, write_clip_tokenizer
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate, generate_stream
+from finephys.poses.clip import load_clip, loop_clip
+from finephys.model.assembly import assemble, new_parts
+from finephys.model.presets import full_size_config
+from finephys.model.text import load_tokenizer, write_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 def _model(ctx, backend: str):
     from benchmarks.bench_generate import full_size_parts
-    from finephys.model import assemble
+    from finephys.model.assembly import assemble
 
     with torch.cuda.device(ctx.device):
         parts = full_size_parts()  # seeded: the same weights on every rank
@@ -72,8 +72,9 @@ def _latency_worker(ctx, a):
     from benchmarks.bench_generate import long_clip
     from benchmarks.bench_unet_step import meta
     from engine.distributed import generate_parallel, split_layout
-    from engine.generate import GenerateOptions, generate
-    from finephys.clip import load_clip
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
+    from finephys.poses.clip import load_clip
 
     rows = []
     short = load_clip(ROOT / "examples" / "walk.npz")

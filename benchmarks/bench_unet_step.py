@@ -13,9 +13,9 @@ import time
 import torch
 
 from benchmarks.common import env_info, write_rows
-from finephys.model import build_unet
-from finephys.presets import full_size_config
-from finephys.unet import PoseGuidedUNet
+from finephys.model.build import build_unet
+from finephys.model.presets import full_size_config
+from finephys.model.unet import PoseGuidedUNet
 
 
 def unet_flops(size: int, frames: int = 16) -> float:

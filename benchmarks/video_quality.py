@@ -36,10 +36,12 @@ if __package__ in (None, ""):  # python benchmarks/video_quality.py
 from benchmarks.common import commit  # noqa: E402
 
 from engine.eval_video import evaluate
-from engine.generate import GenerateOptions, generate_stream, load_model
-from finephys.camera import fit_and_project
-from finephys.clip import PoseClip
-from finephys.train_data import RenderSource
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate_stream
+from finephys.poses.camera import fit_and_project
+from finephys.poses.clip import PoseClip
+from finephys.training.train_data import RenderSource
 
 ROOT = Path(__file__).resolve().parents[1]
 MOTION = ROOT.parent / "shared" / "data" / "motion"

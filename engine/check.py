@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finephys.clip import PoseClip
+from finephys.poses.clip import PoseClip
 from finephys.errors import InputError
 
 FP32_RTOL = 1e-3
@@ -32,7 +32,7 @@ CHECK_PROMPT = "a person walking"
 
 def check_clip(num_frames: int, fps: float, size: int = 256) -> PoseClip:
     """A deterministic walking-like H36M-17 clip: the lifter's standing pose with swinging limbs."""
-    from finephys.lifter import _STANDING_POSE
+    from finephys.model.lifter import _STANDING_POSE
 
     t = np.arange(max(num_frames, 3)) / fps
     swing = 0.15 * np.sin(2 * np.pi * 1.0 * t)[:, None]
@@ -62,15 +62,16 @@ def _errors(latents, ref_latents, frames, ref_frames) -> dict:
 
 def _reference(ckpt: Path, device: str, dtype):
     from export.merge import quiet_diffusers
-    from finephys.checkpoint import load_checkpoint
-    from finephys.model import assemble
+    from finephys.model.checkpoint import load_checkpoint
+    from finephys.model.assembly import assemble
 
     with quiet_diffusers():
         return assemble(load_checkpoint(ckpt), device=device, dtype=dtype)
 
 
 def _source_checkpoint(manifest: dict, ckpt: Path | None) -> Path:
-    from finephys.checkpoint import MANIFEST, sha256
+    from finephys.files import sha256
+    from finephys.model.checkpoint import MANIFEST
 
     source = manifest.get("source") or {}
     path = Path(ckpt) if ckpt is not None else Path(source.get("path", ""))
@@ -88,8 +89,9 @@ def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = No
                  prompt: str = CHECK_PROMPT, clip: PoseClip | None = None, progress: bool = False) -> dict:
     from export.manifest import read_engine_manifest, verify_files
 
-    from .backends import load_backend
-    from .generate import GenerateOptions, generate
+    from engine.backends import load_backend
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
 
     manifest = read_engine_manifest(engine_dir)
     verify_files(engine_dir, manifest, full=True)
@@ -147,3 +149,13 @@ def format_report(report: dict) -> list[str]:
                      f"{t['latents_rel_err']:.3g}; frames PSNR {_db(t['psnr_db'])}")
     lines.append(f"{'PASS' if r['passed'] else 'FAIL'}: {r['rule']}")
     return lines
+
+
+def export_parity(engine_dir: Path, ckpt: Path, settings: dict, log) -> dict:
+    """The parity check ``fpengine export`` runs on the engine it is writing: the onnxruntime
+    backend against the reference, its report logged line by line. Device auto: ONNX Runtime's
+    CUDA provider where installed (the reference runs beside it)."""
+    report = check_engine(engine_dir, "onnxruntime", ckpt=ckpt, device="auto", **settings)
+    for line in format_report(report):
+        log(f"  {line}")
+    return report

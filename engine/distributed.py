@@ -6,7 +6,7 @@ the batch [unconditional, conditional]; rank 0 computes the unconditional half, 
 conditional one (batch 1 each), and one all_gather per step gives both ranks both halves. Both
 then apply the same CFG combination and DDIM step to the same numbers, so their latents stay
 identical with no further exchange. Everything else is the single-process sampler,
-``finephys.pipeline.denoise_windows``, unchanged (``GuidanceSplit`` wraps the backend). Rank 0
+``finephys.sampler.loop.denoise_windows``, unchanged (``GuidanceSplit`` wraps the backend). Rank 0
 decodes and writes.
 
 ``windows`` (R >= 2 ranks): the context windows of a long clip, dealt out in rounds: in round j
@@ -15,7 +15,8 @@ frames, after every step i, with window k-1's latents after the same step i; so 
 blend runs down a chain: rank r receives window k-1's overlap from rank r-1 (already blended with
 k-2 there), blends its own window, and sends its tail on to rank r+1. The last rank of a round
 keeps its tail at every step and hands that trajectory to rank 0 when the round ends, for the
-first window of the next round. The UNet calls (nearly all the time) run concurrently; only the
+first window of the next round. The sampler's loop runs unchanged; ``RankChain`` is the
+``WindowChain`` it is given, which deals the windows and carries the overlaps. The UNet calls (nearly all the time) run concurrently; only the
 elementwise blend of a few frames is serial. This is the single-process sampler's arithmetic
 exactly, reordered, not an approximation of it: results match up to float rounding. Every rank
 decodes its own window's finished frames; rank 0 receives them in window order, so frames come
@@ -25,7 +26,7 @@ out in order, each exactly once, and a rank holds one window at a time, whatever
 
 Entry points: ``init_distributed`` (torchrun's environment), ``launch`` (spawns local processes),
 ``generate_parallel`` / ``ParallelGenerationStream``; the CLI's ``--parallel`` route is
-``engine.cli_parallel``. NVLink multicast stays off wherever we start NCCL
+``engine.cli.parallel``. NVLink multicast stays off wherever we start NCCL
 (``MULTICAST_OFF``): it can take a shared host's GPUs out of service.
 """
 from __future__ import annotations
@@ -43,15 +44,12 @@ from multiprocessing import connection
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from finephys.errors import InputError
-from finephys.pipeline import (
-    DdimSchedule, context_windows, decode, denoise_windows, guided_step, pose_heatmaps, prepare_clip, run_pose_stack,
-    window_inputs,
-)
-
-from .generate import Generation, GenerateOptions, plan
+from finephys.sampler.loop import WindowChain, context_windows
+from finephys.sampler.options import GenerateOptions, plan
+from finephys.sampler.poses import prepare_clip, run_pose_stack
+from finephys.sampler.stream import Generation, GenerationStream, decode
 
 MODES = ("guidance", "windows", "both")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -284,14 +282,15 @@ def split_layout(mode: str, world: int) -> tuple[int, int]:
 
 class GuidanceSplit:
     """A backend whose ``predict_noise`` on the guidance batch [uncond, cond] computes only half
-    ``half`` (batch 1) and all_gathers the other from its partner in ``group``; the rest is the
-    wrapped backend's."""
+    ``half`` (batch 1) and all_gathers the other from its partner in ``group``; every other call
+    of the backend contract is the wrapped backend's."""
 
     def __init__(self, model, group, half: int):
         self.model, self.group, self.half = model, group, half
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+        for name in ("name", "config", "device", "dtype", "parts", "precision", "capabilities", "latent_channels"):
+            setattr(self, name, getattr(model, name))
+        self.scheduler, self.encode_text, self.encode_pose = model.scheduler, model.encode_text, model.encode_pose
+        self.decode_latents = model.decode_latents
 
     def predict_noise(self, sample, timestep, text, pose_features):
         if sample.shape[0] != 2:
@@ -304,58 +303,54 @@ class GuidanceSplit:
         return torch.cat(both)
 
 
-@torch.no_grad()
-def lockstep_windows(model, heatmaps_fn, num_frames, prompt, negative_prompt, num_inference_steps,
-                     guidance_scale, seed, length, stride, peers: list[int], me: int, progress=False):
-    """``denoise_windows``'s arithmetic with the windows dealt over ``peers`` (global ranks; this
-    rank is ``peers[me]``): yields this rank's own ``(start, stop, latents)``, one per round it has a
-    window, in order. See the module's docstring for the chain that carries the overlaps."""
-    sched = DdimSchedule(model.scheduler(), num_inference_steps, model.device)
-    cfg_on = guidance_scale > 1.0
-    text = model.encode_text([negative_prompt, prompt] if cfg_on else [prompt])
-    windows = context_windows(num_frames, length, stride)
-    R, K, S, dev = len(peers), len(windows), len(sched.timesteps), model.device
-    bar = tqdm(total=-(-K // R) * S, desc="denoising", disable=not progress, leave=False)
-    prev_traj = None  # the previous round's last window: its tail after every step
-    for first in range(0, K, R):
-        active, k = min(R, K - first), first + me
-        if k >= K:  # nothing for this rank in the last round
-            bar.update(S)
-            continue
-        start, stop = windows[k]
-        keep = windows[k + 1][0] if k + 1 < K else stop
-        latents, ehs, feats = window_inputs(model, sched, heatmaps_fn(start, stop), text, [seed], start, cfg_on)
-        C, h, w = latents.shape[1], latents.shape[3], latents.shape[4]
-        overlap = max(windows[k - 1][1] - start, 0) if k else 0
-        ramp = (torch.arange(1, overlap + 1, device=dev) / (overlap + 1)).view(1, 1, -1, 1, 1)
-        traj = []
-        for i, t in enumerate(sched.timesteps):
-            latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance_scale)
-            if overlap:
-                if me:
-                    src = torch.empty((1, C, overlap, h, w), device=dev)
-                    dist.recv(src, peers[me - 1])
-                else:
-                    src = prev_traj[i]
-                latents[:, :, :overlap] = ramp * latents[:, :, :overlap] + (1 - ramp) * src
-            if keep < stop:
-                tail = latents[:, :, keep - start :].clone()
-                if me + 1 < active:
-                    dist.send(wire(tail, dev), peers[me + 1])
-                else:
-                    traj.append(tail)
-            bar.update(1)
-        if first + R < K:  # the next round's first window (on peers[0]) blends with this round's last
+class RankChain(WindowChain):
+    """The windows dealt over ``peers`` (global ranks; this rank is ``peers[me]``), in lockstep
+    rounds: see the module's docstring for the chain that carries the overlaps."""
+
+    def __init__(self, peers: list[int], me: int, device):
+        self.peers, self.me, self.device = peers, me, device
+
+    def begin(self, windows, steps) -> None:
+        super().begin(windows, steps)
+        self._round_traj = None  # the previous round's last window: its tail after every step
+
+    def schedule(self):
+        R, K = len(self.peers), len(self.windows)
+        for first in range(0, K, R):
+            k = first + self.me
+            yield k if k < K else None
+
+    def overlap(self, k, i, shape):
+        if self.me:
+            src = torch.empty(shape, device=self.device)
+            dist.recv(src, self.peers[self.me - 1])
+            return src
+        return self._round_traj[i]
+
+    def tail(self, k, i, latents) -> None:
+        self._latent_shape = latents.shape
+        active = min(len(self.peers), len(self.windows) - (k - self.me))
+        if self.me + 1 < active:
+            dist.send(wire(latents, self.device), self.peers[self.me + 1])
+        else:
+            self._traj.append(latents.clone())
+
+    def window_done(self, k) -> None:
+        R, first, windows = len(self.peers), k - self.me, self.windows
+        if first + R < len(windows):  # the next round's first window (on peers[0]) blends with this round's last
             if R == 1:
-                prev_traj = traj
-            elif me == R - 1:
-                dist.send(wire(torch.stack(traj), dev), peers[0])
-            elif me == 0:
-                ov = windows[first + R - 1][1] - windows[first + R][0]
-                prev_traj = torch.empty((S, 1, C, ov, h, w), device=dev)
-                dist.recv(prev_traj, peers[R - 1])
-        yield start, keep, latents[:, :, : keep - start]
-    bar.close()
+                self._round_traj = self._traj
+            elif self.me == R - 1:
+                dist.send(wire(torch.stack(self._traj), self.device), self.peers[0])
+            elif self.me == 0:
+                last = self._traj_shape(windows[first + R - 1][1] - windows[first + R][0])
+                self._round_traj = torch.empty((self.steps, *last), device=self.device)
+                dist.recv(self._round_traj, self.peers[R - 1])
+        self._traj = []
+
+    def _traj_shape(self, overlap: int) -> tuple:
+        b, c, _, h, w = self._latent_shape
+        return (b, c, overlap, h, w)
 
 
 def _group(ctx: DistContext, guidance: int):
@@ -396,20 +391,18 @@ class ParallelGenerationStream:
         _, self.plan, self.stages, self.notes = payload[0]
         self.fps = model.config.fps
         self.window_index, self.half = divmod(ctx.rank, self.guidance_ranks)
+        self.local = GenerationStream(model, None, opts, progress and ctx.rank == 0,
+                                      prepared=(self.plan, self.stages, self.notes))
 
     def latent_chunks(self):
         """This rank's finished, undecoded ``(start, stop, latents)`` in frame order: the whole clip
         with guidance alone (every rank), else this rank's windows."""
-        p, o, m, G = self.plan, self.opts, self.model, self.guidance_ranks
-        backend = GuidanceSplit(m, _group(self.ctx, G), self.half) if G == 2 else m
-        heatmaps = lambda a, b: pose_heatmaps(m, self.stages, p.height, p.width, a, b)  # noqa: E731
-        args = (backend, heatmaps, p.frames, o.prompt, o.negative_prompt, p.steps, p.guidance, o.seed, p.length, p.stride)
-        show = self.progress and self.ctx.rank == 0
-        if self.window_ranks == 1:
-            yield from denoise_windows(*args, progress=show)
-        else:
-            peers = [w * G + self.half for w in range(self.window_ranks)]
-            yield from lockstep_windows(*args, peers=peers, me=self.window_index, progress=show)
+        G = self.guidance_ranks
+        backend = GuidanceSplit(self.model, _group(self.ctx, G), self.half) if G == 2 else None
+        chain = None
+        if self.window_ranks > 1:
+            chain = RankChain([w * G + self.half for w in range(self.window_ranks)], self.window_index, self.ctx.device)
+        return self.local.latent_chunks(backend, chain)
 
     def chunks(self):
         m, rank = self.model, self.ctx.rank
@@ -452,7 +445,4 @@ def generate_parallel(model, clip, opts: GenerateOptions, ctx: DistContext, mode
     """The whole clip on rank 0 (frames and final latents, as ``generate``); None on the others."""
     stream = generate_stream_parallel(model, clip, opts, ctx, mode, progress)
     chunks = list(stream.chunks())
-    if ctx.rank:
-        return None
-    return Generation(frames=np.concatenate([c[2] for c in chunks]), latents=torch.cat([c[1] for c in chunks], dim=2),
-                      stages=stream.stages, notes=stream.notes)
+    return None if ctx.rank else Generation.from_chunks(chunks, stream.stages, stream.notes)

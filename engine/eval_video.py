@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from finephys.errors import InputError
-from finephys.judge import COCO_FROM_H36M, JUDGE_ONNX
-from finephys.scene import SHIRTS, TROUSERS, parse_caption
+from finephys.training.judge import COCO_FROM_H36M, JUDGE_ONNX
+from finephys.training.scene import SHIRTS, TROUSERS, parse_caption
 
 LIMBS = tuple(range(5, 17))  # COCO-17 shoulders .. ankles
 PCK_FRACTION = 0.1
@@ -85,7 +85,7 @@ def colour_metrics(frames: np.ndarray, guide: np.ndarray, prompt: str | None) ->
 
 def detect_joints(frames: np.ndarray, fps: float, pose_model: Path | None, norm: str, min_score: float = 0.3):
     """COCO-17 joints (T,17,2) and scores (T,17) of the person in frames (T,H,W,3) uint8."""
-    from .detect import DetectOptions, detect_frames
+    from engine.detect.run import DetectOptions, detect_frames
 
     if pose_model is None:
         opts = DetectOptions(min_score=min_score)

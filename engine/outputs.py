@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from finephys.clip import atomic_path
-from finephys.draw import render_pose_frames
+from finephys.files import atomic_path
+from finephys.poses.draw import render_pose_frames
 from finephys.errors import InputError
-from finephys.pipeline import PoseStages
+from finephys.sampler.poses import PoseStages
 
-from .video import VideoWriter, write_video
+from engine.video import VideoWriter, write_video
 
 
 def check_output(path: Path | None, overwrite: bool, option: str, suffixes: tuple[str, ...]) -> None:
@@ -107,3 +108,37 @@ def write_pose_preview(stages: PoseStages, path: Path, overwrite: bool) -> None:
         layout=stages.layout, titles=["input 2D", "lifted + physics, projected"],
     )
     write_video(frames, path, stages.fps, overwrite=overwrite)
+
+
+@dataclass(frozen=True)
+class GenerateOutputs:
+    """Where ``fpengine generate`` writes (checked beforehand), and the detection's arrays that go
+    into ``--save-poses`` beside the pose stages."""
+
+    out: Path | None
+    frames_dir: Path | None
+    save_poses: Path | None
+    preview: Path | None
+    overwrite: bool
+    detected: dict
+
+    def write_poses(self, stream, log) -> None:
+        """The stream's notes, then the pose stages (``--save-poses``) and preview, before any frame."""
+        for note in stream.notes:
+            log(note)
+        if self.save_poses is not None:
+            save_npz(self.save_poses, {**stream.stages.to_npz_dict(stream.plan), **self.detected})
+        if self.preview is not None:
+            write_pose_preview(stream.stages, self.preview, self.overwrite)
+
+    def write_frames(self, frames, stream, log, how: str = "") -> tuple[int, bool]:
+        """Frames to the video and/or PNG folder as they come, then one line saying what was written
+        (``how``: added to it in brackets); returns (frames written, interrupted)."""
+        count, interrupted = stream_frames(frames, stream.fps, self.out, self.frames_dir, self.overwrite)
+        if interrupted:
+            log(interrupted_line(count, self.out, self.frames_dir))
+        else:
+            target = " and ".join(str(p) for p in (self.out, self.frames_dir) if p is not None)
+            p = stream.plan
+            log(f"wrote {target}: {count} frames of {p.height}x{p.width} at {stream.fps:g} fps" + (f" ({how})" if how else ""))
+        return count, interrupted

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finephys.clip import file_mode
+from finephys.files import file_mode
 from finephys.errors import InputError
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from finephys.bvh import load_motion
-from finephys.clip import PoseClip, save_clip
+from finephys.poses.bvh import load_motion
+from finephys.poses.clip import PoseClip, save_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BVH = ROOT.parent / "shared" / "data" / "motion" / "131_01.bvh"

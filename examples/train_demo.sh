@@ -5,7 +5,7 @@
 # Each stage fits one 10-minute device call and starts from the one before (OUT_DIR is kept
 # between calls); the step counts are those the shipped demo got (stages 1-4 ran under
 # --time-limit, which stopped them there). Then
-#   python -m finephys.demo pack OUT_DIR/demo4      installs the generator as the shipped demo
+#   python -m finephys.model.demo pack OUT_DIR/demo4      installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
 STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4 [MOTION_DIR] [OUT_DIR]}

@@ -23,19 +23,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from finephys.checkpoint import MANIFEST as CKPT_MANIFEST, read_manifest, sha256
-from finephys.config import FinePhysConfig
+from finephys.files import sha256, write_json
+from finephys.model.checkpoint import MANIFEST as CKPT_MANIFEST, read_manifest
+from finephys.model.config import FinePhysConfig
 from finephys.errors import InputError
+from finephys.precision import Precision
 
-from .contract import COMPONENTS, ShapeProfile, contracts, trace_dims
-from .manifest import (
-    ENGINE_FORMAT_VERSION, MANIFEST, file_entry, read_engine_manifest, stage_key, tool_versions, write_json,
+from export.contract import COMPONENTS, ShapeProfile, contracts, trace_dims
+from export.manifest import (
+    ENGINE_FORMAT_VERSION, MANIFEST, file_entry, read_engine_manifest, stage_key, tool_versions,
 )
-from .onnx_export import EXTERNAL_DATA_LIMIT, OPSET, export_onnx, graph_module
+from export.onnx_export import EXTERNAL_DATA_LIMIT, OPSET, export_onnx, graph_module
 
 # the parity check export runs: small shapes (the profile's smallest size), 2 steps
 _CHECK_SETTINGS = {"num_frames": 4, "num_inference_steps": 2, "seed": 0}
-PRECISIONS = {"fp16": "float16", "fp32": "float32", "float16": "float16", "float32": "float32"}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -117,20 +118,24 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: ShapeProfile | None = None,
-                  overwrite: bool = False, force: bool = False, check: bool = True,
+                  overwrite: bool = False, force: bool = False, check: Callable | None = None,
                   log: Callable[[str], None] = print, external_limit: int = EXTERNAL_DATA_LIMIT) -> dict:
-    """Export ``ckpt`` to the engine directory ``out``; returns the manifest written."""
+    """Export ``ckpt`` to the engine directory ``out``; returns the manifest written.
+
+    ``check``: the parity check, ``check(engine_dir, ckpt, settings, log) -> report`` (the CLI
+    passes ``engine.check.export_parity``: onnxruntime against the reference); None skips it."""
     ckpt, out = Path(ckpt), Path(out)
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision}: expected fp16 or fp32")
-    precision = PRECISIONS[precision]
+    try:
+        precision = Precision.of(precision).value
+    except InputError:
+        raise InputError(f"--precision {precision}: expected fp16 or fp32") from None
     ckpt_manifest = read_manifest(ckpt)
     try:
         cfg = FinePhysConfig.from_dict(ckpt_manifest["config"])
     except (KeyError, TypeError) as exc:
         raise InputError(f"{ckpt / CKPT_MANIFEST}: bad config ({exc})") from None
     profile = profile or ShapeProfile.default(cfg)
-    max_frames = int(cfg.unet.get("motion_max_seq_length", 32))
+    max_frames = cfg.max_frames
     if profile.frames[2] > max_frames:
         raise InputError(f"--frames {':'.join(map(str, profile.frames))}: this model's motion modules see at most "
                          f"{max_frames} frames")
@@ -164,7 +169,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
     def merged_model():
         nonlocal model, merge_info
         if model is None:
-            from .merge import load_merged
+            from export.merge import load_merged
 
             log("loading the checkpoint and merging its LoRA ...")
             model, merge_info = load_merged(ckpt)
@@ -173,7 +178,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
     base = {"format": ENGINE_FORMAT_VERSION, "source": source_hash, "precision": precision}
     weights_key = stage_key(stage="weights", **base)
     if not stages.reuse("weights", weights_key):
-        from .merge import save_weights
+        from export.merge import save_weights
 
         m = merged_model()
         files = save_weights(m, tmp, precision, ckpt / "tokenizer")
@@ -189,7 +194,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
             continue
         m = merged_model()
         if precision == "float16" and not cast:
-            from .merge import quiet_diffusers
+            from export.merge import quiet_diffusers
 
             with quiet_diffusers():
                 for part in (m.parts.encoder, m.parts.unet, m.parts.vae, m.parts.text_encoder):
@@ -220,7 +225,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
         "parity": None,
     }
     write_json(tmp / MANIFEST, manifest)
-    if check:
+    if check is not None:
         onnx_hashes = {rel: e["sha256"] for rel, e in stages.files.items() if rel.startswith("onnx/")}
         key = stage_key(stage="check", onnx=onnx_hashes, pose=[stages.files[r]["sha256"] for r in
                         ("pose/lifter.safetensors", "pose/physnet.safetensors")], settings=_CHECK_SETTINGS,
@@ -230,15 +235,10 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
             manifest["parity"] = old["parity"]
             log("check: up to date, kept")
         else:
-            from engine.check import check_engine, format_report
-
             log("check: onnxruntime against the reference on small shapes ...")
-            # device auto: ONNX Runtime's CUDA provider where installed (the reference runs beside it)
             settings = {**_CHECK_SETTINGS, "num_frames": min(max(_CHECK_SETTINGS["num_frames"], profile.frames[0]),
                                                              profile.frames[2])}
-            report = check_engine(tmp, "onnxruntime", ckpt=ckpt, device="auto", **settings)
-            for line in format_report(report):
-                log(f"  {line}")
+            report = check(tmp, ckpt, settings, log)
             if not report["passed"]:
                 raise InputError(f"export: the onnxruntime engine is outside its tolerance ({report['rule']}); "
                                  "nothing was written")
@@ -249,7 +249,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
 
 
 def _tensorrt_stage(tmp: Path, cfg, cons, profile: ShapeProfile, stages: _Stages, log) -> dict:
-    from .tensorrt_build import TIMING_CACHE, build_plan, gpu_name, plan_name, tensorrt_status
+    from export.tensorrt_build import TIMING_CACHE, build_plan, gpu_name, plan_name, tensorrt_status
 
     ok, status = tensorrt_status()
     if not ok:

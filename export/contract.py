@@ -27,15 +27,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from finephys.config import FinePhysConfig
+from finephys.model.config import FinePhysConfig
 from finephys.errors import InputError
+from finephys.precision import Precision
 
 COMPONENTS = ("text_encoder", "heatmap_encoder", "unet", "vae_decoder")
 TEXT_LENGTH = 77
-VAE_CHUNK = 8  # finephys.pipeline.decode decodes 8 frames at a time
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
-
-
+VAE_CHUNK = 8  # finephys.sampler.stream.decode decodes 8 frames at a time
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -43,7 +41,8 @@ class TensorSpec:
     dtype: str  # "float32", "int32" or "engine" (the export precision)
 
     def torch_dtype(self, precision: str) -> torch.dtype:
-        return DTYPES[precision if self.dtype == "engine" else self.dtype]
+        """The engine's precision for "engine" tensors, else the tensor's own (float32, int32)."""
+        return Precision.of(precision).dtype if self.dtype == "engine" else getattr(torch, self.dtype)
 
     def shape(self, dims: dict) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.dims)
@@ -132,7 +131,7 @@ class ShapeProfile:
     @staticmethod
     def default(cfg: FinePhysConfig) -> "ShapeProfile":
         """opt at the model's defaults; frames up to the motion modules' reach; sizes 1/2x..2x."""
-        max_frames = int(cfg.unet.get("motion_max_seq_length", 32))
+        max_frames = cfg.max_frames
         opt_frames = min(cfg.num_frames, max_frames)
         side = lambda v: (max(64, v // 2 // 8 * 8), v, 2 * v)  # noqa: E731
         return ShapeProfile(frames=(1, opt_frames, max_frames), height=side(cfg.height), width=side(cfg.width),

@@ -20,8 +20,9 @@ import json
 import platform
 from pathlib import Path
 
-from finephys.checkpoint import parse_manifest_json, sha256
-from finephys.config import FinePhysConfig
+from finephys.files import sha256
+from finephys.model.checkpoint import parse_manifest_json
+from finephys.model.config import FinePhysConfig
 from finephys.errors import InputError
 
 ENGINE_FORMAT_VERSION = 1
@@ -84,7 +85,3 @@ def verify_files(engine_dir: Path, manifest: dict, files=None, full: bool = Fals
             raise InputError(f"{engine_dir}: {rel} listed in {MANIFEST} is missing")
         if path.stat().st_size != entry["bytes"] or (full and sha256(path) != entry["sha256"]):
             raise InputError(f"{engine_dir}: {rel} does not match its sha256 in {MANIFEST} (corrupt; re-export)")
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

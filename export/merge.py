@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from finephys.checkpoint import load_checkpoint
+from finephys.model.checkpoint import load_checkpoint
 from finephys.errors import InputError
-from finephys.model import FinePhysModel, assemble
+from finephys.precision import Precision
+from finephys.model.assembly import FinePhysModel, assemble
 
-from .contract import contracts, trace_dims
+from export.contract import contracts, trace_dims
 
 MERGE_RTOL = 1e-4  # merged vs unmerged fp32 outputs: max |diff| <= MERGE_RTOL * max |unmerged|
 # file -> (part, stays fp32); diffusers sub-folder layout, like the checkpoint
@@ -98,7 +99,7 @@ def load_merged(ckpt: Path) -> tuple[FinePhysModel, dict]:
 def save_weights(model: FinePhysModel, out: Path, precision: str, tokenizer_src: Path) -> list[str]:
     """Write the merged weights (engine precision; pose stack fp32), configs, tokenizer and
     scheduler under ``out``; returns the files written, relative to ``out``."""
-    dtype = {"float16": torch.float16, "float32": torch.float32}[precision]
+    dtype = Precision.of(precision).dtype
     p = model.parts
     cfg = model.config
     for rel, (name, keep_fp32) in WEIGHT_FILES.items():

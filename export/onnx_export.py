@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finephys.unet import PoseGuidedUNet
+from finephys.model.unet import PoseGuidedUNet
 
-from .contract import Contract
+from export.contract import Contract
 
 OPSET = 17
 EXTERNAL_DATA_LIMIT = 2**31 - 2**26  # protobuf's 2 GB cap, with room for the graph itself

@@ -39,7 +39,7 @@ import numbers
 
 import torch
 
-from .launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
+from kernels.launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
 
 try:  # kernels/ imports only torch and triton; triton is optional off Linux
     import triton
@@ -76,7 +76,7 @@ def _check_tensors(s_dd, minv_tril, jtau, coriolis, dtypes):
         raise ValueError(f"s_dd: expected shape (B,T,J,3), got {tuple(s_dd.shape)}")
     B, T, J, _ = s_dd.shape
     if T < 3:
-        raise ValueError(f"s_dd: PhysNet needs T >= 3 frames (one-sided predictions at both ends), got T={T}")
+        raise ValueError(f"s_dd: PhysNet needs at least 3 frames (one-sided predictions at both ends), got T={T}")
     if s_dd.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"s_dd: expected dtype {names}, got {s_dd.dtype}")

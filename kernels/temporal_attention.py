@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
+from kernels.launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
 
 try:  # kernels/ imports only torch and triton; triton is optional off Linux
     import triton

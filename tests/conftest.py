@@ -36,7 +36,7 @@ def made_walk(frames: int = 120, fps: float = 30.0, speed: float = 1.2, seed: in
     pelvis moving along +x and bobbing), for tests that need some motion but not real capture."""
     import numpy as np
 
-    from finephys.lifter import _STANDING_POSE
+    from finephys.model.lifter import _STANDING_POSE
 
     rng = np.random.default_rng(seed)
     pose = np.array(_STANDING_POSE) * np.array([1.0, -1.0, 1.0]) + np.array([0.0, 0.95, 0.0])
@@ -92,7 +92,7 @@ def demo_ckpt(tmp_path_factory):
     """The demo checkpoint written once by `fpengine init --demo` (through CliRunner)."""
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from engine.cli.app import main
 
     out = tmp_path_factory.mktemp("ckpt") / "demo"
     result = CliRunner().invoke(main, ["init", "--demo", str(out)])
@@ -105,7 +105,7 @@ def engine16(tmp_path_factory, demo_ckpt):
     """The demo checkpoint exported once through `fpengine export` (fp16; runs its parity check)."""
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from engine.cli.app import main
 
     out = tmp_path_factory.mktemp("engine_fp16") / "e"
     r = CliRunner().invoke(main, ["export", "--ckpt", str(demo_ckpt), "--out", str(out)])
@@ -116,15 +116,16 @@ def engine16(tmp_path_factory, demo_ckpt):
 @pytest.fixture(scope="session")
 def engine32(tmp_path_factory, demo_ckpt):
     """The demo checkpoint exported once in fp32 (``export_engine``; runs its parity check)."""
+    from engine.check import export_parity
     from export.build import export_engine
 
     out = tmp_path_factory.mktemp("engine_fp32") / "e"
-    export_engine(demo_ckpt, out, precision="fp32", log=lambda s: None)
+    export_engine(demo_ckpt, out, precision="fp32", check=export_parity, log=lambda s: None)
     return out
 
 
 @pytest.fixture(scope="session")
 def walk_clip():
-    from finephys.clip import load_clip
+    from finephys.poses.clip import load_clip
 
     return load_clip(ROOT / "examples" / "walk.npz")

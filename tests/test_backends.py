@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli import main
+from engine.cli.app import main
 from engine.video import read_video
 from finephys.errors import InputError
 
@@ -18,7 +18,7 @@ SMALL = ["--frames", "4", "--height", "64", "--width", "64", "--steps", "2"]
 
 @pytest.fixture(scope="module")
 def reference(demo_ckpt):
-    from engine.generate import load_model
+    from engine.load import load_model
 
     return load_model(demo_ckpt)
 
@@ -141,7 +141,7 @@ def test_tensorrt_export_and_check(demo_ckpt, tmp_path):
     from export.build import export_engine
 
     out = tmp_path / "e"
-    m = export_engine(demo_ckpt, out, check=False, log=lambda s: None)
+    m = export_engine(demo_ckpt, out, log=lambda s: None)
     assert set(m["tensorrt"]["plans"]) == {"text_encoder", "heatmap_encoder", "unet", "vae_decoder"}
     report = check_engine(out, "tensorrt", ckpt=demo_ckpt, device="cuda")
     assert report["passed"], report

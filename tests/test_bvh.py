@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from finephys.bvh import CMU_SCALE, bvh_to_h36m, forward_kinematics, load_motion, read_bvh
+from finephys.poses.bvh import CMU_SCALE, bvh_to_h36m, forward_kinematics, load_motion, read_bvh
 from finephys.errors import InputError
 
 
@@ -24,7 +24,7 @@ def text(motion):
 
 
 def rot(axis, deg):
-    """Hand-written rotation matrix, independent of finephys.bvh."""
+    """Hand-written rotation matrix, independent of finephys.poses.bvh."""
     c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
     return {"X": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
             "Y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from finephys.camera import (
+from finephys.poses.camera import (
     fit_and_project, fit_pinhole_translation, fit_weak_perspective, project_pinhole, project_weak_perspective,
 )
 

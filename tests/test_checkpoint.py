@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finephys.checkpoint import load_checkpoint
-from finephys.demo import load_demo
+from finephys.model.checkpoint import load_checkpoint
+from finephys.model.demo import load_demo
 from finephys.errors import InputError
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from finephys.clip import PoseClip, load_clip, resample, save_clip, to_layout
+from finephys.poses.clip import PoseClip, load_clip, resample, save_clip, to_layout
 from finephys.errors import InputError
 
 T, J = 10, 17
@@ -216,7 +216,7 @@ def test_example_walk_clip():
 def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
     import pytest
 
-    from finephys.clip import atomic_path, file_mode
+    from finephys.files import atomic_path, file_mode
 
     target = tmp_path / "out.json"
     with atomic_path(target) as tmp:

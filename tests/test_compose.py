@@ -3,9 +3,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from engine.cli import main
-from finephys.checkpoint import load_checkpoint
-from finephys.model import assemble
+from engine.cli.app import main
+from finephys.model.checkpoint import load_checkpoint
+from finephys.model.assembly import assemble
 from tests.test_convert import kohya_file, lora_tensors, original_motion_module, tiny_models
 
 

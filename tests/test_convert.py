@@ -1,4 +1,4 @@
-"""finephys.convert: SD 1.5 single files / folders, AnimateDiff motion modules, LoRA files.
+"""finephys.model.convert: SD 1.5 single files / folders, AnimateDiff motion modules, LoRA files.
 
 The synthetic source files are written with the PUBLIC key layouts, produced here from the
 source architectures (LDM ``openaimodel.UNetModel`` / ``Encoder`` / ``Decoder``, the original
@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from finephys.convert import (
+from finephys.model.convert import (
     SD15_TEXT_CONFIG,
     SD15_UNET_CONFIG,
     SD15_VAE_CONFIG,
@@ -28,7 +28,7 @@ from finephys.convert import (
     load_sd15_single_file,
     read_weights,
 )
-from finephys.convert.sd15 import convert_sd15_ldm
+from finephys.model.convert.sd15 import convert_sd15_ldm
 from finephys.errors import InputError
 
 TINY_UNET = dict(

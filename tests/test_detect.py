@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.detect import DetectOptions, detect_frames
+from engine.cli.app import main
+from engine.detect.run import DetectOptions, detect_frames
 from engine.detect.onnx_pose import OnnxPose
 from engine.detect.postprocess import clean, fill_gaps, format_ranges, ranges, threshold
 from engine.detect.track import Box, Candidate, Tracker
 from engine.video import read_video, write_video
-from finephys.clip import load_clip
+from finephys.poses.clip import load_clip
 from finephys.errors import InputError
 
 FACE, SHOULDERS, ELBOWS = [0, 1, 2, 3, 4], [5, 6], [7, 8]
@@ -163,7 +163,7 @@ def test_onnx_pose_model_is_checked(tmp_path):
 
 
 def test_missing_extra_is_one_clear_line(tmp_path, monkeypatch):
-    import engine.detect as det
+    import engine.detect.run as det
 
     monkeypatch.setattr(det, "mediapipe_available", lambda: False)
     frames, _ = _spot_frames(3)

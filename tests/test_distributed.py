@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 from click.testing import CliRunner
 
-from engine.cli import main
+from engine.cli.app import main
 from engine.distributed import MULTICAST_OFF, ParallelGenerationStream, generate_parallel, launch, split_layout
-from engine.generate import GenerateOptions, generate, generate_stream, load_model
-from finephys.clip import load_clip, loop_clip, save_clip
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate, generate_stream
+from finephys.poses.clip import load_clip, loop_clip, save_clip
 from finephys.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine.video import VideoWriter, read_video, write_frames_dir, write_video
-from finephys.draw import BACKGROUND, SIDE_COLORS, draw_skeleton, render_pose_frames
+from finephys.poses.draw import BACKGROUND, SIDE_COLORS, draw_skeleton, render_pose_frames
 from finephys.errors import InputError
 
 

@@ -5,13 +5,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from engine.cli.app import main
 from engine.eval_video import colour_metrics, evaluate, pose_metrics
-from engine.generate import GenerateOptions, generate_stream, load_model
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate_stream
 from engine.video import write_video
-from finephys.clip import PoseClip
-from finephys.judge import COCO_FROM_H36M
-from finephys.train_data import RenderSource
+from finephys.poses.clip import PoseClip
+from finephys.training.judge import COCO_FROM_H36M
+from finephys.training.train_data import RenderSource
 from tests.conftest import shared_motion
 
 

@@ -13,11 +13,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from engine.cli import main
+from engine.cli.app import main
+from engine.check import export_parity
 from export.build import export_engine
 from export.contract import ShapeProfile, contracts, resolve_dims, trace_dims
 from export.manifest import ENGINE_FORMAT_VERSION, read_engine_manifest
-from finephys.checkpoint import MANIFEST, sha256
+from finephys.files import sha256
+from finephys.model.checkpoint import MANIFEST
 from finephys.errors import InputError
 
 def _leftovers(folder):
@@ -27,7 +29,7 @@ def _leftovers(folder):
 # --- contracts --------------------------------------------------------------------------------
 
 def test_contract_dims_and_profiles():
-    from finephys.demo import demo_config
+    from finephys.model.demo import demo_config
 
     cfg = demo_config()
     c = contracts(cfg)
@@ -59,7 +61,7 @@ def test_onnx_external_data(tmp_path, demo_ckpt):
     import onnxruntime as ort
 
     from export.onnx_export import export_onnx, graph_module
-    from finephys.checkpoint import load_checkpoint
+    from finephys.model.checkpoint import load_checkpoint
 
     parts = load_checkpoint(demo_ckpt)
     c = contracts(parts.config)["heatmap_encoder"]
@@ -80,8 +82,8 @@ def test_onnx_external_data(tmp_path, demo_ckpt):
 
 def test_merged_lora_equals_unmerged(demo_ckpt):
     from export.merge import load_merged
-    from finephys.checkpoint import load_checkpoint
-    from finephys.model import assemble
+    from finephys.model.checkpoint import load_checkpoint
+    from finephys.model.assembly import assemble
 
     model, report = load_merged(demo_ckpt)
     assert report["lora_merged"] and report["unet_max_abs_diff"] < 1e-5
@@ -128,7 +130,7 @@ def test_export_fp32_parity(engine32):
 def test_export_again_keeps_every_stage(engine16, demo_ckpt):
     before = read_engine_manifest(engine16)["files"]
     lines = []
-    export_engine(demo_ckpt, engine16, log=lines.append)
+    export_engine(demo_ckpt, engine16, check=export_parity, log=lines.append)
     assert sum("up to date, kept" in line for line in lines) == 6, lines  # weights, 4 graphs, check
     assert read_engine_manifest(engine16)["files"] == before
 
@@ -138,7 +140,7 @@ def test_export_rebuilds_a_damaged_stage_only(engine32, demo_ckpt, tmp_path):
     shutil.copytree(engine32, out)
     (out / "onnx/vae_decoder.onnx").write_bytes(b"broken")
     lines = []
-    export_engine(demo_ckpt, out, precision="fp32", check=False, log=lines.append)
+    export_engine(demo_ckpt, out, precision="fp32", log=lines.append)
     assert "onnx:unet: up to date, kept" in lines and "weights: up to date, kept" in lines
     assert any(line.startswith("onnx: vae_decoder") for line in lines)
     assert sha256(out / "onnx/vae_decoder.onnx") == read_engine_manifest(engine32)["files"]["onnx/vae_decoder.onnx"]["sha256"]
@@ -195,7 +197,7 @@ def test_export_full_disk_leaves_nothing(demo_ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export.merge, "save_file", full)
     with pytest.raises(InputError, match="no space left"):
-        export_engine(demo_ckpt, tmp_path / "e", log=lambda s: None)
+        export_engine(demo_ckpt, tmp_path / "e", check=export_parity, log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.generate import GenerateOptions, generate, load_model
+from engine.cli.app import main
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate
 from engine.video import read_video
 
 SMALL = ["--frames", "4", "--height", "64", "--width", "96", "--steps", "2"]
@@ -62,16 +64,16 @@ def test_cli_generate_writes_video_poses_and_preview(tmp_path, demo_ckpt):
 @pytest.mark.parametrize("from_ckpt", [False, True])
 def test_cli_poses_runs_the_pose_stack_alone(tmp_path, monkeypatch, demo_model, demo_ckpt, walk_clip, from_ckpt):
     """The stages of `generate`'s pose stack, without building the generator (it was 16 s of 16.3)."""
-    import finephys.model
+    import finephys.model.assembly
 
-    from finephys.pipeline import prepare_clip, run_pose_stack
+    from finephys.sampler.poses import prepare_clip, run_pose_stack
 
     want = run_pose_stack(demo_model, prepare_clip(walk_clip, demo_model)[0])
 
     def no_generator(*a, **k):
         raise AssertionError("fpengine poses built a generator")
 
-    monkeypatch.setattr(finephys.model, "build_unet", no_generator)  # what new_parts builds the UNet with
+    monkeypatch.setattr(finephys.model.assembly, "build_unet", no_generator)  # what new_parts builds the UNet with
     extra = ["--ckpt", str(demo_ckpt)] if from_ckpt else []
     r = CliRunner().invoke(main, ["poses", "--poses", "examples/walk.npz", "--out", str(tmp_path / "s.npz"), *extra])
     assert r.exit_code == 0, r.output
@@ -175,7 +177,7 @@ def test_real_subprocess(tmp_path):
 def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     import dataclasses
 
-    from finephys.pipeline import prepare_clip
+    from finephys.sampler.poses import prepare_clip
 
     clip, notes = prepare_clip(dataclasses.replace(walk_clip, fps=12.0), demo_model)
     assert notes == ["resampled the clip from 24 frames at 12 fps to 16 frames at 8 fps"]
@@ -189,19 +191,19 @@ def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
 ])
 def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra, words):
     """Options are checked against the model's config before its weights load (that took 14-16 s)."""
-    import engine.generate
+    import engine.load
 
     def no_load(*a, **k):
         raise AssertionError("weights were loaded before the options were checked")
 
-    monkeypatch.setattr(engine.generate, "load_model", no_load)
+    monkeypatch.setattr(engine.load, "load_model", no_load)
     args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
 
 
 def test_generate_help_gives_sizes_steps_and_guidance_their_defaults():
-    from finephys.demo import demo_config
+    from finephys.model.demo import demo_config
 
     cfg = demo_config()  # the help names the demo's defaults: it must follow the demo's config
     text = " ".join(CliRunner().invoke(main, ["generate", "--help"], terminal_width=200).output.split())

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from finephys.config import EncoderConfig
-from finephys.encoder import HeatmapEncoder
+from finephys.model.config import EncoderConfig
+from finephys.model.encoder import HeatmapEncoder
 from kernels.heatmap import render_heatmaps_ref
 
 

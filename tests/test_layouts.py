@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from finephys.errors import InputError
-from finephys.layouts import (COCO17, H36M17, H36M_EDGES, LAYOUTS, OPENPOSE18, convert_keypoints,
+from finephys.poses.layouts import (COCO17, H36M17, H36M_EDGES, LAYOUTS, OPENPOSE18, convert_keypoints,
                               get_layout, num_joints)
 
 

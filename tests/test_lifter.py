@@ -1,7 +1,7 @@
 import torch
 
-from finephys.config import LifterConfig
-from finephys.lifter import Lifter, lift_windows, normalise_2d
+from finephys.model.config import LifterConfig
+from finephys.model.lifter import Lifter, lift_windows, normalise_2d
 
 
 def test_long_clips_are_lifted_in_windows_of_the_trained_length():

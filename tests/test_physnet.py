@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from finephys.config import PhysNetConfig
-from finephys.physnet import PhysNet, integrate, tril_size, tril_to_full
+from finephys.model.config import PhysNetConfig
+from finephys.model.physnet import PhysNet, integrate, tril_size, tril_to_full
 
 
 def numpy_step3(s_dd, minv_tril, jtau, coriolis, dt, w):

@@ -28,8 +28,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.generate import GenerateOptions, generate_stream, load_model
+from engine.cli.app import main
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate_stream
 from engine.serve.batching import group_by_shape, run_group
 from engine.serve.config import Limits
 from engine.serve.files import inside, leftovers, prepare_workdir
@@ -39,7 +41,7 @@ from engine.serve.parse import (
     display_name, parse_options, parse_request,
 )
 from engine.video import read_video
-from finephys.demo import demo_config
+from finephys.model.demo import demo_config
 from finephys.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +101,8 @@ def test_options_are_checked_as_the_cli_checks_them(tmp_path):
 
 
 def test_config_gives_the_unets_deep_cache_depths():
-    from finephys.model import build_unet
-    from finephys.unet import PoseGuidedUNet, cache_depths_of
+    from finephys.model.build import build_unet
+    from finephys.model.unet import PoseGuidedUNet, cache_depths_of
 
     cfg = demo_config()
     for per_block in (1, 2, [3, 1, 1, 1]):

@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.generate import GenerateOptions, generate, generate_stream, load_model
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate, generate_stream
 from engine.video import read_video
-from finephys.clip import save_clip
-from finephys.demo import SCHEDULER
+from finephys.poses.clip import save_clip
+from finephys.model.demo import SCHEDULER
 from finephys.errors import InputError
-from finephys.pipeline import context_windows, denoise_windows, denoise_windows_batch
+from finephys.sampler.loop import Request, context_windows, denoise_windows
+from finephys.sampler.options import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +61,8 @@ def test_blending_ramps_across_seams():
     def heatmaps(a, b):
         return torch.full((b - a, 1, 8, 8), levels[a])
 
-    chunks = list(denoise_windows(model, heatmaps, 20, "", "", 10, 1.0, 0, 8, 6, progress=False))
+    plan = Plan(frames=20, height=8, width=8, steps=10, guidance=1.0, length=8, stride=6)
+    chunks = list(denoise_windows(model, plan, [Request(heatmaps, "")], progress=False))
     assert [(a, b) for a, b, _ in chunks] == [(0, 6), (6, 12), (12, 20)]
     lat = torch.cat([c for _, _, c in chunks], dim=2)[0, 0].mean(dim=(1, 2))  # one value per frame
     steps = (lat[1:] - lat[:-1]).abs()
@@ -82,25 +86,21 @@ def test_a_batch_of_requests_gives_each_its_own_latents(demo_model):
     maps = [torch.rand(14, 17, 32, 32, generator=g) for _ in range(2)]
     fns = [lambda a, b, m=m: m[a:b] for m in maps]
     reqs = [("a person walks", "blurry", 7.5, 11), ("a person jumps", "", 3.0, 12)]
-    args = dict(num_frames=14, num_inference_steps=3, length=8, stride=6, progress=False)
-    batch = list(denoise_windows_batch(demo_model, fns, prompts=[r[0] for r in reqs],
-                                       negative_prompts=[r[1] for r in reqs], guidance_scales=[r[2] for r in reqs],
-                                       seeds=[r[3] for r in reqs], **args))
+    plan = Plan(frames=14, height=32, width=32, steps=3, guidance=7.5, length=8, stride=6)
+    run = lambda requests: list(denoise_windows(demo_model, plan, requests, progress=False))  # noqa: E731
+    requests = [Request(fn, prompt, neg, scale, seed) for fn, (prompt, neg, scale, seed) in zip(fns, reqs)]
+    batch = run(requests)
     assert [(a, b) for a, b, _ in batch] == [(0, 6), (6, 14)]
-    for i, (prompt, neg, scale, seed) in enumerate(reqs):
-        alone = list(denoise_windows(demo_model, fns[i], prompt=prompt, negative_prompt=neg, guidance_scale=scale,
-                                     seed=seed, **args))
+    for i, request in enumerate(requests):
+        alone = run([request])
         for (_, _, lb), (_, _, la) in zip(batch, alone):
             torch.testing.assert_close(lb[i : i + 1], la, rtol=1e-4, atol=1e-4)
     # guidance off for both (scales <= 1 differ, and do not matter): each as alone, without guidance
-    off = list(denoise_windows_batch(demo_model, fns, prompts=["a", "b"], negative_prompts=["", ""],
-                                     guidance_scales=[1.0, 0.5], seeds=[4, 5], **args))
-    alone = list(denoise_windows(demo_model, fns[1], prompt="b", negative_prompt="", guidance_scale=1.0, seed=5,
-                                 **args))
+    off = run([Request(fns[0], "a", "", 1.0, 4), Request(fns[1], "b", "", 0.5, 5)])
+    alone = run([Request(fns[1], "b", "", 1.0, 5)])
     torch.testing.assert_close(off[-1][2][1:], alone[-1][2], rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="guidance_scales"):
-        next(denoise_windows_batch(demo_model, fns, prompts=["", ""], negative_prompts=["", ""],
-                                   guidance_scales=[7.5, 1.0], seeds=[0, 1], **args))
+        run([Request(fns[0], "", "", 7.5, 0), Request(fns[1], "", "", 1.0, 1)])
 
 
 def test_stream_gives_exactly_the_frames_asked(demo_model, walk_clip):
@@ -129,7 +129,7 @@ def test_static_pose_shows_no_seam(demo_model, walk_clip):
 
 
 def _long_clip(path, frames):
-    from finephys.clip import load_clip, loop_clip
+    from finephys.poses.clip import load_clip, loop_clip
 
     save_clip(loop_clip(load_clip(os.path.join(ROOT, "examples", "walk.npz")), frames), path)
     return str(path)
@@ -165,8 +165,10 @@ def test_interrupted_run_leaves_a_playable_partial_file(tmp_path):
 
 PEAK = """
 import resource, sys
-from engine.generate import GenerateOptions, generate_stream, load_model
-from finephys.clip import load_clip
+from engine.load import load_model
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate_stream
+from finephys.poses.clip import load_clip
 m = load_model(None)
 n = 0
 for frame in generate_stream(m, load_clip(sys.argv[1]), GenerateOptions("a walk", height=32, width=32,
@@ -192,7 +194,7 @@ def test_peak_memory_does_not_grow_with_the_clip(tmp_path):
 def test_ddim_schedule_matches_diffusers():
     from diffusers import DDIMScheduler
 
-    from finephys.pipeline import DdimSchedule
+    from finephys.sampler.loop import DdimSchedule
 
     ref = DDIMScheduler.from_config(SCHEDULER)
     ref.set_timesteps(7)
@@ -210,7 +212,7 @@ def test_ddim_schedule_matches_diffusers():
 
 def test_decoded_frames_are_contiguous(demo_model):
     """Frames as laid out (F,H,W,3): what the video writers and the NCCL sends of --parallel expect."""
-    from finephys.pipeline import decode
+    from finephys.sampler.stream import decode
 
     latents = torch.randn(1, demo_model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     frames = decode(demo_model, latents, chunk=2)

@@ -1,6 +1,6 @@
 import logging
 
-from finephys.text import load_tokenizer, tokenize, write_clip_tokenizer
+from finephys.model.text import load_tokenizer, tokenize, write_clip_tokenizer
 
 
 def test_real_clip_bpe_ids(tmp_path):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli import main
-from finephys.checkpoint import load_checkpoint
-from finephys.clip import PoseClip, save_clip
+from engine.cli.app import main
+from finephys.model.checkpoint import load_checkpoint
+from finephys.poses.clip import PoseClip, save_clip
 
 
 @pytest.fixture(scope="module")

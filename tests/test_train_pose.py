@@ -7,16 +7,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli import main
-from finephys.bvh import CMU_SCALE, bvh_to_h36m, read_bvh
-from finephys.config import LifterConfig, PhysNetConfig, PoseConfig
+from engine.cli.app import main
+from finephys.poses.bvh import CMU_SCALE, bvh_to_h36m, read_bvh
+from finephys.model.config import LifterConfig, PhysNetConfig, PoseConfig
 from finephys.errors import InputError
-from finephys.lifter import Lifter
-from finephys.physnet import PhysNet
-from finephys.pose_data import find_motion, mirror, read_panoptic
-from finephys.pose_metrics import bone_std_mm, evaluate, joint_accelerations, mpjpe_mm
-from finephys.pose_weights import DEMO_WEIGHTS, load_pose_stack, load_pose_weights_into, save_pose_weights
-from finephys.train_pose import TrainOptions, directional_predictions, train_pose
+from finephys.model.lifter import Lifter
+from finephys.model.physnet import PhysNet
+from finephys.training.pose_data import find_motion, mirror, read_panoptic
+from finephys.training.pose_metrics import bone_std_mm, evaluate, joint_accelerations, mpjpe_mm
+from finephys.model.pose_weights import DEMO_WEIGHTS, load_pose_stack, load_pose_weights_into, save_pose_weights
+from finephys.training.train_pose import TrainOptions, directional_predictions, train_pose
 
 TINY = PoseConfig(lifter=LifterConfig(dim=16, depth=1, heads=2), physnet=PhysNetConfig(hidden=16, layers=1))
 
@@ -185,7 +185,7 @@ def test_directional_predictions_match_integrate():
 def _windmill(fps=8.0, frames=40, omega=math.pi):
     """Standing still but the left arm, which swings round the shoulder at constant angular
     speed: the elbow (0.28 m) and wrist (0.53 m) accelerate by r * 2 (1 - cos(w dt)) / dt^2."""
-    from finephys.lifter import _STANDING_POSE
+    from finephys.model.lifter import _STANDING_POSE
 
     pose = np.array(_STANDING_POSE) * np.array([1.0, -1.0, 1.0]) + np.array([0.0, 0.95, 0.0])
     joints = np.repeat(pose[None], frames, 0)
@@ -241,7 +241,7 @@ def test_pose_weights_are_strict(tmp_path):
 
 
 def test_demo_ships_trained_pose_stack_that_meets_the_targets(motion):
-    from finephys.demo import demo_config, load_demo
+    from finephys.model.demo import demo_config, load_demo
 
     assert DEMO_WEIGHTS.is_file() and DEMO_WEIGHTS.stat().st_size < 600_000
     lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS)

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.generate import GenerateOptions, generate, generate_stream
-from finephys.demo import load_demo
-from finephys.model import assemble
-from finephys.pipeline import decode, prepare_clip, run_pose_stack
+from finephys.sampler.options import GenerateOptions
+from finephys.sampler.stream import generate, generate_stream
+from finephys.model.demo import load_demo
+from finephys.model.assembly import assemble
+from finephys.sampler.poses import prepare_clip, run_pose_stack
+from finephys.sampler.stream import decode
 
 
 ATOL = 1e-3
@@ -80,7 +82,7 @@ def test_side_stream_decode_gives_the_synchronous_frames(models, walk_clip):
 def test_triton_backend_refused_without_a_gpu(tmp_path):
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from engine.cli.app import main
 
     r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--engine", str(tmp_path),
                                   "--backend", "triton", "--out", str(tmp_path / "v.mp4")])

@@ -1,9 +1,9 @@
 import torch
 
-from finephys.demo import demo_config
-from finephys.encoder import HeatmapEncoder
-from finephys.model import build_unet
-from finephys.unet import PoseGuidedUNet
+from finephys.model.demo import demo_config
+from finephys.model.encoder import HeatmapEncoder
+from finephys.model.build import build_unet
+from finephys.model.unet import PoseGuidedUNet
 
 
 def test_pose_guided_unet_equals_diffusers_without_features_and_uses_them():

@@ -1,9 +1,8 @@
 """Backends that run an engine directory written by ``fpengine export``.
 
-``load_backend(engine_dir, name, device)`` returns an object with the interface of the reference
-backend (``finephys.model.FinePhysModel``): ``config``, ``device``, ``dtype``,
-``latent_channels``, ``scheduler()``, ``encode_text``, ``encode_pose``, ``predict_noise``,
-``decode_latents``, plus ``parts.lifter/physnet/tokenizer`` for the pose stack.
+``load_backend(engine_dir, name, device)`` returns a backend: the contract of
+``finephys.model.backend`` (what the sampler calls, the pose stack in ``parts``, and explicit
+``capabilities``), as the reference ``FinePhysModel`` has it.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "triton")
 def _tensorrt_usable(engine_dir: Path) -> bool:
     from export.manifest import read_engine_manifest
 
-    from .tensorrt import matching_plans
+    from engine.backends.tensorrt import matching_plans
 
     try:
         matching_plans(read_engine_manifest(engine_dir))
@@ -50,7 +49,7 @@ def resolve(engine_dir: Path, name: str, device: str | None) -> tuple[str, str]:
                          "(the reference backend runs a checkpoint: --ckpt)")
     if device in (None, "auto"):
         if name == "onnxruntime":
-            from .onnxruntime import cuda_provider_available
+            from engine.backends.onnxruntime import cuda_provider_available
 
             device = "cuda" if cuda and cuda_provider_available() else "cpu"
         else:
@@ -63,13 +62,13 @@ def resolve(engine_dir: Path, name: str, device: str | None) -> tuple[str, str]:
 def load_backend(engine_dir: Path, name: str = "auto", device: str | None = "auto"):
     name, device = resolve(Path(engine_dir), name, device)
     if name == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
+        from engine.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(engine_dir, device)
     if name == "triton":
-        from .triton import load_triton_backend
+        from engine.backends.triton import load_triton_backend
 
         return load_triton_backend(engine_dir, device)
-    from .tensorrt import TensorRTBackend
+    from engine.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(engine_dir, device)

@@ -10,12 +10,13 @@ import torch
 
 from export.contract import ShapeProfile, contracts
 from export.manifest import engine_config, read_engine_manifest, verify_files
-from finephys.config import FinePhysConfig
-from finephys.lifter import Lifter
-from finephys.model import BackendBase
-from finephys.physnet import PhysNet
-from finephys.text import load_tokenizer
-from finephys.weights import load_strict
+from finephys.model.config import FinePhysConfig
+from finephys.model.lifter import Lifter
+from finephys.model.backend import BackendBase
+from finephys.model.physnet import PhysNet
+from finephys.model.text import load_tokenizer
+from finephys.model.weights import load_strict
+from finephys.precision import Precision
 
 
 @dataclass
@@ -27,29 +28,43 @@ class PoseParts:
     tokenizer: object
 
 
+def load_pose_parts(engine_dir: Path, config: FinePhysConfig, device) -> PoseParts:
+    """The pose stack (fp32) and tokenizer of an engine directory, for any backend."""
+    engine_dir = Path(engine_dir)
+    lifter, physnet = Lifter(config.pose.lifter), PhysNet(config.pose.physnet)
+    load_strict(lifter, engine_dir / "pose/lifter.safetensors")
+    load_strict(physnet, engine_dir / "pose/physnet.safetensors")
+    for m in (lifter, physnet):
+        m.eval().requires_grad_(False).to(device)
+    return PoseParts(lifter, physnet, load_tokenizer(engine_dir / "tokenizer"))
+
+
+class EngineFiles:
+    """An engine directory opened for reading: its manifest (files checked against their
+    hashes), config, precision and shape profile."""
+
+    def __init__(self, engine_dir: Path):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = read_engine_manifest(self.engine_dir)
+        verify_files(self.engine_dir, self.manifest)
+        self.config = engine_config(self.manifest)
+        self.dtype = Precision.of(self.manifest["precision"]).dtype
+        self.profile = ShapeProfile.from_dict(self.manifest["profile"])
+
+
 class GraphBackend(BackendBase):
-    """Base of the backends that run exported graphs; see ``finephys.model.FinePhysModel`` for
-    the interface the sampler drives."""
+    """Base of the backends that run exported graphs; see ``finephys.model.backend`` for the
+    contract the sampler drives."""
 
     name = "graphs"
 
     def __init__(self, engine_dir: Path, device: str = "cpu"):
-        self.engine_dir = Path(engine_dir)
-        self.manifest = read_engine_manifest(self.engine_dir)
-        verify_files(self.engine_dir, self.manifest)
-        self._config = engine_config(self.manifest)
-        self.precision = self.manifest["precision"]
-        self.dtype = {"float16": torch.float16, "float32": torch.float32}[self.precision]
-        self.profile = ShapeProfile.from_dict(self.manifest["profile"])
+        files = EngineFiles(engine_dir)
+        self.engine_dir, self.manifest, self.profile = files.engine_dir, files.manifest, files.profile
+        self._config, self.dtype = files.config, files.dtype
         self.contracts = contracts(self._config)
         self.device = torch.device(device)
-        cfg = self._config
-        lifter, physnet = Lifter(cfg.pose.lifter), PhysNet(cfg.pose.physnet)
-        load_strict(lifter, self.engine_dir / "pose/lifter.safetensors")
-        load_strict(physnet, self.engine_dir / "pose/physnet.safetensors")
-        for m in (lifter, physnet):
-            m.eval().requires_grad_(False).to(self.device)
-        self.parts = PoseParts(lifter, physnet, load_tokenizer(self.engine_dir / "tokenizer"))
+        self.parts = load_pose_parts(self.engine_dir, self._config, self.device)
 
     @property
     def config(self) -> FinePhysConfig:

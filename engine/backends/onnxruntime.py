@@ -12,7 +12,7 @@ import torch
 
 from finephys.errors import InputError
 
-from .base import GraphBackend
+from engine.backends.base import GraphBackend
 
 
 def cuda_provider_available() -> bool:

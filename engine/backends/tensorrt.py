@@ -10,7 +10,7 @@ import torch
 from export.tensorrt_build import gpu_name, tensorrt_status
 from finephys.errors import InputError
 
-from .base import GraphBackend
+from engine.backends.base import GraphBackend
 
 
 def matching_plans(manifest: dict) -> dict:

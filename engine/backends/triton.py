@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from finephys.encoder import HeatmapEncoder
+from finephys.model.encoder import HeatmapEncoder
 from finephys.errors import InputError
-from finephys.model import BackendBase, build_text_encoder, build_unet, build_vae
-from finephys.unet import PoseGuidedUNet
-from finephys.weights import load_strict
+from finephys.model.backend import BackendBase, Capabilities
+from finephys.model.build import build_text_encoder, build_unet, build_vae
+from finephys.model.unet import PoseGuidedUNet
+from finephys.model.weights import load_strict
 
-from ..fast_unet import CudaGraphCall, compile_call, prepare_unet
-from .base import GraphBackend
+from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
+from engine.backends.base import EngineFiles, load_pose_parts
 
 FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -36,13 +37,11 @@ class TritonModel(BackendBase):
     """The backend object: the sampler's four calls plus the pose stack (see FinePhysModel)."""
 
     name = "triton"
-    use_kernels = True
-    async_decode = True
     profile = None  # the engine directory's shape profile, when loaded from one
 
     @property
-    def precision(self) -> str:
-        return {torch.float16: "float16", torch.float32: "float32"}.get(self.dtype, str(self.dtype))
+    def capabilities(self) -> Capabilities:
+        return Capabilities(kernels=True, async_decode=self.async_decode, deep_cache=self.unet.cache_depths())
 
     def __init__(self, config, parts, modules: dict, device="cuda", dtype=torch.float16,
                  compile_mode: str | None = "default", cuda_graphs: bool = True):
@@ -52,6 +51,7 @@ class TritonModel(BackendBase):
         self.unet = prepare_unet(PoseGuidedUNet(self.modules["unet"]))
         self._compile_mode, self._cuda_graphs = compile_mode, cuda_graphs
         self._calls = {}
+        self.async_decode = True  # the VAE decodes on a side stream (benchmarks turn it off to compare)
         self.modules["vae"].to(memory_format=torch.channels_last)
 
     def _call(self, name: str, depth: int | None = None):
@@ -65,9 +65,6 @@ class TritonModel(BackendBase):
             fast = compile_call(fn, self._compile_mode)
             self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
         return self._calls[key]
-
-    def deep_cache_depths(self) -> range:
-        return self.unet.cache_depths()
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.modules["text_encoder"](ids)[0]
@@ -101,7 +98,7 @@ class TritonModel(BackendBase):
 def triton_from_parts(parts, device="cuda", **kw) -> TritonModel:
     """From checkpoint parts (LoRA merged into the weights first): benchmarks and tests."""
     from export.merge import merge_lora
-    from finephys.model import assemble
+    from finephys.model.assembly import assemble
 
     merge_lora(assemble(parts, device=device))
     modules = {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder, "encoder": parts.encoder}
@@ -111,7 +108,7 @@ def triton_from_parts(parts, device="cuda", **kw) -> TritonModel:
 def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonModel:
     """From an engine directory written by ``fpengine export`` (its precision, LoRA merged)."""
     _require_cuda(device)  # before any weights are read
-    base = GraphBackend(engine_dir, device)  # manifest, file hashes, config, pose stack, tokenizer
+    base = EngineFiles(engine_dir)  # manifest, file hashes, config, precision, profile
     cfg = base.config
     builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
                 "encoder": lambda c: HeatmapEncoder(c.encoder)}
@@ -119,6 +116,7 @@ def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonM
     for name, build in builders.items():
         modules[name] = build(cfg).to(base.dtype)
         load_strict(modules[name], base.engine_dir / FILES[name])
-    model = TritonModel(cfg, base.parts, modules, device, base.dtype, **kw)
+    parts = load_pose_parts(base.engine_dir, cfg, device)
+    model = TritonModel(cfg, parts, modules, device, base.dtype, **kw)
     model.profile = base.profile  # `fpengine check` picks its default sizes from it
     return model

@@ -12,7 +12,7 @@ import numpy as np
 
 from finephys.errors import InputError
 
-from .track import Box, Candidate
+from engine.detect.track import Box, Candidate
 
 EXTRA_HINT = "install the detect extra: python -m pip install 'fpengine[detect]' (or -e '.[detect]' in a checkout)"
 

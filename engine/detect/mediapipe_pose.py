@@ -17,8 +17,8 @@ import numpy as np
 
 from finephys.errors import InputError
 
-from .backend import EXTRA_HINT, PoseOutput, quiet_native_stderr as _captured_stderr
-from .track import Box, Candidate, box_from_points
+from engine.detect.backend import EXTRA_HINT, PoseOutput, quiet_native_stderr as _captured_stderr
+from engine.detect.track import Box, Candidate, box_from_points
 
 # BlazePose landmark index of each COCO-17 joint (nose, eyes, ears, shoulders, elbows, wrists,
 # hips, knees, ankles); MediaPipe's "left" is the subject's left, as COCO's.

@@ -22,8 +22,8 @@ import numpy as np
 
 from finephys.errors import InputError
 
-from .backend import EXTRA_HINT, PoseOutput
-from .track import Box, box_from_keypoints
+from engine.detect.backend import EXTRA_HINT, PoseOutput
+from engine.detect.track import Box, box_from_keypoints
 
 KNOWN_K = {17: "COCO-17", 26: "Halpe-26", 133: "COCO-WholeBody"}
 NORMS = ("imagenet", "imagenet-bgr", "unit", "none")

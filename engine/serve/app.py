@@ -2,7 +2,7 @@
 
 ``Generator``: one model per replica (one replica per GPU, or CPU replicas for the demo model).
 Requests reach it through ``@serve.batch``: those that arrive within ``batch_wait_s`` of each other
-(up to ``max_batch_size``) form a batch, split by shape (``batching.shape_key``); each shape group
+(up to ``max_batch_size``) form a batch, split by shape (``Plan.shape_key``); each shape group
 is denoised as one batch, the groups take turns window by window, and every finished frame range
 is encoded into the request's own fragmented mp4 and streamed out at once.
 
@@ -26,16 +26,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from engine.generate import GenerateOptions
-from finephys.clip import PoseClip
+from finephys.sampler.options import GenerateOptions
+from finephys.poses.clip import PoseClip
 from finephys.errors import InputError
 
-from .batching import group_by_shape, run_group
-from .config import ServeConfig
-from .files import prepare_workdir
-from .metrics import Metrics
-from .mp4 import Mp4Stream
-from .parse import OPTIONS, PayloadTooLarge, RequestError, check_request, parse_request
+from engine.serve.batching import group_by_shape, run_group
+from engine.serve.config import ServeConfig
+from engine.serve.files import prepare_workdir
+from engine.serve.metrics import Metrics
+from engine.serve.mp4 import Mp4Stream
+from engine.serve.parse import OPTIONS, PayloadTooLarge, RequestError, check_request, parse_request
 
 log = logging.getLogger("ray.serve")
 GENERATOR = "Generator"
@@ -93,7 +93,7 @@ class Generator:
 
     def _prepare(self, jobs: list[Job]) -> list:
         """A GenerationStream (pose stack done) or the exception, per job."""
-        from engine.generate import generate_stream
+        from finephys.sampler.stream import generate_stream
 
         out = []
         for job in jobs:

@@ -38,13 +38,13 @@ class ModelSpec:
 
     def config(self):
         """The model's FinePhysConfig, read without loading any weights."""
-        from finephys.config import FinePhysConfig
+        from finephys.model.config import FinePhysConfig
 
         if self.ckpt is None:
-            from finephys.demo import demo_config
+            from finephys.model.demo import demo_config
 
             return demo_config()
-        from finephys.checkpoint import MANIFEST, read_manifest
+        from finephys.model.checkpoint import MANIFEST, read_manifest
 
         try:
             return FinePhysConfig.from_dict(read_manifest(Path(self.ckpt))["config"])
@@ -53,7 +53,7 @@ class ModelSpec:
 
     def load(self):
         """The model a replica runs (anything with the sampler calls of ``FinePhysModel``)."""
-        from engine.generate import load_model, pick_device
+        from engine.load import load_model, pick_device
 
         return load_model(None if self.ckpt is None else Path(self.ckpt), device=pick_device(self.device))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from finephys.errors import InputError
 
-from .config import MIB, ServeConfig
-from .files import clean_workdir, prepare_workdir
+from engine.serve.config import MIB, ServeConfig
+from engine.serve.files import clean_workdir, prepare_workdir
 
 APP_NAME = "fpengine"
 NAMESPACE = "fpengine"
@@ -99,7 +99,7 @@ def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, addres
     import ray
     from ray import serve
 
-    from .app import build_app
+    from engine.serve.app import build_app
 
     if local:
         want = max(1, math.ceil(max(config.replicas, 1) * config.replica_cpus))

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.video import close_quietly
 
-from .files import new_file
+from engine.serve.files import new_file
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 

@@ -6,7 +6,7 @@ Two request shapes are accepted:
   clip.npz keys (``keypoints``, ``scores``, ``layout``, ``image_size``, ``fps``, ...);
 - ``multipart/form-data``: a part ``options`` (that JSON object, without ``clip``) and a file
   part ``clip`` (a clip.npz).
-Both clips go through ``finephys.clip.load_clip`` from a private file in the working folder.
+Both clips go through ``finephys.poses.clip.load_clip`` from a private file in the working folder.
 """
 from __future__ import annotations
 
@@ -17,17 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.generate import ConfigOnly, GenerateOptions, Plan, plan
-from finephys.clip import KEYS, PoseClip, load_clip
+from finephys.sampler.options import ConfigOnly, GenerateOptions, Plan, plan
+from finephys.poses.clip import KEYS, PoseClip, load_clip
 from finephys.errors import InputError
-from finephys.pipeline import prepare_clip
+from finephys.sampler.poses import prepare_clip
+from engine.options import OPTIONS, params
 
-from .config import Limits
-from .files import new_file
+from engine.serve.config import Limits
+from engine.serve.files import new_file
 
-# The request options: the names of `fpengine generate`'s parameters (diffusers' names).
-OPTIONS = ("prompt", "negative_prompt", "num_frames", "height", "width", "num_inference_steps",
-           "guidance_scale", "seed", "context_length", "context_stride", "deep_cache", "deep_cache_depth")
 
 
 class RequestError(InputError):
@@ -44,12 +42,6 @@ class UnsupportedMediaType(RequestError):
     status = 415
 
 
-def _cli_params() -> dict:
-    from engine.cli import generate
-
-    return {p.name: p for p in generate.params if p.name in OPTIONS}
-
-
 def parse_options(obj) -> GenerateOptions:
     """The options object -> GenerateOptions, each value converted by the CLI's own parameter
     type (so `"num_frames": "abc"` fails as `--frames abc` does)."""
@@ -61,7 +53,7 @@ def parse_options(obj) -> GenerateOptions:
     if unknown:
         raise RequestError(f"unknown option '{unknown[0]}', expected only {list(OPTIONS)} and 'clip'")
     values = {}
-    for name, param in _cli_params().items():
+    for name, param in params().items():
         flag, value = param.opts[0], obj.get(name)
         if value is None:
             if param.required:

@@ -93,8 +93,8 @@ def test_gpu_kernel_matches_ref(N, T, C, heads, fused, dtype, tol, gen):
 def test_unet_with_temporal_processor_matches_diffusers(interp, gen, fuse):
     """The demo UNet with every motion-module self-attention on the kernel gives diffusers' output."""
     from engine.fast_unet import use_temporal_kernel
-    from finephys.demo import demo_config
-    from finephys.model import build_unet
+    from finephys.model.demo import demo_config
+    from finephys.model.build import build_unet
 
     # the demo UNet cut to one cross-attention block and one plain block each way (plus the motion
     # mid block): every kind of motion module the kernel serves, at a size the interpreter runs fast

@@ -1,0 +1,136 @@
+"""``fpengine train-pose`` and ``fpengine eval-pose``: train the pose stack (lifter + PhysNet)
+on 3D motion and measure it on motion it did not see (registered on ``engine.cli.app.main``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from finephys.errors import InputError
+
+from engine.cli.common import PATH
+from finephys.files import write_json
+
+
+def _pose_config(ckpt: Path | None):
+    """(PoseConfig, fps) of a checkpoint folder, or of the embedded demo model."""
+    if ckpt is None:
+        from finephys.model.demo import demo_config
+
+        cfg = demo_config()
+    else:
+        from finephys.model.checkpoint import read_manifest
+        from finephys.model.config import FinePhysConfig
+
+        try:
+            cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{ckpt}: bad config in finephys.json ({exc})") from None
+    return cfg.pose, cfg.fps
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise InputError(f"--threads: {n}, expected >= 1")
+    torch.set_num_threads(n)
+
+
+@click.command("train-pose")
+@click.option("--motion", "motion", type=PATH, multiple=True, required=True,
+              help="3D motion to train on: .bvh, .npz (joints3d (T,17,3) metres Y up + fps), a "
+                   "Panoptic hdPose3d_stage1_coco19 folder, or a folder of these. Repeatable.")
+@click.option("--val-motion", type=PATH, multiple=True,
+              help="Motion held out entirely (validation only). Repeatable.")
+@click.option("--out", type=PATH, required=True, help="Weights file to write (.safetensors).")
+@click.option("--curve", type=PATH, default=None, help="Loss curve PNG (default: OUT with .png).")
+@click.option("--ckpt", type=PATH, default=None,
+              help="Take the pose-stack sizes and fps from this checkpoint (default: the demo model's).")
+@click.option("--epochs", type=int, default=40, show_default=True, help="Lifter epochs (stage 1).")
+@click.option("--physnet-epochs", type=int, default=20, show_default=True,
+              help="PhysNet epochs on the frozen lifter (stage 2).")
+@click.option("--steps-per-epoch", type=int, default=50, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Hold out the last fraction of every --motion sequence.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="torch CPU threads (results are reproducible for a fixed seed and thread count).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch, batch_size,
+                   val_fraction, seed, threads, overwrite, quiet):
+    """Train the pose stack (lifter + PhysNet) on 3D motion; write its weights."""
+    from finephys.training.loss_plot import plot_history
+    from finephys.training.pose_data import find_motion
+    from finephys.training.train_pose import TrainOptions, save_trained, train_pose
+
+    from engine.outputs import check_distinct, check_output
+
+    curve = out.with_suffix(".png") if curve is None else curve
+    check_output(out, overwrite, "--out", (".safetensors",))
+    check_output(curve, overwrite, "--curve", (".png",))
+    check_distinct({"--out": out, "--curve": curve})
+    _threads(threads)
+    pose_cfg, fps = _pose_config(ckpt)
+    motions = find_motion(motion)
+    held_out = find_motion(val_motion)
+    opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
+                        batch_size=batch_size,
+                        seed=seed, val_fraction=val_fraction)
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    log(f"training on {len(motions)} sequences ({sum(m.duration for m in motions):.1f} s, last "
+        f"{val_fraction:g} held out) + {len(held_out)} held-out sequences, {fps:g} fps")
+    lifter, physnet, hist, info = train_pose(motions, pose_cfg, fps, opts, held_out,
+                                             progress=not quiet, log=log)
+    save_trained(out, lifter, physnet, pose_cfg, fps, info)
+    plot_history(hist, curve)
+    log(f"wrote {out} and {curve} ({info['seconds']:.0f} s)")
+
+
+@click.command("eval-pose")
+@click.option("--motion", "motion", type=PATH, multiple=True, required=True,
+              help="3D motion to evaluate on (as train-pose --motion). Repeatable.")
+@click.option("--weights", type=PATH, default=None,
+              help="Pose weights from train-pose (default: the demo model's shipped ones).")
+@click.option("--tail", type=float, default=1.0, show_default=True,
+              help="Evaluate only the last fraction of every sequence (what train-pose "
+                   "--val-fraction held out).")
+@click.option("--phases", type=int, default=4, show_default=True, help="Temporal phase offsets per clip.")
+@click.option("--cameras", type=int, default=4, show_default=True, help="Camera views per clip.")
+@click.option("--noise-px", type=float, default=2.0, show_default=True, help="2D noise sigma, pixels (1000 px image).")
+@click.option("--drop", type=float, default=0.0, show_default=True, help="Fraction of joints given score 0.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--json", "json_out", type=PATH, default=None, help="Also write the numbers as JSON.")
+@click.option("--overwrite", is_flag=True)
+def eval_pose_cmd(motion, weights, tail, phases, cameras, noise_px, drop, seed, threads, json_out, overwrite):
+    """Per clip: MPJPE of S_dd / S_pp / S_fused, jitter, bone-length std, 2D reprojection error."""
+    from finephys.training.pose_data import find_motion
+    from finephys.training.pose_metrics import evaluate, format_table, mean_row
+    from finephys.model.pose_weights import DEMO_WEIGHTS, load_pose_stack
+
+    from engine.outputs import check_output
+
+    if json_out is not None:
+        check_output(json_out, overwrite, "--json", (".json",))
+    for name, value, lo in (("--phases", phases, 1), ("--cameras", cameras, 1)):
+        if value < lo:
+            raise InputError(f"{name}: {value}, expected >= {lo}")
+    if not (0 <= noise_px < 1e4) or not (0 <= drop < 1):
+        raise InputError(f"--noise-px {noise_px} / --drop {drop}: expected >= 0 pixels and a "
+                         f"fraction in [0, 1)")
+    _threads(threads)
+    motions = find_motion(motion)
+    lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS if weights is None else weights)
+    results = evaluate(lifter, physnet, motions, meta["fps"], meta["fuse_weight"], tail, phases,
+                       cameras, noise_px, drop, seed)
+    if len(results) > 1:
+        results.append(mean_row(results))
+    click.echo(format_table(results))
+    if json_out is not None:
+        write_json(json_out, {"weights": str(weights or DEMO_WEIGHTS), "fps": meta["fps"],
+                             "tail": tail, "phases": phases, "cameras": cameras,
+                             "noise_px": noise_px, "drop": drop, "seed": seed,
+                             "clips": [r.to_dict() for r in results]})

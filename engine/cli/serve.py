@@ -1,0 +1,99 @@
+"""``fpengine serve``: the engine as an HTTP service on Ray Serve."""
+from __future__ import annotations
+
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from finephys.errors import InputError
+
+from engine.cli.common import PATH
+
+
+@click.command()
+@click.option("--ckpt", type=PATH, default=None, help="FinePhys checkpoint folder (default: embedded demo model).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (CUDA where a replica has a GPU).")
+@click.option("--replicas", type=int, default=0, help="Model replicas (default: one per GPU of the cluster, else 1).")
+@click.option("--replica-cpus", type=float, default=1.0, show_default=True,
+              help="Ray CPUs (and torch threads) per replica.")
+@click.option("--replica-gpus", type=float, default=-1.0,
+              help="Ray GPUs per replica (default: 1 where the cluster has GPUs, else 0).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--address", default=None,
+              help="Join this Ray cluster (e.g. auto or HEAD_IP:6379) instead of starting a local one.")
+@click.option("--workdir", type=PATH, default=None,
+              help="Working folder for the service's files (default: a new temporary folder, removed at exit).")
+@click.option("--max-batch-size", type=int, default=4, show_default=True,
+              help="Requests of one shape denoised together.")
+@click.option("--batch-wait-ms", type=float, default=50.0, show_default=True,
+              help="How long a replica waits to fill a batch.")
+@click.option("--max-ongoing", type=int, default=0, help="Requests one replica holds (default: 2 x --max-batch-size).")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests waiting for a replica; beyond it: 503.")
+@click.option("--max-upload-mb", type=float, default=16.0, show_default=True, help="Largest request body.")
+@click.option("--max-frames", type=int, default=256, show_default=True, help="Most frames one request may ask for.")
+@click.option("--max-side", type=int, default=1024, show_default=True, help="Largest height or width.")
+@click.option("--max-steps", type=int, default=100, show_default=True, help="Most denoising steps.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: this machine's).")
+@click.option("--object-store-mb", type=int, default=None,
+              help="Object store of the local Ray instance (default: Ray's).")
+def serve(ckpt, device, replicas, replica_cpus, replica_gpus, host, port, address, workdir, max_batch_size,
+          batch_wait_ms, max_ongoing, max_queue, max_upload_mb, max_frames, max_side, max_steps, num_cpus,
+          object_store_mb):
+    """Serve generation over HTTP on Ray Serve (a local Ray instance, or --address CLUSTER).
+
+    POST /generate takes JSON options (prompt, negative_prompt, num_frames, height, width,
+    num_inference_steps, guidance_scale, seed, context_length, context_stride) with the clip as a
+    'clip' object of clip.npz keys, or multipart parts 'options' (JSON) and 'clip' (clip.npz);
+    it streams the mp4 back. GET /healthz, GET /metrics (Prometheus), GET / (service info).
+    Ctrl-C or SIGTERM stops the service and the local Ray instance.
+    """
+    from engine.serve.config import MIB, Limits, ModelSpec, ServeConfig
+    from engine.serve.launch import start
+
+    if replicas < 0:
+        raise InputError(f"--replicas {replicas}: expected a positive integer (or 0 for automatic)")
+    if not max_upload_mb > 0:
+        raise InputError(f"--max-upload-mb {max_upload_mb:g}: expected a number > 0")
+    own = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="fpengine-serve-")) if own else workdir
+    limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), max_frames=max_frames, max_side=max_side,
+                    max_steps=max_steps)
+    config = ServeConfig(
+        model=ModelSpec(ckpt=None if ckpt is None else str(ckpt), device=device), workdir=str(root),
+        replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus, max_batch_size=max_batch_size,
+        batch_wait_s=batch_wait_ms / 1000.0, max_ongoing=max_ongoing, max_queue=max_queue, limits=limits,
+    )
+    stop = threading.Event()
+    # Once serving, Ctrl-C and SIGTERM end the wait below (set after start(): ray.init installs
+    # its own SIGTERM handler); Ctrl-C while Ray starts raises KeyboardInterrupt and start()
+    # shuts down what it began.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            service = start(config, host=host, port=port, address=address, num_cpus=num_cpus,
+                            object_store_mb=object_store_mb, own_workdir=own)
+        except BaseException:
+            if own:
+                import shutil
+
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        for s in previous:
+            signal.signal(s, lambda *_: stop.set())
+        c = service.config
+        click.echo(f"serving {c.model.name} on {service.url} ({c.replicas} replica(s), "
+                   f"{c.replica_cpus:g} CPU / {c.replica_gpus:g} GPU each, working folder {c.workdir}); "
+                   f"Ctrl-C stops", err=True)
+        while not stop.wait(0.5):
+            pass
+        click.echo("stopping", err=True)
+        service.stop()
+        click.echo("stopped", err=True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

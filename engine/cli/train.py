@@ -1,0 +1,128 @@
+"""``fpengine train``: train FinePhys guidance (registered on ``engine.cli.app.main``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from finephys.errors import InputError
+
+from engine.cli.common import PATH
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU here, expected cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InputError(f"--device {name!r}: expected cpu, cuda or auto")
+    return name
+
+
+@click.command("train")
+@click.option("--ckpt", type=PATH, required=True, help="FinePhys checkpoint to start from (fpengine init).")
+@click.option("--data", required=True,
+              help="render:MOTION[,MOTION...] (figures drawn from motion capture) or a folder of NAME.mp4 + "
+                   "NAME.npz (its clip, from fpengine detect) + NAME.txt (its caption).")
+@click.option("--hold-out", "held_out", type=PATH, multiple=True,
+              help="Motion never trained on (with render:), only validated on. Repeatable.")
+@click.option("--out", type=PATH, required=True, help="Checkpoint folder to write (training state: OUT.training/).")
+@click.option("--train", "train", default="encoder,lora", show_default=True,
+              help="What to train: 'all' or a comma-separated subset of encoder, lora, unet, text_encoder, vae.")
+@click.option("--steps", type=int, default=None, help="Diffusion training steps  [default: 1000; 2 with --smoke]")
+@click.option("--vae-steps", type=int, default=0, show_default=True, help="VAE steps first (with the vae trained).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Clips per step.")
+@click.option("--frames", type=int, default=None, help="Frames per clip (default: the model's).")
+@click.option("--height", type=int, default=None, help="Video height (default: the model's).")
+@click.option("--width", type=int, default=None, help="Video width (default: the model's).")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lora-rank", type=int, default=None, help="Rank of a new LoRA (default: the checkpoint's, else 64).")
+@click.option("--pose-stack/--no-pose-stack", default=False, show_default=True,
+              help="Guide with the pose stack's projection of the 2D (as inference does) instead of the 2D itself.")
+@click.option("--mixed-precision", "precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True, help="Autocast on a GPU (fp32 weights).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--val-every", type=int, default=100, show_default=True)
+@click.option("--time-limit", type=float, default=None, help="Minutes for this call; the state is saved, --resume goes on.")
+@click.option("--resume", is_flag=True, help="Continue the run whose state is in OUT.training/.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the UNet for the training steps (GPU; falls back to eager if it fails).")
+@click.option("--smoke", is_flag=True, help="CPU smoke test: 2 steps (or --steps) of 1 clip of 4 frames at 64x64.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT and start a new training state.")
+def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, batch_size, frames, height, width, lr, lora_rank, pose_stack,
+              precision, seed, checkpoint_every, val_every, time_limit, compile_, resume, smoke, device, overwrite):
+    """Train the heatmap encoder + a LoRA (or every module of a small model) with the DDPM loss."""
+    from finephys.model.checkpoint import read_manifest
+    from finephys.model.config import FinePhysConfig
+    from finephys.sampler.options import check_video_size
+    from finephys.model.text import load_tokenizer
+    from finephys.training.train import GenTrainOptions, Trainer
+    from finephys.training.train_data import open_source
+
+    modules = ("encoder", "lora", "unet", "text_encoder", "vae") if train == "all" else \
+        tuple(m.strip() for m in train.split(",") if m.strip())
+    if smoke:
+        steps, vae_steps = steps or 2, (2 if "vae" in modules else 0)
+        batch_size, frames, height, width, device = 1, 4, 64, 64, "cpu"
+    steps = 1000 if steps is None else steps
+    opts = GenTrainOptions(train=modules, steps=steps, vae_steps=vae_steps, batch_size=batch_size, frames=frames,
+                           height=height, width=width, lr=lr, lora_rank=lora_rank, pose_stack=pose_stack,
+                           precision=precision, seed=seed, checkpoint_every=checkpoint_every, val_every=val_every,
+                           time_limit=time_limit, compile=compile_)
+    opts.check()
+    cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
+    size = (height or cfg.height, width or cfg.width)
+    check_video_size(*size)
+    if (frames or cfg.num_frames) < 3:
+        raise InputError(f"--frames {frames}: expected at least 3")
+    if (frames or cfg.num_frames) > cfg.max_frames:
+        raise InputError(f"--frames {frames}: expected at most the motion modules' {cfg.max_frames}")
+    dev = _device(device)
+    source = open_source(data, size, cfg.fps, frames or cfg.num_frames, load_tokenizer(Path(ckpt) / "tokenizer"),
+                         held_out=held_out)
+    trainer = Trainer(ckpt, source, out, opts, device=dev, resume=resume, overwrite=overwrite)
+    click.echo(f"training {','.join(modules)} of {ckpt} on {source.description}, {dev}", err=True)
+    result = trainer.run()
+    if result["done"]:
+        click.echo(f"wrote {out}: a FinePhys checkpoint after {result['vae_step']} VAE + {result['step']} diffusion "
+                   f"steps; loss curve {result['loss_png']}")
+    else:
+        click.echo(f"stopped at {result['vae_step']} VAE + {result['step']} diffusion steps (time limit); state in "
+                   f"{result['state']}; run the same command with --resume to go on")
+
+
+@click.command("train-judge")
+@click.option("--data", required=True, help="render:MOTION[,MOTION...]: figures drawn from motion capture.")
+@click.option("--hold-out", "held_out", type=PATH, multiple=True, help="Motion never trained on. Repeatable.")
+@click.option("--out", type=PATH, required=True, help="ONNX file to write (input (1,3,128,128), COCO-17 heatmaps).")
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Clips of 8 frames per step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--overwrite", is_flag=True)
+def train_judge_cmd(data, held_out, out, steps, batch_size, seed, device, overwrite):
+    """Train the judge pose network that `eval-video` runs on the demo's figures."""
+    from finephys.model.checkpoint import prepare_output_dir
+    from finephys.files import atomic_path
+    from finephys.training.judge import SIZE, export_judge, train_judge
+    from finephys.training.train_data import RenderSource
+
+    if not data.startswith("render:"):
+        raise InputError(f"--data {data}: expected render:MOTION[,MOTION...]")
+    if steps < 1 or batch_size < 1:
+        raise InputError("--steps / --batch-size: expected >= 1")
+    if Path(out).suffix != ".onnx":
+        raise InputError(f"--out {out}: expected a .onnx file name")
+    prepare_output_dir(out, overwrite)
+    dev = _device(device)
+    source = RenderSource([p for p in data[len("render:"):].split(",") if p], (SIZE, SIZE), 8.0, 8,
+                          held_out=held_out)
+    net, losses = train_judge(source, steps, batch_size, device=dev, seed=seed)
+    with atomic_path(Path(out)) as tmp:
+        export_judge(net, tmp)
+    click.echo(f"wrote {out} (final loss {sum(losses[-50:]) / len(losses[-50:]):.3f})")

@@ -1,0 +1,74 @@
+"""Loading what a command runs on: the reference model of a checkpoint (or the demo), an engine
+directory on a backend, or the pose stack alone; and checking options against a model's config
+before any weights load."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from finephys.errors import InputError
+from finephys.model.assembly import assemble
+from finephys.model.checkpoint import load_checkpoint
+from finephys.model.demo import load_demo
+from finephys.poses.clip import PoseClip
+from finephys.sampler.options import ConfigOnly, GenerateOptions, plan
+from finephys.sampler.poses import PoseModel, prepare_clip
+
+BACKENDS = ("reference", "onnxruntime", "tensorrt", "triton")  # all but the first run an engine directory (--engine)
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device on this machine, expected cpu")
+    return device
+
+
+def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engine: Path | None = None,
+               backend: str = "reference"):
+    """The reference model of ``ckpt`` (default: the demo model), or with ``engine`` an engine
+    directory on ``backend`` (``auto``: the fastest one available, see ``engine.backends``)."""
+    if engine is not None:
+        if ckpt is not None:
+            raise InputError("pass --ckpt or --engine, not both (an engine directory names its checkpoint)")
+        from engine.backends import load_backend
+
+        return load_backend(engine, backend, device)
+    if backend not in ("reference", "auto"):
+        raise InputError(f"--backend {backend} runs an engine directory: pass --engine DIR (fpengine export writes one)")
+    parts = load_demo() if ckpt is None else load_checkpoint(ckpt)
+    return assemble(parts, device=pick_device(device), dtype=dtype)
+
+
+def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = None, engine: Path | None = None) -> None:
+    """``plan``'s checks from the config of ``ckpt`` / ``engine`` / the demo, before loading weights
+    (seconds earlier); the stream checks again against the loaded backend."""
+    if engine is not None:
+        from export.manifest import engine_config, read_engine_manifest
+
+        try:
+            config = engine_config(read_engine_manifest(engine))
+        except InputError:
+            return  # loading the backend reports it, after what it checks first (a GPU for triton)
+    elif ckpt is not None:
+        from finephys.model.checkpoint import read_config
+
+        config = read_config(ckpt)
+    else:
+        from finephys.model.demo import demo_config
+
+        config = demo_config()
+    model = ConfigOnly(config)
+    plan(model, prepare_clip(clip, model)[0], opts)
+
+
+def load_pose_model(ckpt: Path | None) -> PoseModel:
+    """The pose stack of ``ckpt`` (default: the demo's) on the CPU, without the generator."""
+    from finephys.model.checkpoint import load_pose_parts
+    from finephys.model.demo import load_demo_pose_parts
+
+    cfg, lifter, physnet = load_demo_pose_parts() if ckpt is None else load_pose_parts(ckpt)
+    return PoseModel(cfg, SimpleNamespace(lifter=lifter, physnet=physnet))

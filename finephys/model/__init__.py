@@ -1,0 +1,1 @@
+"""The FinePhys model: configs, the networks, checkpoints, the demo and weight conversion."""

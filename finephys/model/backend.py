@@ -1,0 +1,98 @@
+"""The backend contract: what the sampler calls on a model, whichever runtime runs it.
+
+A backend (the reference ``FinePhysModel``, or one that runs an engine directory from
+``engine.backends``) has:
+
+- ``name``, ``config`` (FinePhysConfig), ``device``, ``dtype``, ``precision`` and
+  ``capabilities``, which say what it can do beyond the four calls (no probing for attributes);
+- ``parts`` with the pose stack (``lifter``, ``physnet``, fp32 PyTorch on every backend) and the
+  ``tokenizer``;
+- the sampler's calls: ``scheduler()``, ``encode_text(prompts)``, ``encode_pose(heatmaps)``,
+  ``predict_noise(sample, timestep, text, pose_features)``, ``decode_latents(latents)``, and
+  with DeepCache ``predict_noise_cached`` / ``predict_noise_shallow``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from finephys.model.build import build_scheduler
+from finephys.precision import Precision
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers besides the four sampler calls."""
+
+    kernels: bool = False  # the pose stack and heatmaps run through the fused Triton kernels
+    async_decode: bool = False  # on CUDA the VAE may decode on a side stream (PyTorch modules only)
+    deep_cache: range = range(0)  # depths DeepCache can cut the UNet at (empty: no --deep-cache)
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    parts: object
+
+    @property
+    def config(self): ...
+
+    @property
+    def precision(self) -> Precision: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def latent_channels(self) -> int: ...
+
+    def scheduler(self): ...
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor: ...
+
+    def encode_pose(self, heatmaps: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor: ...
+
+    def predict_noise_cached(self, sample, timestep, text, pose_features, depth): ...
+
+    def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth): ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class BackendBase:
+    """What every backend derives from its ``config``, ``parts`` and ``dtype``; subclasses give
+    the text encoder's forward (``_encode_ids``) and the other sampler calls."""
+
+    name = "reference"
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.dtype)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.unet.get("in_channels", 4))
+
+    def scheduler(self):
+        return build_scheduler(self.config)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        from finephys.model.text import tokenize
+
+        return self._encode_ids(tokenize(self.parts.tokenizer, prompts).to(self.device))
+
+    def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
+        raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")
+
+    def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth):
+        raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")

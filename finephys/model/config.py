@@ -1,0 +1,92 @@
+"""Frozen configuration dataclasses, serialised to JSON beside every artefact (DESIGN.md conv. 6)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LifterConfig:
+    num_joints: int = 17
+    dim: int = 256
+    depth: int = 4
+    heads: int = 8
+    mlp_ratio: float = 2.0
+    max_frames: int = 24  # longer clips are lifted in overlapping windows of this length (as trained)
+
+
+@dataclass(frozen=True)
+class PhysNetConfig:
+    num_joints: int = 17
+    hidden: int = 512
+    layers: int = 2
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    num_joints: int = 17
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    num_res_blocks: int = 2
+    unshuffle: int = 8
+
+
+@dataclass(frozen=True)
+class PoseConfig:
+    lifter: LifterConfig = field(default_factory=LifterConfig)
+    physnet: PhysNetConfig = field(default_factory=PhysNetConfig)
+    fuse_weight: float = 0.5
+    heatmap_sigma: float = 6.0  # pixels at 512 px; scaled with the video size
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 64
+    alpha: float = 64.0  # every module's update is (alpha / rank) * B @ A
+
+
+@dataclass(frozen=True)
+class FinePhysConfig:
+    """Everything needed to rebuild the model; the diffusers parts keep their own config dicts."""
+
+    pose: PoseConfig = field(default_factory=PoseConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    unet: dict = field(default_factory=dict)
+    motion_adapter: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    lora: LoraConfig | None = None
+    layout: str = "h36m17"
+    fps: float = 8.0
+    height: int = 512
+    width: int = 512
+    num_frames: int = 16
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    name: str = "finephys"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def max_frames(self) -> int:
+        """The longest frame window the motion modules take (their positional encoding's length)."""
+        return int(self.unet.get("motion_max_seq_length", 32))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "FinePhysConfig":
+        d = dict(d)
+        pose = dict(d.get("pose", {}))
+        pose["lifter"] = LifterConfig(**pose.get("lifter", {}))
+        pose["physnet"] = PhysNetConfig(**pose.get("physnet", {}))
+        d["pose"] = PoseConfig(**pose)
+        enc = dict(d.get("encoder", {}))
+        if "channels" in enc:
+            enc["channels"] = tuple(enc["channels"])
+        d["encoder"] = EncoderConfig(**enc)
+        if d.get("lora") is not None:
+            d["lora"] = LoraConfig(**d["lora"])
+        return FinePhysConfig(**d)

@@ -1,0 +1,111 @@
+"""What one generation is asked for (``GenerateOptions``), and the checked ``Plan`` the sampler runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finephys.errors import InputError
+from finephys.model.backend import Capabilities
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    prompt: str
+    negative_prompt: str = ""
+    num_frames: int | None = None  # default: the whole clip
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    context_length: int | None = None  # frames the video model sees at once (default: the model's)
+    context_stride: int | None = None  # window step (default: 3/4 of the window)
+    deep_cache: int = 1  # DeepCache interval: a full UNet step every N steps (1 = off)
+    deep_cache_depth: int = 1  # pairs of the last up block that the shallow steps recompute
+
+
+@dataclass(frozen=True)
+class Plan:
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    length: int
+    stride: int
+    deep_cache: tuple[int, int] = (1, 1)  # (interval, depth)
+
+    @property
+    def cfg_on(self) -> bool:
+        return self.guidance > 1.0
+
+    def shape_key(self) -> tuple:
+        """Plans with equal keys run the same loop and can share a batch (prompts, seeds and
+        guidance scales may differ)."""
+        return (self.frames, self.height, self.width, self.steps, self.length, self.stride, self.cfg_on,
+                self.deep_cache)
+
+
+class ConfigOnly:
+    """Stands in for a model where only its config is read (clip preparation, planning), to check
+    options before any weights load. Its DeepCache depths are the reference UNet's (the triton
+    backend's are the same; the graph backends have none, which their own plan reports)."""
+
+    name = "reference"
+
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def capabilities(self) -> Capabilities:
+        from finephys.model.unet import cache_depths_of
+
+        return Capabilities(deep_cache=cache_depths_of(self.config.unet))
+
+
+def check_video_size(height: int, width: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % 8:
+            raise InputError(f"--{name} {v}: expected a positive multiple of 8")
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def plan(model, clip, opts: GenerateOptions) -> Plan:
+    """Validate the options against the model (a backend or ``ConfigOnly``) and the prepared clip."""
+    cfg = model.config
+    height, width = _pick(opts.height, cfg.height), _pick(opts.width, cfg.width)
+    check_video_size(height, width)
+    frames = _pick(opts.num_frames, clip.num_frames)
+    if frames < 1 or frames > clip.num_frames:
+        raise InputError(f"--frames {frames}: expected 1..{clip.num_frames} (the clip's frames at {cfg.fps:g} fps)")
+    max_len = cfg.max_frames
+    length = _pick(opts.context_length, min(cfg.num_frames, max_len))
+    if length < 1 or length > max_len:
+        raise InputError(f"--context-length {length}: expected 1..{max_len} (the motion modules' longest sequence)")
+    stride = _pick(opts.context_stride, max(1, length * 3 // 4))
+    if frames > length and not 1 <= stride < length:
+        raise InputError(f"--context-stride {stride}: expected 1..{length - 1} so that windows overlap")
+    steps = _pick(opts.num_inference_steps, cfg.num_inference_steps)
+    if not 1 <= steps <= 1000:
+        raise InputError(f"--steps: expected 1..1000, got {steps}")
+    guidance = _pick(opts.guidance_scale, cfg.guidance_scale)
+    if not np.isfinite(guidance) or guidance < 0:
+        raise InputError(f"--guidance: expected a finite number >= 0, got {guidance}")
+    if opts.seed < 0:
+        raise InputError(f"--seed: expected a number >= 0, got {opts.seed}")
+    if not 1 <= opts.deep_cache <= max(steps, 1):
+        raise InputError(f"--deep-cache {opts.deep_cache}: expected 1 (off) .. {steps} (the number of steps)")
+    if opts.deep_cache > 1:
+        depths = model.capabilities.deep_cache
+        if not len(depths):
+            raise InputError(f"--deep-cache: the {model.name} backend has no partial UNet; "
+                             "use --backend triton or reference")
+        if opts.deep_cache_depth not in depths:
+            raise InputError(f"--deep-cache-depth {opts.deep_cache_depth}: expected {depths[0]}..{depths[-1]} "
+                             "(pairs of the UNet's last up block)")
+    return Plan(frames, height, width, steps, float(guidance), length, stride,
+                (opts.deep_cache, opts.deep_cache_depth))

@@ -1,0 +1,164 @@
+"""The judge: a small top-down 2D pose network for the renderer's figures (and videos of them).
+
+``fpengine eval-video`` needs joints detected in a generated video that are independent of the
+joints that guided it. MediaPipe does that for real footage; for the demo's figures this network,
+trained on rendered frames only, does it through ``fpengine detect``'s ``--pose-model`` path
+(exported to ONNX: input ``(1,3,128,128)`` RGB / 255, output COCO-17 heatmaps ``(1,17,32,32)``).
+
+Its COCO-17 joints are the renderer's H36M-17 joints under names: limbs as named, nose = the H36M
+neck/nose joint, eyes and ears = the top of the head; ``coco17 -> h36m17`` gives them back.
+Training crops are those ``detect`` makes: the whole frame, or a square around the person (1.2-1.8x
+the joints' extent, shifted a little), with blur, noise, colour and contrast changes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+JUDGE_ONNX = Path(__file__).resolve().parents[1] / "assets" / "judge_pose.onnx"
+SIZE = 128
+STRIDE = 4
+# COCO-17 joint k is H36M-17 joint COCO_FROM_H36M[k]
+COCO_FROM_H36M = (9, 10, 10, 10, 10, 11, 14, 12, 15, 13, 16, 4, 1, 5, 2, 6, 3)
+
+
+def _block(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class JudgeNet(nn.Module):
+    """A small encoder-decoder: 128x128 RGB -> 17 heatmaps at 32x32."""
+
+    def __init__(self, width: int = 32, joints: int = 17):
+        super().__init__()
+        w = width
+        self.e1, self.e2 = _block(3, w, 2), _block(w, 2 * w, 2)  # 64, 32
+        self.e3, self.e4 = _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 2)  # 16, 8
+        self.d3, self.d2 = _block(8 * w, 4 * w, 1), _block(6 * w, 2 * w, 1)
+        self.head = nn.Conv2d(2 * w, joints, 1)
+
+    def forward(self, x):
+        x1 = self.e1(x)
+        x2 = self.e2(x1)
+        x3 = self.e3(x2)
+        x4 = self.e4(x3)
+        up = lambda t: nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
+        y3 = self.d3(torch.cat([up(x4), x3], 1))
+        y2 = self.d2(torch.cat([up(y3), x2], 1))
+        return self.head(y2)
+
+
+def _target(kp: torch.Tensor, size: int, sigma: float = 1.0) -> torch.Tensor:
+    """(N,J,2) crop pixels -> (N,J,size/STRIDE,size/STRIDE) Gaussians of peak 1."""
+    h = size // STRIDE
+    c = (kp + 0.5) / STRIDE - 0.5
+    g = torch.arange(h, device=kp.device, dtype=kp.dtype)
+    gx = torch.exp(-((g.view(1, 1, 1, h) - c[..., 0, None, None]) ** 2) / (2 * sigma**2))
+    gy = torch.exp(-((g.view(1, 1, h, 1) - c[..., 1, None, None]) ** 2) / (2 * sigma**2))
+    return gx * gy
+
+
+def random_crops(frames: torch.Tensor, kp: torch.Tensor, gen: torch.Generator, whole: float = 0.4):
+    """Crops (N,3,SIZE,SIZE) of frames (N,3,H,W) like ``detect``'s regions, and the joints in them."""
+    n, _, height, width = frames.shape
+    dev = frames.device
+    lo, hi = kp.min(1).values, kp.max(1).values
+    extent = (hi - lo).max(-1).values
+    rand = lambda *s: torch.rand(*s, generator=gen, device=dev)  # noqa: E731
+    side = extent * (1.2 + 0.6 * rand(n))
+    centre = (lo + hi) / 2 + (rand(n, 2) - 0.5) * 0.2 * side[:, None]
+    use_whole = rand(n) < whole
+    side = torch.where(use_whole, torch.full_like(side, float(max(height, width))), side)
+    centre = torch.where(use_whole[:, None], torch.tensor([(width - 1) / 2, (height - 1) / 2], device=dev), centre)
+    # crop pixel u -> frame pixel centre + (u + 0.5 - SIZE/2) * side / SIZE; grid_sample wants [-1, 1]
+    u = (torch.arange(SIZE, device=dev, dtype=frames.dtype) + 0.5 - SIZE / 2) / SIZE
+    fx = centre[:, 0, None] + u[None] * side[:, None]
+    fy = centre[:, 1, None] + u[None] * side[:, None]
+    gx = (fx + 0.5) / width * 2 - 1
+    gy = (fy + 0.5) / height * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, SIZE, SIZE), gy[:, :, None].expand(n, SIZE, SIZE)], -1)
+    crops = nn.functional.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    kp_crop = (kp - centre[:, None]) / side[:, None, None] * SIZE + SIZE / 2 - 0.5
+    return crops, kp_crop
+
+
+def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur (some through a lower resolution), noise, brightness, contrast and colour changes."""
+    n = x.shape[0]
+    dev = x.device
+    rand = lambda *s: torch.rand(*s, generator=gen, device=dev)  # noqa: E731
+    low = nn.functional.interpolate(nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True),
+                                    size=x.shape[-2:], mode="bilinear")
+    pick = (rand(n, 1, 1, 1) < 0.5).float()
+    x = pick * low + (1 - pick) * x
+    k = torch.tensor([1.0, 2.0, 1.0], device=dev)
+    k = (k[:, None] * k[None]) / 16
+    blur = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"),
+                                k.expand(3, 1, 3, 3), groups=3)
+    pick = (rand(n, 1, 1, 1) < 0.5).float()
+    x = pick * blur + (1 - pick) * x
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (0.7 + 0.6 * rand(n, 1, 1, 1)) + mean * (0.8 + 0.4 * rand(n, 1, 1, 1))
+    x = x * (0.9 + 0.2 * rand(n, 3, 1, 1))
+    x = x + torch.randn(x.shape, generator=gen, device=dev) * 0.04 * rand(n, 1, 1, 1)
+    return x.clamp(0, 1)
+
+
+def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, device="cpu", seed: int = 0,
+                progress: bool = True) -> tuple[JudgeNet, list[float]]:
+    """Train on ``source`` (a ``RenderSource``; ``batch`` clips of its frames per step)."""
+    torch.manual_seed(seed)
+    net = JudgeNet().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator(device).manual_seed(seed)
+    losses = []
+    for step in tqdm(range(steps), desc="training the judge", disable=not progress):
+        rng = np.random.default_rng([seed, step])
+        b = source.batch(rng, batch, device)
+        frames = (b.frames.flatten(0, 1) + 1) / 2
+        kp = b.keypoints.flatten(0, 1)[:, list(COCO_FROM_H36M)]
+        crops, kp_crop = random_crops(frames, kp, gen)
+        x = degrade(crops, gen)
+        loss = ((net(x) - _target(kp_crop, SIZE)) ** 2).mean() * 1000
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    return net.eval(), losses
+
+
+def export_judge(net: JudgeNet, path) -> None:
+    """ONNX with fp16 weights (half the bytes of the package's assets) cast to fp32 on load."""
+    net = net.cpu().eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, SIZE, SIZE),), str(path), input_names=["image"],
+                      output_names=["heatmaps"], opset_version=17, dynamo=False)
+    store_half(path)
+
+
+def store_half(path) -> None:
+    """Rewrite an fp32 ONNX file in place: every float initializer of 16+ values is stored as fp16
+    and a Cast node turns it back to fp32 at the graph's start, so the arithmetic stays fp32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph, casts = model.graph, []
+    for init in graph.initializer:
+        w = numpy_helper.to_array(init)
+        if init.data_type != TensorProto.FLOAT or w.size < 16:
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(w.astype(np.float16), name + "_fp16"))
+        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=TensorProto.FLOAT))
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))

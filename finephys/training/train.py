@@ -1,0 +1,434 @@
+"""``fpengine train``: trains FinePhys guidance on (video, 2D pose clip, caption) samples.
+
+The conditioning path is the one inference takes: 2D joints (through the pose stack with
+``pose_stack``), heatmaps at the video size, the heatmap encoder, its features added inside the
+UNet's down blocks. The loss is DDPM noise prediction (epsilon, the scheduler's training betas),
+with the caption dropped to "" for ``text_dropout`` of the clips (classifier-free guidance).
+
+What is trained (``--train``):
+- ``encoder,lora``: the heatmap encoder and a LoRA on the UNet's spatial attention; the backbone
+  is frozen (the recipe for SD 1.5 + AnimateDiff weights);
+- ``all``: every module of a small model: first the VAE alone (``vae_steps``, reconstruction +
+  a small KL term; the latent scaling factor is then measured), then UNet, motion modules,
+  text encoder, heatmap encoder and LoRA together.
+
+Training state (weights, EMA, optimiser, losses) goes to ``<out>.training/`` every
+``checkpoint_every`` steps and when ``time_limit`` minutes are up; ``resume`` continues from it.
+Batches and noise of step k come from ``(seed, k)`` and the learning rate is constant after its
+warm-up, so a resumed run, or one cut short by ``time_limit``, follows what an unbroken run of
+the same number of steps does. The result, written to ``out`` when the run ends or stops, is a
+normal FinePhys checkpoint (EMA weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from finephys.model.checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint
+from finephys.model.config import LoraConfig
+from finephys.errors import InputError
+from finephys.training.loss_plot import plot_history
+from finephys.model.assembly import apply_lora, new_lora, new_parts
+from finephys.model.build import build_scheduler
+from finephys.sampler.poses import guidance_heatmaps, pose_stack
+from finephys.model.text import tokenize
+from finephys.model.unet import PoseGuidedUNet
+
+MODULES = ("encoder", "lora", "unet", "text_encoder", "vae")
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GenTrainOptions:
+    train: tuple[str, ...] = ("encoder", "lora")
+    steps: int = 1000
+    vae_steps: int = 0
+    batch_size: int = 4  # clips per step
+    frames: int | None = None  # default: the model's num_frames
+    height: int | None = None  # default: the model's size
+    width: int | None = None
+    lr: float = 1e-4
+    vae_lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup: int = 200
+    ema: float = 0.999
+    text_dropout: float = 0.1
+    lora_rank: int | None = None  # a new LoRA's rank (default: the checkpoint's, else 64)
+    pose_stack: bool = False
+    precision: str = "fp32"
+    seed: int = 0
+    val_fraction: float = 0.2
+    val_every: int = 100
+    checkpoint_every: int = 500
+    time_limit: float | None = None  # minutes for this call
+    compile: bool = False  # torch.compile the UNet for the training steps (GPU)
+
+    def check(self) -> None:
+        bad = [m for m in self.train if m not in MODULES]
+        if not self.train or bad:
+            raise InputError(f"--train {','.join(self.train)}: expected 'all' or a comma-separated subset of "
+                             f"{', '.join(MODULES)}")
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')}: {getattr(self, name)}, expected >= 1")
+        if self.vae_steps < 0 or (self.vae_steps and "vae" not in self.train):
+            raise InputError(f"--vae-steps {self.vae_steps}: expected >= 0, and 0 unless the VAE is trained")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.text_dropout < 1 or not 0 < self.val_fraction < 1:
+            raise InputError("--text-dropout / --val-fraction: expected fractions in [0, 1) / (0, 1)")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise InputError(f"--lr {self.lr}: expected a number > 0")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise InputError(f"--time-limit {self.time_limit}: expected minutes > 0")
+
+
+@dataclass
+class TrainHistory:
+    vae_step: list = field(default_factory=list)
+    vae: list = field(default_factory=list)
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    val_step: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+
+    @property
+    def vae_mean(self) -> list:
+        return _running_mean(self.vae)
+
+    @property
+    def loss_mean(self) -> list:
+        return _running_mean(self.loss)
+
+
+def _running_mean(values: list, n: int = 50) -> list:
+    """Mean of the last ``n`` values at every step (what the loss curve draws: one step is noise)."""
+    c = np.cumsum([0.0, *values])
+    return [(c[i + 1] - c[max(0, i + 1 - n)]) / (i + 1 - max(0, i + 1 - n)) for i in range(len(values))]
+
+
+SERIES = (("vae_mean", "vae_step", "VAE reconstruction L1 (mean of 50 steps)", (120, 120, 120)),
+          ("loss_mean", "step", "train noise MSE (mean of 50 steps)", (40, 110, 220)),
+          ("val", "val_step", "held-out noise MSE", (200, 40, 60)))
+
+
+class _Ema:
+    def __init__(self, params, decay: float):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
+
+
+def _lr(step: int, warmup: int) -> float:
+    """Linear warm-up, then constant (the EMA does the averaging), so a run cut short by
+    ``time_limit`` has followed the same schedule as a longer one."""
+    return min(1.0, (step + 1) / warmup)
+
+
+class Trainer:
+    def __init__(self, ckpt: Path, source, out: Path, opts: GenTrainOptions, device="cpu",
+                 resume: bool = False, overwrite: bool = False, progress: bool = True):
+        opts.check()
+        self.opts, self.source, self.out, self.device, self.progress = opts, source, Path(out), torch.device(device), progress
+        self.state_dir = self.out.with_name(self.out.name + ".training")
+        if self.state_dir.exists() and not resume and not overwrite:
+            raise InputError(f"{self.state_dir} holds an earlier run's training state: pass --resume to continue "
+                             f"it or --overwrite to start again")
+        if resume and not (self.state_dir / "state.json").is_file():
+            raise InputError(f"--resume: no training state in {self.state_dir}")
+        prepare_output_dir(self.out, overwrite or resume)
+        self.ckpt = Path(ckpt)
+        parts = load_checkpoint(self.ckpt)
+        self.trains = set(opts.train)
+        if "lora" in self.trains and not parts.lora:
+            rank = opts.lora_rank or (parts.config.lora.rank if parts.config.lora else 64)
+            parts.config = dataclasses.replace(parts.config, lora=LoraConfig(rank=rank, alpha=float(rank)))
+            parts.lora = new_lora(parts, rank, torch.Generator().manual_seed(opts.seed), text=False,
+                                  a_std=1.0 / rank, b_std=0.0)
+        self.parts = parts
+        self.base_cfg = parts.config
+        apply_lora(parts)
+        self.modules = {"encoder": parts.encoder, "unet": parts.unet, "text_encoder": parts.text_encoder,
+                        "vae": parts.vae, "lifter": parts.lifter, "physnet": parts.physnet}
+        for m in self.modules.values():
+            m.to(self.device).requires_grad_(False).eval()
+        self.params = self._select(("encoder", "lora", "unet", "text_encoder"))
+        self.vae_params = [p for p in parts.vae.parameters()] if "vae" in self.trains else []
+        self.unet = PoseGuidedUNet(parts.unet)
+        self.train_unet = torch.compile(self.unet) if opts.compile and self.device.type == "cuda" else self.unet
+        self._pending = []  # (step, loss tensor) not yet read back: reading every step stalls the GPU queue
+        self.sched = build_scheduler(parts.config)
+        self.alphas = self.sched.alphas_cumprod.to(self.device, torch.float32)
+        self.opt = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        self.vae_opt = torch.optim.AdamW(self.vae_params, lr=opts.vae_lr) if self.vae_params else None
+        self.ema = _Ema(self.params, opts.ema)
+        self.hist, self.step, self.vae_step = TrainHistory(), 0, 0
+        self.scaling = float(parts.vae.config.scaling_factor)
+        cfg = parts.config
+        self.frames = opts.frames or cfg.num_frames
+        self.size = (opts.height or cfg.height, opts.width or cfg.width)
+        self.amp = PRECISIONS[opts.precision] if self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        if resume:
+            self._load_state()
+
+    def _select(self, names) -> list:
+        """Trainable parameters of the named modules; 'lora' = the peft adapter factors."""
+        out = []
+        for name in ("encoder", "unet", "text_encoder"):
+            for pname, p in self.modules[name].named_parameters():
+                is_lora = ".lora_" in pname
+                if (is_lora and "lora" in self.trains) or (not is_lora and name in self.trains):
+                    p.requires_grad_(True)
+                    out.append(p)
+        if not out and names:
+            raise InputError(f"--train {','.join(sorted(self.trains))}: nothing to train in this checkpoint")
+        return out
+
+    # ---- one step -----------------------------------------------------------------------
+    def _rng(self, step: int, stage: int):
+        rng = np.random.default_rng([self.opts.seed, stage, step])
+        gen = torch.Generator(self.device).manual_seed(int(rng.integers(1 << 62)))
+        return rng, gen
+
+    def _autocast(self):
+        if self.amp is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def _latents(self, frames: torch.Tensor, gen) -> torch.Tensor:
+        b, t = frames.shape[:2]
+        with torch.no_grad(), self._autocast():
+            dist = self.parts.vae.encode(frames.flatten(0, 1)).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=self.device)
+        z = z.float() * self.scaling
+        return z.view(b, t, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def _guidance(self, batch):
+        kp, sc = batch.keypoints, batch.scores
+        h, w = self.size
+        if self.opts.pose_stack:
+            cfg = self.parts.config
+            kp = pose_stack(self.parts, kp, sc, w, cfg.fps, cfg.pose.fuse_weight)[3]
+            sc = torch.ones_like(sc)
+        return guidance_heatmaps(self.parts.config, kp, (sc > 0).float(), h, w).flatten(0, 1)
+
+    def diffusion_loss(self, batch, gen, rng) -> torch.Tensor:
+        b, t = batch.frames.shape[:2]
+        latents = self._latents(batch.frames, gen)
+        captions = ["" if rng.random() < self.opts.text_dropout else c for c in batch.captions]
+        ids = tokenize(self.parts.tokenizer, captions).to(self.device)
+        steps = torch.randint(0, len(self.alphas), (b,), generator=gen, device=self.device)
+        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        a = self.alphas[steps].view(b, 1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with self._autocast():
+            feats = self.parts.encoder(self._guidance(batch))
+            text = self.parts.text_encoder(ids)[0].repeat_interleave(t, dim=0)
+            pred = self.train_unet(noisy, steps, text, feats)
+        return torch.nn.functional.mse_loss(pred.float(), noise)
+
+    def _compiled_loss(self, batch, gen, rng) -> torch.Tensor:
+        """The loss through the compiled UNet; if compiling fails, one line and the eager UNet."""
+        if self.train_unet is self.unet:
+            return self.diffusion_loss(batch, gen, rng)
+        try:
+            return self.diffusion_loss(batch, gen, rng)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: train eagerly instead
+            tqdm.write(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                       "training eagerly")
+            self.train_unet = self.unet
+            return self.diffusion_loss(batch, gen, rng)
+
+    def _flush(self) -> None:
+        """Read the pending losses back into the history (one synchronisation for many steps)."""
+        if self._pending:
+            values = torch.stack([v for _, v in self._pending]).float().tolist()
+            self.hist.step.extend(s for s, _ in self._pending)
+            self.hist.loss.extend(values)
+            self._pending = []
+
+    def vae_loss(self, frames: torch.Tensor, gen) -> torch.Tensor:
+        vae = self.parts.vae
+        with self._autocast():
+            dist = vae.encode(frames).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=self.device)
+            rec = vae.decode(z).sample.float()
+        kl = dist.kl().float().mean() / frames[0].numel()
+        return (rec - frames).abs().mean() + 0.5 * ((rec - frames) ** 2).mean() + 1e-4 * kl
+
+    def _backward(self, loss, opt, params):
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self) -> dict:
+        o = self.opts
+        start = time.monotonic()
+        out_of_time = lambda: o.time_limit is not None and time.monotonic() - start > o.time_limit * 60  # noqa: E731
+        bar = tqdm(total=o.vae_steps + o.steps, initial=self.vae_step + self.step, desc="training",
+                   disable=not self.progress)
+        if self.vae_params:
+            self.parts.vae.train().requires_grad_(True)
+            per_step = max(1, 48 // self.frames)
+            while self.vae_step < o.vae_steps and not out_of_time():
+                rng, gen = self._rng(self.vae_step, 0)
+                frames = self.source.batch(rng, per_step, self.device).frames.flatten(0, 1)
+                for g in self.vae_opt.param_groups:
+                    g["lr"] = o.vae_lr * _lr(self.vae_step, min(o.warmup, o.vae_steps // 4 + 1))
+                loss = self.vae_loss(frames, gen)
+                self._backward(loss, self.vae_opt, self.vae_params)
+                self.vae_step += 1
+                self.hist.vae_step.append(self.vae_step)
+                self.hist.vae.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(stage="vae", loss=f"{self.hist.vae[-1]:.4f}")
+                if self.vae_step % o.checkpoint_every == 0:
+                    self.save_state()
+            self.parts.vae.eval().requires_grad_(False)
+            if o.vae_steps and self.vae_step >= o.vae_steps and self.step == 0:
+                self.scaling = self.measure_scaling()
+        while self.vae_step >= o.vae_steps and self.step < o.steps and not out_of_time():
+            rng, gen = self._rng(self.step, 1)
+            batch = self.source.batch(rng, o.batch_size, self.device)
+            for g in self.opt.param_groups:
+                g["lr"] = o.lr * _lr(self.step, o.warmup)
+            for m in ("encoder", "unet", "text_encoder"):
+                self.modules[m].train()
+            loss = self._compiled_loss(batch, gen, rng)
+            self._backward(loss, self.opt, self.params)
+            self.ema.update(self.step)
+            self.step += 1
+            self._pending.append((self.step, loss.detach()))
+            bar.update(1)
+            if len(self._pending) >= 25:
+                self._flush()
+                bar.set_postfix(stage="diffusion", loss=f"{sum(self.hist.loss[-25:]) / 25:.4f}")
+            if self.step % o.val_every == 0 or self.step == o.steps:
+                self.hist.val_step.append(self.step)
+                self.hist.val.append(self.validate())
+            if self.step % o.checkpoint_every == 0:
+                self.save_state()
+        bar.close()
+        self.save_state()
+        done = self.vae_step >= o.vae_steps and self.step >= o.steps
+        if self.step > 0:  # also when cut short: the EMA weights so far, usable as they are
+            self.write_checkpoint()
+        return {"done": done, "step": self.step, "vae_step": self.vae_step, "state": str(self.state_dir),
+                "out": str(self.out), "loss_png": str(self.state_dir / "loss.png")}
+
+    @torch.no_grad()
+    def measure_scaling(self) -> float:
+        zs = []
+        for k in range(4):
+            rng, gen = self._rng(k, 2)
+            frames = self.source.batch(rng, max(1, 32 // self.frames), self.device).frames
+            zs.append(self._latents(frames, gen) / self.scaling)
+        return float(1.0 / torch.cat(zs).std())
+
+    @torch.no_grad()
+    def validate(self, clips: int = 8) -> float:
+        """Noise MSE on held-out clips at fixed timesteps and noise (the same every time)."""
+        for m in ("encoder", "unet", "text_encoder"):
+            self.modules[m].eval()
+        rng, gen = self._rng(0, 3)
+        batch = self.source.batch(rng, clips, self.device, split="val")
+        losses = [float(self.diffusion_loss(batch, gen, np.random.default_rng(k))) for k in range(2)]
+        return float(np.mean(losses))
+
+    # ---- state and output -------------------------------------------------------------
+    def _weights(self) -> dict:
+        sd = {}
+        for name in ("encoder", "unet", "text_encoder", "vae"):
+            for k, v in self.modules[name].state_dict().items():
+                sd[f"{name}.{k}"] = v.detach().cpu().contiguous()
+        return sd
+
+    def save_state(self) -> None:
+        self._flush()
+        d = self.state_dir
+        d.mkdir(parents=True, exist_ok=True)
+        ema = {f"ema.{i}": s.cpu().contiguous() for i, s in enumerate(self.ema.shadow)}
+        save_file({**self._weights(), **ema}, str(d / "weights.safetensors.tmp"))
+        opt = {"opt": self.opt.state_dict(), "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None}
+        torch.save(opt, d / "optimizer.pt.tmp")
+        info = {"step": self.step, "vae_step": self.vae_step, "scaling_factor": self.scaling,
+                "options": dataclasses.asdict(self.opts), "ckpt": str(self.ckpt), "source": self.source.description,
+                "history": dataclasses.asdict(self.hist), "lora": dataclasses.asdict(self.parts.config.lora)
+                if self.parts.config.lora else None}
+        for name in ("weights.safetensors", "optimizer.pt"):
+            (d / f"{name}.tmp").replace(d / name)
+        (d / "state.json").write_text(json.dumps(info))
+        plot_history(self.hist, d / "loss.png", series=SERIES, title="fpengine train: loss (log scale) vs step")
+
+    def _load_state(self) -> None:
+        d = self.state_dir
+        info = json.loads((d / "state.json").read_text())
+        same = {k: v for k, v in info["options"].items() if k not in ("steps", "time_limit", "checkpoint_every", "compile")}
+        mine = {k: v for k, v in dataclasses.asdict(self.opts).items() if k in same}
+        mine = json.loads(json.dumps(mine))
+        if mine != same:
+            diff = sorted(k for k in same if same[k] != mine.get(k))
+            raise InputError(f"--resume: options {diff} differ from the run in {d}; only --steps, --time-limit, --checkpoint-every and --compile may change")
+        sd = load_file(str(d / "weights.safetensors"))
+        for name in ("encoder", "unet", "text_encoder", "vae"):
+            prefix = name + "."
+            self.modules[name].load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        for i, s in enumerate(self.ema.shadow):
+            s.copy_(sd[f"ema.{i}"])
+        opt = torch.load(d / "optimizer.pt", weights_only=True, map_location=self.device)
+        self.opt.load_state_dict(opt["opt"])
+        if self.vae_opt is not None and opt["vae_opt"] is not None:
+            self.vae_opt.load_state_dict(opt["vae_opt"])
+        self.step, self.vae_step, self.scaling = info["step"], info["vae_step"], info["scaling_factor"]
+        self.hist = TrainHistory(**info["history"])
+
+    def write_checkpoint(self) -> Path:
+        """The EMA weights as a normal FinePhys checkpoint at ``out`` (LoRA kept apart, peft naming)."""
+        from peft import get_peft_model_state_dict
+
+        self.ema.copy_to_model()
+        cfg = self.parts.config
+        vae_cfg = dict(cfg.vae, scaling_factor=self.scaling)
+        cfg = dataclasses.replace(cfg, vae=vae_cfg)
+        clean = new_parts(cfg, self.parts.tokenizer)
+        clean.lifter.load_state_dict(self.parts.lifter.state_dict())
+        clean.physnet.load_state_dict(self.parts.physnet.state_dict())
+        lora = {}
+        for name in ("encoder", "unet", "text_encoder", "vae"):
+            module = self.modules[name]
+            sd = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+            getattr(clean, name).load_state_dict(sd, strict=True)
+            if name in ("unet", "text_encoder") and any(".lora_" in k for k in module.state_dict()):
+                for k, v in get_peft_model_state_dict(module).items():
+                    lora[f"{name}.{k}"] = v.detach().cpu()
+        clean.lora = lora
+        save_checkpoint(clean, self.out, self.ckpt / "tokenizer", overwrite=True)
+        return self.out
