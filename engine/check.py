@@ -129,9 +129,7 @@ def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = No
         report["rule"] = (f"max latent error {report['latents_max_abs_err']:.3g} <= 2 * torch fp16's "
                           f"{report['torch_fp16']['latents_max_abs_err']:.3g} + {FP16_ATOL:g} = {bound:.3g}")
         report["passed"] = report["latents_max_abs_err"] <= bound
-    close = getattr(model, "close", None)
-    if close is not None:
-        close()
+    model.close()
     return report
 
 

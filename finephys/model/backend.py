@@ -8,7 +8,7 @@ A backend (the reference ``FinePhysModel``, or one that runs an engine directory
 - ``parts`` with the pose stack (``lifter``, ``physnet``, fp32 PyTorch on every backend) and the
   ``tokenizer``;
 - the sampler's calls: ``scheduler()``, ``encode_text(prompts)``, ``encode_pose(heatmaps)``,
-  ``predict_noise(sample, timestep, text, pose_features)``, ``decode_latents(latents)``, and
+  ``predict_noise(sample, timestep, text, pose_features)``, ``decode_latents(latents)``, ``close()``, and
   with DeepCache ``predict_noise_cached`` / ``predict_noise_shallow``.
 """
 from __future__ import annotations
@@ -63,6 +63,8 @@ class Backend(Protocol):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    def close(self) -> None: ...
+
 
 class BackendBase:
     """What every backend derives from its ``config``, ``parts`` and ``dtype``; subclasses give
@@ -90,6 +92,9 @@ class BackendBase:
         from finephys.model.text import tokenize
 
         return self._encode_ids(tokenize(self.parts.tokenizer, prompts).to(self.device))
+
+    def close(self) -> None:
+        """Release what the runtime holds beyond Python's reach (TensorRT contexts); nothing here."""
 
     def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
         raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")
