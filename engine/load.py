@@ -28,7 +28,7 @@ def pick_device(device: str | None) -> str:
 
 
 def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engine: Path | None = None,
-               backend: str = "reference"):
+               backend: str = "reference", require_compiled: bool = False):
     """The reference model of ``ckpt`` (default: the demo model), or with ``engine`` an engine
     directory on ``backend`` (``auto``: the fastest one available, see ``engine.backends``)."""
     if engine is not None:
@@ -36,16 +36,20 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engi
             raise InputError("pass --ckpt or --engine, not both (an engine directory names its checkpoint)")
         from engine.backends import load_backend
 
-        return load_backend(engine, backend, device)
+        return load_backend(engine, backend, device, require_compiled)
+    if require_compiled:
+        raise InputError("--require-compiled goes with --engine (an engine directory exported with --compile)")
     if backend not in ("reference", "auto"):
         raise InputError(f"--backend {backend} runs an engine directory: pass --engine DIR (fpengine export writes one)")
     parts = load_demo() if ckpt is None else load_checkpoint(ckpt)
     return assemble(parts, device=pick_device(device), dtype=dtype)
 
 
-def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = None, engine: Path | None = None) -> None:
+def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = None, engine: Path | None = None,
+                  require_compiled: bool = False) -> None:
     """``plan``'s checks from the config of ``ckpt`` / ``engine`` / the demo, before loading weights
-    (seconds earlier); the stream checks again against the loaded backend."""
+    (seconds earlier); the stream checks again against the loaded backend. ``require_compiled``:
+    also that the engine carries a usable compiled UNet step for every call the plan makes."""
     if engine is not None:
         from export.manifest import engine_config, read_engine_manifest
 
@@ -62,7 +66,11 @@ def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = Non
 
         config = demo_config()
     model = ConfigOnly(config)
-    plan(model, prepare_clip(clip, model)[0], opts)
+    p = plan(model, prepare_clip(clip, model)[0], opts)
+    if require_compiled and engine is not None:
+        from engine.precompile import require_steps
+
+        require_steps(engine, p)
 
 
 def load_pose_model(ckpt: Path | None) -> PoseModel:

@@ -4,6 +4,8 @@ Stages, each keyed by the hash of everything its output depends on:
     weights          LoRA merged (checked against the unmerged model), cast, saved as safetensors
     onnx:<component> the four graphs, traced with their contracts
     tensorrt:<comp.> plans, where TensorRT works here (else one line says why and the stage is skipped)
+    compiled         with --compile (a CUDA GPU): the triton backend's UNet steps, precompiled for
+                     the given shapes (``engine.precompile``); kept as they are without --compile
     check            the onnxruntime backend against the reference on small shapes; the report goes
                      into the manifest and a failure fails the export
 
@@ -119,11 +121,15 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: ShapeProfile | None = None,
                   overwrite: bool = False, force: bool = False, check: Callable | None = None,
-                  log: Callable[[str], None] = print, external_limit: int = EXTERNAL_DATA_LIMIT) -> dict:
+                  log: Callable[[str], None] = print, external_limit: int = EXTERNAL_DATA_LIMIT,
+                  compile=None, graphs: bool = True) -> dict:
     """Export ``ckpt`` to the engine directory ``out``; returns the manifest written.
 
     ``check``: the parity check, ``check(engine_dir, ckpt, settings, log) -> report`` (the CLI
-    passes ``engine.check.export_parity``: onnxruntime against the reference); None skips it."""
+    passes ``engine.check.export_parity``: onnxruntime against the reference); None skips it.
+    ``compile``: what builds the compiled stage (the CLI passes ``engine.backends.triton.
+    CompileSpec``): ``key_inputs() -> dict`` and ``run(engine_dir, log) -> info``.
+    ``graphs=False``: no ONNX graphs, TensorRT plans or check (an engine for the triton backend)."""
     ckpt, out = Path(ckpt), Path(out)
     try:
         precision = Precision.of(precision).value
@@ -149,7 +155,8 @@ def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: Shape
         old = None  # rebuild every stage
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).absolute()
     try:
-        manifest = _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log, external_limit)
+        manifest = _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check if graphs else None,
+                          log, external_limit, compile, graphs)
         _swap_into_place(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,7 +166,8 @@ def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: Shape
     return manifest
 
 
-def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log, external_limit) -> dict:
+def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log, external_limit, compile,
+           graphs) -> dict:
     import torch
 
     stages = _Stages(tmp, out if old else None, old, log)
@@ -187,7 +195,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
 
     cons = contracts(cfg)
     cast = False
-    for component in COMPONENTS:
+    for component in COMPONENTS if graphs else ():
         key = stage_key(stage="onnx", component=component, weights=weights_key, contract=asdict(cons[component]),
                         opset=OPSET, torch=torch.__version__, external_limit=external_limit)
         if stages.reuse(f"onnx:{component}", key):
@@ -207,7 +215,7 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
         log(f"onnx: {component} ({sum(f.stat().st_size for f in files) / 2**20:.1f} MiB)")
     model = None  # free the merged model before the TensorRT build and the check
 
-    trt_info = _tensorrt_stage(tmp, cfg, cons, profile, stages, log)
+    trt_info = _tensorrt_stage(tmp, cfg, cons, profile, stages, log) if graphs else {"status": "not built", "plans": {}}
 
     manifest = {
         "format_version": ENGINE_FORMAT_VERSION,
@@ -224,6 +232,8 @@ def _build(ckpt, out, tmp, cfg, precision, profile, source_hash, old, check, log
         "files": stages.files,
         "parity": None,
     }
+    write_json(tmp / MANIFEST, manifest)
+    manifest["compiled"] = _compiled_stage(tmp, cfg, precision, compile, stages, old, log)
     write_json(tmp / MANIFEST, manifest)
     if check is not None:
         onnx_hashes = {rel: e["sha256"] for rel, e in stages.files.items() if rel.startswith("onnx/")}
@@ -276,3 +286,17 @@ def _tensorrt_stage(tmp: Path, cfg, cons, profile: ShapeProfile, stages: _Stages
     if cache.is_file():
         stages.files[TIMING_CACHE] = file_entry(cache)
     return {"status": status, "version": version, "gpu": gpu, "plans": plans}
+
+
+def _compiled_stage(tmp: Path, cfg, precision: str, compile, stages: _Stages, old: dict | None, log) -> dict | None:
+    """The compiled UNet steps: rebuilt with ``compile`` unless up to date, else carried over."""
+    previous = (old or {}).get("compiled")
+    if compile is None:
+        st = (old or {}).get("stages", {}).get("compiled")
+        return previous if st and previous and stages.reuse("compiled", st["key"]) else None
+    key = stage_key(stage="compiled", config=cfg.to_dict(), precision=precision, **compile.key_inputs())
+    if previous and stages.reuse("compiled", key):
+        return previous
+    info = compile.run(tmp, log)
+    stages.record("compiled", key, [s["file"] for s in info["steps"]])
+    return info

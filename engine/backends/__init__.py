@@ -59,8 +59,11 @@ def resolve(engine_dir: Path, name: str, device: str | None) -> tuple[str, str]:
     return name, device
 
 
-def load_backend(engine_dir: Path, name: str = "auto", device: str | None = "auto"):
+def load_backend(engine_dir: Path, name: str = "auto", device: str | None = "auto", require_compiled: bool = False):
+    """``require_compiled``: the triton backend refuses UNet steps the engine has not precompiled."""
     name, device = resolve(Path(engine_dir), name, device)
+    if require_compiled and name != "triton":
+        raise InputError(f"--require-compiled: the compiled steps run on --backend triton, not {name}")
     if name == "onnxruntime":
         from engine.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -68,7 +71,7 @@ def load_backend(engine_dir: Path, name: str = "auto", device: str | None = "aut
     if name == "triton":
         from engine.backends.triton import load_triton_backend
 
-        return load_triton_backend(engine_dir, device)
+        return load_triton_backend(engine_dir, device, require_compiled=require_compiled)
     from engine.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(engine_dir, device)

@@ -6,6 +6,7 @@ reads device memory back."""
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from finephys.model.unet import PoseGuidedUNet
 from finephys.model.weights import load_strict
 
 from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
+from engine.precompile import CompiledSteps, StepCall, StepShape, code_hash, compile_steps, environment
 from engine.backends.base import EngineFiles, load_pose_parts
 
 FILES = {
@@ -26,6 +28,10 @@ FILES = {
     "text_encoder": "text_encoder/model.safetensors",
     "encoder": "pose/heatmap_encoder.safetensors",
 }
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _require_cuda(device) -> None:
@@ -44,25 +50,32 @@ class TritonModel(BackendBase):
         return Capabilities(kernels=True, async_decode=self.async_decode, deep_cache=self.unet.cache_depths())
 
     def __init__(self, config, parts, modules: dict, device="cuda", dtype=torch.float16,
-                 compile_mode: str | None = "default", cuda_graphs: bool = True):
+                 compile_mode: str | None = "default", cuda_graphs: bool = True,
+                 compiled: CompiledSteps | None = None, require_compiled: bool = False, log=None):
         _require_cuda(device)
         self.config, self.parts, self.device, self.dtype = config, parts, torch.device(device), dtype
         self.modules = {k: m.to(self.device, dtype).eval().requires_grad_(False) for k, m in modules.items()}
         self.unet = prepare_unet(PoseGuidedUNet(self.modules["unet"]))
         self._compile_mode, self._cuda_graphs = compile_mode, cuda_graphs
+        self.compiled, self._require, self._log = compiled, require_compiled, log or _stderr
         self._calls = {}
         self.async_decode = True  # the VAE decodes on a side stream (benchmarks turn it off to compare)
         self.modules["vae"].to(memory_format=torch.channels_last)
 
     def _call(self, name: str, depth: int | None = None):
         """The compiled (and graph-captured) UNet entry point ``name`` (with ``depth`` bound); made
-        on first use, so DeepCache's two extra graphs cost nothing unless asked for."""
+        on first use, so DeepCache's two extra graphs cost nothing unless asked for. Shapes the
+        engine directory carries precompiled steps for load them; others compile just in time."""
         key = (name, depth)
         if key not in self._calls:
             fn = getattr(self.unet, name)
             if depth is not None:
                 fn = functools.partial(fn, depth=depth)
-            fast = compile_call(fn, self._compile_mode)
+            if self._compile_mode is None:
+                fast = fn
+            else:
+                fast = StepCall(self.unet, name, depth, self.compiled, lambda: compile_call(fn, self._compile_mode),
+                                self._require, self._log)
             self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
         return self._calls[key]
 
@@ -110,6 +123,9 @@ def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonM
     _require_cuda(device)  # before any weights are read
     base = EngineFiles(engine_dir)  # manifest, file hashes, config, precision, profile
     cfg = base.config
+    compiled = CompiledSteps(base.engine_dir, base.manifest.get("compiled"), base.manifest["files"])
+    if kw.get("require_compiled") and compiled.why_not:
+        raise InputError(f"--require-compiled: {compiled.why_not}")
     builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
                 "encoder": lambda c: HeatmapEncoder(c.encoder)}
     modules = {}
@@ -117,6 +133,25 @@ def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonM
         modules[name] = build(cfg).to(base.dtype)
         load_strict(modules[name], base.engine_dir / FILES[name])
     parts = load_pose_parts(base.engine_dir, cfg, device)
-    model = TritonModel(cfg, parts, modules, device, base.dtype, **kw)
+    model = TritonModel(cfg, parts, modules, device, base.dtype, compiled=compiled, **kw)
     model.profile = base.profile  # `fpengine check` picks its default sizes from it
     return model
+
+
+class CompileSpec:
+    """``fpengine export --compile``: the UNet steps to precompile into the engine directory
+    (``export.build`` runs it as its compiled stage; see ``engine.precompile``)."""
+
+    def __init__(self, shapes: list[StepShape], depths: list[int] = ()):
+        if not torch.cuda.is_available():
+            raise InputError("--compile needs a CUDA GPU: the compiled steps are built for the GPU they run on")
+        self.shapes, self.depths = list(shapes), sorted(set(depths))
+
+    def key_inputs(self) -> dict:
+        return {"env": environment(), "code": code_hash(), "shapes": [str(s) for s in self.shapes],
+                "depths": self.depths}
+
+    def run(self, engine_dir: Path, log) -> dict:
+        model = load_triton_backend(engine_dir, "cuda", cuda_graphs=False)
+        steps = compile_steps(model, self.shapes, self.depths, Path(engine_dir), log)
+        return {**self.key_inputs(), "steps": steps}

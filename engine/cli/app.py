@@ -52,9 +52,13 @@ def main():
               help="Split the clip over processes: guidance halves (2), windows (2+), or both (4, 6, ...).")
 @click.option("--gpus", type=int, default=None,
               help="With --parallel: processes, one per GPU (CPU with gloo where too few); default 2 (or torchrun's).")
+@click.option("--require-compiled", is_flag=True,
+              help="With --engine on the triton backend: fail unless the engine carries this run's compiled UNet "
+                   "steps (fpengine export --compile), instead of compiling just in time.")
 def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_frames, height, width,
              num_inference_steps, guidance_scale, seed, context_length, context_stride, out, frames_dir,
-             save_poses, preview, overwrite, deep_cache=1, deep_cache_depth=1, video=None, save_clip=None, parallel=None, gpus=None, **detect_kw):
+             save_poses, preview, overwrite, deep_cache=1, deep_cache_depth=1, video=None, save_clip=None, parallel=None,
+             gpus=None, require_compiled=False, **detect_kw):
     """Generate a video of a person moving as the pose clip shows (any length, streamed).
 
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
@@ -87,13 +91,15 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
                            guidance_scale, seed, context_length, context_stride, deep_cache, deep_cache_depth)
     if parallel is not None and deep_cache != 1:
         raise InputError("--deep-cache: not with --parallel (each process runs the full UNet)")
+    if require_compiled and (engine is None or parallel is not None):
+        raise InputError("--require-compiled goes with --engine, without --parallel")
     if ckpt is None or engine is None:  # both: load_model says which to drop
-        check_options(clip, opts, ckpt, engine)  # before any weights load
+        check_options(clip, opts, ckpt, engine, require_compiled)  # before any weights load
     if parallel is not None:
         from engine.cli.parallel import CliJob, cli_generate
 
         return cli_generate(CliJob(parallel, opts, clip, ckpt, engine, backend, outputs), gpus, device)
-    model = load_model(ckpt, device=device, engine=engine, backend=backend)
+    model = load_model(ckpt, device=device, engine=engine, backend=backend, require_compiled=require_compiled)
     stream = generate_stream(model, clip, opts)
     log = lambda line: click.echo(line, err=True)  # noqa: E731
     outputs.write_poses(stream, log)

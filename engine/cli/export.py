@@ -23,6 +23,30 @@ def _range(option: str, text: str | None):
     return values
 
 
+def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
+    """The --compile options checked against the profile and the UNet (before any slow work)."""
+    if not compile_:
+        if shapes or depths:
+            raise InputError("--compile-shape and --compile-deep-cache go with --compile")
+        return None
+    from engine.precompile import StepShape
+    from finephys.model.unet import cache_depths_of
+
+    parsed = [StepShape.parse(s) for s in shapes] or [StepShape(2, profile.frames[1], profile.height[1], profile.width[1])]
+    for s in parsed:
+        for name in ("batch", "frames", "height", "width"):
+            lo, _, hi = getattr(profile, name)
+            if not lo <= getattr(s, name) <= hi:
+                raise InputError(f"--compile-shape {s}: {name} {getattr(s, name)} is outside the profile's {lo}..{hi}")
+    allowed = cache_depths_of(cfg.unet)
+    for d in depths:
+        if d not in allowed:
+            raise InputError(f"--compile-deep-cache {d}: this UNet's DeepCache depths are {allowed.start}..{allowed.stop - 1}")
+    from engine.backends.triton import CompileSpec
+
+    return CompileSpec(parsed, list(depths))
+
+
 @click.command("export")
 @click.option("--ckpt", type=PATH, required=True, help="FinePhys checkpoint folder (fpengine init writes one).")
 @click.option("--out", type=PATH, required=True, help="Engine directory to write.")
@@ -34,9 +58,20 @@ def _range(option: str, text: str | None):
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the reference.")
 @click.option("--force", is_flag=True, help="Rebuild every stage, even those that are up to date.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory that is not this checkpoint's engine.")
-def export(ckpt, out, precision, frames, height, width, no_check, force, overwrite):
+@click.option("--compile", "compile_", is_flag=True,
+              help="Precompile the triton backend's UNet steps for this GPU (CUDA), so generate starts in seconds.")
+@click.option("--compile-shape", "compile_shapes", multiple=True, metavar="[BATCHx]FRAMESxHEIGHTxWIDTH",
+              help="With --compile: a UNet step shape (repeatable; batch 2 = guidance on, the default). "
+                   "Default: the profile's OPT frames, height and width.")
+@click.option("--compile-deep-cache", "compile_depths", type=int, multiple=True, metavar="DEPTH",
+              help="With --compile: also DeepCache's two steps at this --deep-cache-depth (repeatable).")
+@click.option("--triton-only", is_flag=True,
+              help="Only what the triton backend runs: no ONNX graphs, TensorRT plans or onnxruntime check.")
+def export(ckpt, out, precision, frames, height, width, no_check, force, overwrite, compile_, compile_shapes,
+           compile_depths, triton_only):
     """Turn a checkpoint into an engine directory: fp16 weights with the LoRA merged, ONNX graphs,
-    TensorRT plans where TensorRT is installed, a manifest and a parity report."""
+    TensorRT plans where TensorRT is installed, a manifest and a parity report; with --compile, the
+    triton backend's precompiled UNet steps."""
     from dataclasses import replace
 
     from engine.check import export_parity
@@ -48,15 +83,15 @@ def export(ckpt, out, precision, frames, height, width, no_check, force, overwri
     if not Path(ckpt).exists():
         raise InputError(f"--ckpt {ckpt} does not exist")
     ranges = {k: _range(f"--{k}", v) for k, v in (("frames", frames), ("height", height), ("width", width))}
-    profile = None
-    if any(ranges.values()):
-        cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
-        profile = replace(ShapeProfile.default(cfg), **{k: v for k, v in ranges.items() if v})
+    cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
+    profile = replace(ShapeProfile.default(cfg), **{k: v for k, v in ranges.items() if v})
+    spec = _compile_spec(cfg, profile, compile_, compile_shapes, compile_depths)
     from engine.cli.common import terminate_as_interrupt
 
     with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: the temporary directory goes
         manifest = export_engine(ckpt, out, precision=precision, profile=profile, overwrite=overwrite, force=force,
-                                 check=None if no_check else export_parity, log=lambda line: click.echo(line, err=True))
+                                 check=None if no_check else export_parity, log=lambda line: click.echo(line, err=True),
+                                 compile=spec, graphs=not triton_only)
     size = sum(e["bytes"] for e in manifest["files"].values()) / 2**20
     click.echo(f"wrote {out}: {manifest['precision']} engine, {len(manifest['files'])} files, {size:.1f} MiB", err=True)
 

@@ -1,0 +1,97 @@
+"""Start-up of ``fpengine generate --engine E --backend triton`` in a new process (issue 19):
+wall time from process start to exit (the last frame written), for a full-size random-weight
+engine (SD 1.5 + AnimateDiff v2 shapes) with and without precompiled UNet steps.
+
+    python benchmarks/bench_startup.py --work /tmp/startup --size 512 [--frames 16 --steps 25]
+
+Cases (each a fresh process):
+    jit_cold     engine without compiled steps, empty Inductor cache (today's first run)
+    jit_warm     the same engine again, with the Inductor cache the cold run left
+    precompiled  engine exported with --compile, empty Inductor cache (run twice)
+Also: export time without and with --compile, compiled-step size on disk. Rows go to
+benchmarks/results/startup.jsonl with the card, versions and FPENGINE_COMMIT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import write_rows  # noqa: E402
+
+
+def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> float:
+    t0 = time.perf_counter()
+    with open(log or os.devnull, "w") as f:
+        r = subprocess.run(cmd, env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}); see {log}")
+    return wall
+
+
+def write_checkpoint(ckpt: Path) -> None:
+    from benchmarks.bench_generate import full_size_parts
+    from finephys.model.checkpoint import save_checkpoint
+    from finephys.model.text import write_clip_tokenizer
+
+    tok = Path(tempfile.mkdtemp())
+    write_clip_tokenizer(tok)
+    save_checkpoint(full_size_parts(), ckpt, tok)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/startup.jsonl")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    fp = [sys.executable, "-m", "engine"]
+    ckpt, plain, comp = a.work / "ckpt", a.work / "engine", a.work / "engine_compiled"
+    shape = f"{a.frames}x{a.size}x{a.size}"
+    row = {"bench": "startup", "size": a.size, "frames": a.frames, "steps": a.steps, "gpu": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "commit": os.environ.get("FPENGINE_COMMIT")}
+    if not ckpt.exists():
+        t0 = time.perf_counter()
+        write_checkpoint(ckpt)
+        row["write_checkpoint_s"] = round(time.perf_counter() - t0, 1)
+    profile = ["--height", f"{min(256, a.size)}:{a.size}:{max(1024, a.size)}",
+               "--width", f"{min(256, a.size)}:{a.size}:{max(1024, a.size)}"]
+    row["export_s"] = round(run(fp + ["export", "--ckpt", str(ckpt), "--out", str(plain), "--triton-only", "--overwrite"]
+                                + profile, log=a.work / "export.log"), 1)
+    subprocess.run(["cp", "-rl", str(plain), str(comp)], check=True)  # hard links: the compile reuses the weights
+    row["export_compile_s"] = round(run(fp + ["export", "--ckpt", str(ckpt), "--out", str(comp), "--triton-only",
+                                              "--compile", "--compile-shape", shape] + profile,
+                                        env={"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()},
+                                        log=a.work / "export_compile.log"), 1)
+    row["compiled_mb"] = round(sum(f.stat().st_size for f in (comp / "compiled").glob("*")) / 2**20, 1)
+    gen = ["generate", "--backend", "triton", "--poses", str(ROOT / "examples/walk.npz"), "--prompt", "a person walking",
+           "--frames", str(a.frames), "--height", str(a.size), "--width", str(a.size), "--steps", str(a.steps),
+           "--overwrite", "--out"]
+    cache = tempfile.mkdtemp()
+    cases = [("jit_cold", plain, cache), ("jit_warm", plain, cache),
+             ("precompiled", comp, tempfile.mkdtemp()), ("precompiled_again", comp, tempfile.mkdtemp())]
+    for name, eng, cdir in cases:
+        extra = ["--require-compiled"] if eng == comp else []
+        row[f"{name}_s"] = round(run(fp + gen + [str(a.work / f"{name}.mp4"), "--engine", str(eng)] + extra,
+                                     env={"TORCHINDUCTOR_CACHE_DIR": cdir}, log=a.work / f"{name}.log"), 1)
+        print(json.dumps(row), flush=True)
+    write_rows([row], a.out)
+    print(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
