@@ -83,8 +83,19 @@ def _source_checkpoint(manifest: dict, ckpt: Path | None) -> Path:
     return path
 
 
+def _compiled_shape(model):
+    """The first guidance-on shape the engine's precompiled steps cover here, if any."""
+    compiled = getattr(model, "compiled", None)
+    if compiled is None or compiled.why_not:
+        return None
+    from engine.precompile import StepShape
+
+    shapes = [StepShape.parse(s) for s in compiled.shapes()]
+    return next((s for s in shapes if s.batch == 2), None)
+
+
 def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = None, device: str | None = "auto",
-                 num_frames: int = 4, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 2, guidance_scale: float | None = None, seed: int = 0,
                  prompt: str = CHECK_PROMPT, clip: PoseClip | None = None, progress: bool = False) -> dict:
     from export.manifest import read_engine_manifest, verify_files
@@ -98,9 +109,12 @@ def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = No
     ckpt = _source_checkpoint(manifest, ckpt)
     model = load_backend(engine_dir, backend, device)
     profile = model.profile
+    compiled = _compiled_shape(model) if (num_frames, height, width) == (None, None, None) else None
+    if compiled is not None:  # the triton backend checks what it will run: its precompiled steps
+        num_frames, height, width = compiled.frames, compiled.height, compiled.width
     height = profile.height[0] if height is None else height
     width = profile.width[0] if width is None else width
-    frames = num_frames
+    frames = 4 if num_frames is None else num_frames
     profile.check("check", frames=frames, height=height, width=width)
     opts = GenerateOptions(prompt, num_frames=frames, height=height, width=width,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed)
@@ -113,6 +127,8 @@ def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = No
         "guidance_scale": model.config.guidance_scale if guidance_scale is None else guidance_scale,
         **_errors(out.latents, ref.latents, out.frames, ref.frames),
     }
+    if hasattr(model, "compiled_steps_used"):
+        report["compiled_steps_used"] = model.compiled_steps_used()
     if model.precision == "float32":
         report["tolerance"] = FP32_RTOL
         report["rule"] = f"relative latent error {report['latents_rel_err']:.3g} <= {FP32_RTOL:g}"
@@ -145,6 +161,8 @@ def format_report(report: dict) -> list[str]:
         t = r["torch_fp16"]
         lines.append(f"torch fp16: max abs error {t['latents_max_abs_err']:.3g}, relative error "
                      f"{t['latents_rel_err']:.3g}; frames PSNR {_db(t['psnr_db'])}")
+    if "compiled_steps_used" in r:
+        lines.append(f"precompiled UNet steps used: {r['compiled_steps_used']}")
     lines.append(f"{'PASS' if r['passed'] else 'FAIL'}: {r['rule']}")
     return lines
 

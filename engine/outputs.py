@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ def check_output(path: Path | None, overwrite: bool, option: str, suffixes: tupl
         raise InputError(f"{option} {path}: the folder {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise InputError(f"{option} {path}: already exists (pass --overwrite to replace it)")
+    if path.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise InputError(f"{option} {path}: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg), "
+                         "which is not installed here")
 
 
 def check_distinct(paths: dict) -> None:

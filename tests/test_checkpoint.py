@@ -61,3 +61,43 @@ def test_corrupt_file_and_wrong_version(demo_ckpt, tmp_path):
         load_checkpoint(ck)
     with pytest.raises(InputError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder", "encoder"])
+def test_build_loaded_gives_the_load_strict_module_without_initialising(component, tmp_path):
+    """What the triton backend loads an engine with: the same tensors (dtype included) and the same
+    non-persistent buffers as building, initialising and loading, and parameters never allocated."""
+    from finephys.model.build import build_text_encoder, build_unet, build_vae
+    from finephys.model.demo import demo_config
+    from finephys.model.encoder import HeatmapEncoder
+    from finephys.model.weights import build_loaded, load_strict, parameters_on_meta
+
+    cfg = demo_config()
+    build = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
+             "encoder": lambda c: HeatmapEncoder(c.encoder)}[component]
+    torch.manual_seed(0)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.half().contiguous() for k, v in build(cfg).state_dict().items()}, str(path))
+    want = build(cfg).half()
+    load_strict(want, path)
+    got = build_loaded(lambda: build(cfg), path)
+    sd_want, sd_got = want.state_dict(), got.state_dict()
+    assert sd_got.keys() == sd_want.keys()
+    for k in sd_want:
+        assert sd_got[k].dtype == sd_want[k].dtype and torch.equal(sd_got[k], sd_want[k]), k
+    buffers = dict(want.named_buffers())
+    for k, b in got.named_buffers():
+        assert b.device.type == "cpu" and torch.equal(b.to(buffers[k].dtype), buffers[k]), k
+    with parameters_on_meta():
+        m = build(cfg)
+    assert {p.device.type for p in m.parameters()} == {"meta"}
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone afterwards
+
+
+def test_build_loaded_names_what_does_not_fit(tmp_path):
+    from finephys.model.weights import build_loaded
+
+    path = tmp_path / "w.safetensors"
+    save_file({"weight": torch.zeros(3, 2)}, str(path))
+    with pytest.raises(InputError, match="1 missing keys \\(bias\\).*mis-shaped"):
+        build_loaded(lambda: torch.nn.Linear(2, 2), path)

@@ -3,6 +3,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from finephys.errors import InputError
 import torch
 from click.testing import CliRunner
 
@@ -212,3 +214,16 @@ def test_generate_help_gives_sizes_steps_and_guidance_their_defaults():
                           ("--steps INTEGER", f"[default: the model's; {cfg.num_inference_steps} for the demo]"),
                           ("--guidance FLOAT", f"[default: the model's; {cfg.guidance_scale:g} for the demo]")):
         assert option in text and words in text.split(option, 1)[1][:120], option
+
+
+def test_mp4_without_imageio_ffmpeg_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A machine without the MP4 writer gets one line at once, not a traceback after the clip."""
+    import importlib.util
+
+    from engine.outputs import check_output
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    with pytest.raises(InputError, match="--out .*a.mp4: writing MP4 needs imageio-ffmpeg"):
+        check_output(tmp_path / "a.mp4", False, "--out", (".mp4",))
+    check_output(tmp_path / "frames", False, "--frames-dir", ())  # PNG frames still work

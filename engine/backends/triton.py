@@ -16,7 +16,7 @@ from finephys.errors import InputError
 from finephys.model.backend import BackendBase, Capabilities
 from finephys.model.build import build_text_encoder, build_unet, build_vae
 from finephys.model.unet import PoseGuidedUNet
-from finephys.model.weights import load_strict
+from finephys.model.weights import build_loaded
 
 from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
 from engine.precompile import CompiledSteps, StepCall, StepShape, code_hash, compile_steps, environment
@@ -79,6 +79,11 @@ class TritonModel(BackendBase):
             self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
         return self._calls[key]
 
+    def compiled_steps_used(self) -> int:
+        """How many (entry, shape) UNet steps ran from the engine's precompiled steps so far."""
+        steps = [c.fn if isinstance(c, CudaGraphCall) else c for c in self._calls.values()]
+        return sum(s.compiled_calls for s in steps if isinstance(s, StepCall))
+
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.modules["text_encoder"](ids)[0]
 
@@ -128,10 +133,9 @@ def load_triton_backend(engine_dir: Path, device: str = "cuda", **kw) -> TritonM
         raise InputError(f"--require-compiled: {compiled.why_not}")
     builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
                 "encoder": lambda c: HeatmapEncoder(c.encoder)}
-    modules = {}
-    for name, build in builders.items():
-        modules[name] = build(cfg).to(base.dtype)
-        load_strict(modules[name], base.engine_dir / FILES[name])
+    # built with parameters on meta and the engine's weights assigned: no random initialisation
+    modules = {name: build_loaded(lambda: build(cfg), base.engine_dir / FILES[name]).to(base.dtype)
+               for name, build in builders.items()}
     parts = load_pose_parts(base.engine_dir, cfg, device)
     model = TritonModel(cfg, parts, modules, device, base.dtype, compiled=compiled, **kw)
     model.profile = base.profile  # `fpengine check` picks its default sizes from it

@@ -104,7 +104,8 @@ def export(ckpt, out, precision, frames, height, width, no_check, force, overwri
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--poses", type=PATH, default=None, help="Pose clip (default: a built-in walking clip).")
 @click.option("--prompt", default="a person walking", show_default=True)
-@click.option("--frames", "num_frames", type=int, default=4, show_default=True)
+@click.option("--frames", "num_frames", type=int, default=None,
+              help="Default: 4 (triton with precompiled steps: their frames, height and width).")
 @click.option("--height", type=int, default=None, help="Default: the profile's smallest.")
 @click.option("--width", type=int, default=None, help="Default: the profile's smallest.")
 @click.option("--steps", "num_inference_steps", type=int, default=2, show_default=True)

@@ -2,7 +2,9 @@
 is an error that names it. Nothing is unpickled; we read and write safetensors."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -51,3 +53,36 @@ def load_strict(module: torch.nn.Module, path: Path) -> None:
     sd = read_safetensors(path)
     check_state_dict(module.state_dict(), sd, str(path))
     module.load_state_dict(sd, strict=True)
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device: no memory, no random
+    initialisation (seconds for a 1.3 B-parameter UNet instead of half a minute). Buffers are built
+    as usual, so the non-persistent ones (absent from weight files) keep their values."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def build_loaded(build: Callable[[], torch.nn.Module], path: Path) -> torch.nn.Module:
+    """``build()`` with parameters on meta, then every weight taken from ``path`` as it is stored
+    (its dtype; checked strictly like ``load_strict``)."""
+    with parameters_on_meta():
+        module = build()
+    sd = read_safetensors(path)
+    check_state_dict(module.state_dict(), sd, str(path))
+    module.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if left:  # tied or unregistered parameters the file cannot fill
+        raise InputError(f"{path}: no weights for {_names(left)}")
+    return module
