@@ -18,7 +18,7 @@ LAYERS = [
     ("model and pose I/O", ("finephys.model", "finephys.poses")),
     ("sampler", ("finephys.sampler",)),
     ("training and export", ("finephys.training", "export")),
-    ("backends and tools", ("engine", "engine.backends", "engine.fast_unet", "engine.load", "engine.distributed",
+    ("backends and tools", ("engine", "engine.backends", "engine.fast_unet", "engine.precompile", "engine.load", "engine.distributed",
                             "engine.video", "engine.outputs", "engine.detect", "engine.check", "engine.eval_video")),
     ("CLI and serve", ("engine.cli", "engine.serve", "engine.__main__")),
 ]
