@@ -108,7 +108,7 @@ def env_mismatch(built: dict, here: dict) -> str | None:
     return "built for " + ", ".join(diffs) if diffs else None
 
 
-def _sample_inputs(model, shape: StepShape) -> tuple:
+def sample_inputs(model, shape: StepShape) -> tuple:
     """Inputs of the UNet step at ``shape``, as the sampler passes them (pose features from the
     engine's own encoder, so their shapes and strides are the real ones)."""
     cfg, dev, dt = model.config, model.device, model.dtype
@@ -132,7 +132,7 @@ def compile_steps(model, shapes: list[StepShape], depths: list[int], out_dir: Pa
     steps = []
     (out_dir / COMPILED_DIR).mkdir(parents=True, exist_ok=True)
     for shape in shapes:
-        args = _sample_inputs(model, shape)
+        args = sample_inputs(model, shape)
         calls = [("forward", None, args)]
         for depth in depths:
             with torch.no_grad():
@@ -162,6 +162,10 @@ class CompiledSteps:
             if reason is None and info.get("code") != code_hash():
                 reason = "built from another version of the UNet step's code"
             self.why_not = reason
+
+    def usable(self) -> list[tuple[str, int | None, StepShape]]:
+        """(entry, depth, shape) of every step this machine can load."""
+        return [] if self.why_not else [(e, d, StepShape.parse(s)) for (e, d, s) in sorted(self.steps, key=str)]
 
     def shapes(self) -> list[str]:
         return sorted({s for (_, _, s) in self.steps})

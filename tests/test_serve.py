@@ -456,3 +456,32 @@ def test_shutdown_is_clean(service):
     assert not alive and not session, (alive, session)
     assert leftovers(service.workdir) == []
     print(f"service: ready in {service.ready_s:.1f}s, stopped in {time.time() - t0:.1f}s")
+
+
+def test_model_spec_runs_an_engine_directory(tmp_path, engine16, walk_clip):
+    """`fpengine serve --engine E --backend B`: replicas load the engine on its backend (here
+    onnxruntime on the CPU) and give what `generate --engine` gives; bad combinations get one line."""
+    from engine.load import load_model
+    from engine.serve.config import ModelSpec
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
+
+    spec = ModelSpec(engine=str(engine16), backend="onnxruntime", device="cpu")
+    spec.check()
+    assert spec.config().to_dict() == load_model(None, "cpu", engine=engine16, backend="onnxruntime").config.to_dict()
+    assert "onnxruntime backend" in spec.name and not spec.wants_gpu()
+    assert ModelSpec(engine=str(engine16), backend="triton").wants_gpu()
+    model = spec.load()
+    assert model.name == "onnxruntime"
+    opts = GenerateOptions("a person walking", num_frames=4, height=64, width=64, num_inference_steps=2, seed=3)
+    want = generate(load_model(None, "cpu", engine=engine16, backend="onnxruntime"), walk_clip, opts, progress=False)
+    got = generate(model, walk_clip, opts, progress=False)
+    assert np.array_equal(got.frames, want.frames)
+    for bad, message in [
+        (ModelSpec(ckpt=str(engine16), engine=str(engine16)), "not both"),
+        (ModelSpec(backend="triton"), "runs an engine directory"),
+        (ModelSpec(engine=str(engine16), backend="reference"), "an engine directory runs on"),
+        (ModelSpec(engine=str(tmp_path)), "not an engine directory"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            bad.check()

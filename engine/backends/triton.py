@@ -19,7 +19,9 @@ from finephys.model.unet import PoseGuidedUNet
 from finephys.model.weights import build_loaded
 
 from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
-from engine.precompile import CompiledSteps, StepCall, StepShape, code_hash, compile_steps, environment
+from engine.precompile import (
+    CompiledSteps, StepCall, StepShape, code_hash, compile_steps, environment, sample_inputs,
+)
 from engine.backends.base import EngineFiles, load_pose_parts
 
 FILES = {
@@ -78,6 +80,19 @@ class TritonModel(BackendBase):
                                 self._require, self._log)
             self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
         return self._calls[key]
+
+    def warm_up(self) -> None:
+        """Load every precompiled step this machine can use and capture its CUDA graph."""
+        if self.compiled is None or self.compiled.why_not or self._compile_mode is None:
+            return
+        for entry, depth, shape in self.compiled.usable():
+            args = sample_inputs(self, shape)
+            if entry == "forward_shallow":
+                with torch.no_grad():
+                    args = (*args, self.unet.forward_and_cache(*args, depth=depth)[1])
+            with torch.no_grad():
+                self._call(entry, depth)(*args)
+        torch.cuda.synchronize(self.device)
 
     def compiled_steps_used(self) -> int:
         """How many (entry, shape) UNet steps ran from the engine's precompiled steps so far."""

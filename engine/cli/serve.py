@@ -15,6 +15,9 @@ from engine.cli.common import PATH
 
 @click.command()
 @click.option("--ckpt", type=PATH, default=None, help="FinePhys checkpoint folder (default: embedded demo model).")
+@click.option("--engine", type=PATH, default=None, help="Engine directory from `fpengine export` (instead of --ckpt).")
+@click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "tensorrt", "triton"]), default="auto",
+              show_default=True, help="With --engine: the runtime each replica uses (triton loads precompiled steps).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (CUDA where a replica has a GPU).")
 @click.option("--replicas", type=int, default=0, help="Model replicas (default: one per GPU of the cluster, else 1).")
 @click.option("--replica-cpus", type=float, default=1.0, show_default=True,
@@ -41,7 +44,7 @@ from engine.cli.common import PATH
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: this machine's).")
 @click.option("--object-store-mb", type=int, default=None,
               help="Object store of the local Ray instance (default: Ray's).")
-def serve(ckpt, device, replicas, replica_cpus, replica_gpus, host, port, address, workdir, max_batch_size,
+def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, host, port, address, workdir, max_batch_size,
           batch_wait_ms, max_ongoing, max_queue, max_upload_mb, max_frames, max_side, max_steps, num_cpus,
           object_store_mb):
     """Serve generation over HTTP on Ray Serve (a local Ray instance, or --address CLUSTER).
@@ -64,7 +67,8 @@ def serve(ckpt, device, replicas, replica_cpus, replica_gpus, host, port, addres
     limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), max_frames=max_frames, max_side=max_side,
                     max_steps=max_steps)
     config = ServeConfig(
-        model=ModelSpec(ckpt=None if ckpt is None else str(ckpt), device=device), workdir=str(root),
+        model=ModelSpec(ckpt=None if ckpt is None else str(ckpt), device=device,
+                        engine=None if engine is None else str(engine), backend=backend), workdir=str(root),
         replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus, max_batch_size=max_batch_size,
         batch_wait_s=batch_wait_ms / 1000.0, max_ongoing=max_ongoing, max_queue=max_queue, limits=limits,
     )

@@ -18,28 +18,47 @@ class ModelSpec:
     front end calls ``config()`` (no weights) to validate requests before they are queued.
 
     ``ckpt``: a FinePhys checkpoint folder, or None for the embedded demo model.
+    ``engine``: instead, an engine directory (``fpengine export``) run on ``backend`` (``auto``:
+    the fastest one the replica has; ``triton`` loads the engine's precompiled UNet steps).
     ``device``: ``auto`` (CUDA where the replica has a GPU), ``cpu`` or ``cuda``.
-    An engine directory and ``--backend`` (``fpengine export`` output) belong here as two more
-    fields, with a branch in ``check``, ``config`` and ``load``; nothing else needs to change.
     """
 
     ckpt: str | None = None
     device: str = "auto"
+    engine: str | None = None
+    backend: str = "auto"
 
     def check(self) -> None:
+        if self.ckpt is not None and self.engine is not None:
+            raise InputError("pass --ckpt or --engine, not both (an engine directory names its checkpoint)")
         if self.ckpt is not None and not Path(self.ckpt).exists():
             raise InputError(f"--ckpt {self.ckpt} does not exist")
+        if self.engine is not None:
+            from engine.backends import ENGINE_BACKENDS
+
+            self.config()  # a readable engine directory of this format
+            if self.backend not in ENGINE_BACKENDS + ("auto",):
+                raise InputError(f"--backend {self.backend}: an engine directory runs on "
+                                 f"{', '.join(ENGINE_BACKENDS)} or auto")
+        elif self.backend not in ("auto", "reference"):
+            raise InputError(f"--backend {self.backend} runs an engine directory: pass --engine DIR")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise InputError(f"--device {self.device}: expected cpu, cuda or auto")
 
     @property
     def name(self) -> str:
+        if self.engine is not None:
+            return f"{self.engine} ({self.backend} backend)"
         return "demo" if self.ckpt is None else str(self.ckpt)
 
     def config(self):
         """The model's FinePhysConfig, read without loading any weights."""
         from finephys.model.config import FinePhysConfig
 
+        if self.engine is not None:
+            from export.manifest import engine_config, read_engine_manifest
+
+            return engine_config(read_engine_manifest(Path(self.engine)))
         if self.ckpt is None:
             from finephys.model.demo import demo_config
 
@@ -52,13 +71,19 @@ class ModelSpec:
             raise InputError(f"{Path(self.ckpt) / MANIFEST}: bad config ({exc})") from None
 
     def load(self):
-        """The model a replica runs (anything with the sampler calls of ``FinePhysModel``)."""
+        """The model a replica runs (the backend contract of ``finephys.model.backend``), warmed up:
+        the triton backend loads and graph-captures its precompiled steps before the first request."""
         from engine.load import load_model, pick_device
 
-        return load_model(None if self.ckpt is None else Path(self.ckpt), device=pick_device(self.device))
+        if self.engine is not None:
+            model = load_model(None, device=self.device, engine=Path(self.engine), backend=self.backend)
+        else:
+            model = load_model(None if self.ckpt is None else Path(self.ckpt), device=pick_device(self.device))
+        model.warm_up()
+        return model
 
     def wants_gpu(self) -> bool:
-        return self.device.startswith("cuda")
+        return self.device.startswith("cuda") or (self.engine is not None and self.backend in ("triton", "tensorrt"))
 
 
 @dataclass(frozen=True)

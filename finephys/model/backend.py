@@ -65,6 +65,8 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def warm_up(self) -> None: ...
+
 
 class BackendBase:
     """What every backend derives from its ``config``, ``parts`` and ``dtype``; subclasses give
@@ -95,6 +97,10 @@ class BackendBase:
 
     def close(self) -> None:
         """Release what the runtime holds beyond Python's reach (TensorRT contexts); nothing here."""
+
+    def warm_up(self) -> None:
+        """Make the first request as fast as later ones where the backend can (serve replicas call
+        it after loading); nothing here."""
 
     def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
         raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")
