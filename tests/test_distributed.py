@@ -133,7 +133,10 @@ def test_static_pose_shows_no_seam(runs):
     frames = runs["static"]["par"].frames.astype(np.float32)
     jumps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
     seams = [5, 11]  # 5 -> 6 crosses from rank 0's window to rank 1's, 11 -> 12 back to rank 0's
-    assert jumps[seams].max() <= 1.1 * np.delete(jumps, seams).max()
+    # within one window's own frames: not the seams, nor where an overlap ends (7, 13: the
+    # known jump of issue 21, which tests/test_stream.py follows as a strict xfail)
+    inside = np.delete(jumps, seams + [7, 13])
+    assert jumps[seams].max() <= 1.1 * inside.max(), (jumps[seams], inside.max())
 
 
 def test_bad_input_is_one_line_on_every_rank(runs):

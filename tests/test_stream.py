@@ -115,17 +115,35 @@ def test_stream_gives_exactly_the_frames_asked(demo_model, walk_clip):
     assert np.array_equal(np.concatenate([c[2] for c in chunks]), whole.frames)
 
 
-def test_static_pose_shows_no_seam(demo_model, walk_clip):
+def _static_jumps(demo_model, walk_clip):
+    """Mean |frame difference| (0-255) between consecutive frames of a 20-frame static pose in
+    windows [0,8) [6,14) [12,20): the output switches windows after frames 5 and 11, and window k's
+    overlap with window k-1 ends after frames 7 and 13."""
     static = dataclasses.replace(walk_clip, keypoints=np.repeat(walk_clip.keypoints[:1], 20, 0),
                                  scores=np.repeat(walk_clip.scores[:1], 20, 0))
-    opts = GenerateOptions("a person standing", height=64, width=64, num_inference_steps=3,
+    opts = GenerateOptions("a person standing", height=96, width=96, num_inference_steps=6,
                            context_length=8, context_stride=6)
     frames = generate(demo_model, static, opts, progress=False).frames.astype(np.float32)
-    jumps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
-    seams = [5, 11]  # frame 5 -> 6 and 11 -> 12 cross from one window's output to the next
-    inside = np.delete(jumps, seams)
+    return np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+
+
+SWITCHES, OVERLAP_ENDS = [5, 11], [7, 13]
+
+
+def test_static_pose_shows_no_seam_where_the_output_switches_windows(demo_model, walk_clip):
+    jumps = _static_jumps(demo_model, walk_clip)
+    inside = np.delete(jumps, SWITCHES + OVERLAP_ENDS)  # transitions within one window's own frames
     # margin: a seam's jump is at most 10% above the largest jump between frames of one window
-    assert jumps[seams].max() <= 1.1 * inside.max()
+    assert jumps[SWITCHES].max() <= 1.1 * inside.max(), (jumps[SWITCHES], inside.max())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21: the frame after each overlap jumps 2-3x more than frames inside a "
+                                       "window (7->8 15.8/255 against 4-5 at 128x128, 10 steps); neither the ramp "
+                                       "nor replacing the overlap outright removes it")
+def test_static_pose_shows_no_seam_where_the_overlap_ends(demo_model, walk_clip):
+    jumps = _static_jumps(demo_model, walk_clip)
+    inside = np.delete(jumps, SWITCHES + OVERLAP_ENDS)
+    assert jumps[OVERLAP_ENDS].max() <= 1.1 * inside.max(), (jumps[OVERLAP_ENDS], inside.max())
 
 
 def _long_clip(path, frames):
