@@ -227,3 +227,24 @@ def test_mp4_without_imageio_ffmpeg_is_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(InputError, match="--out .*a.mp4: writing MP4 needs imageio-ffmpeg"):
         check_output(tmp_path / "a.mp4", False, "--out", (".mp4",))
     check_output(tmp_path / "frames", False, "--frames-dir", ())  # PNG frames still work
+
+
+def test_oversized_windows_are_refused_before_loading_with_what_fits(tmp_path):
+    """--height 2048 --width 2048 ran one step for minutes; now one line, at once, naming what fits."""
+    from engine.load import check_options
+    from finephys.poses.clip import load_clip
+
+    out = tmp_path / "v.mp4"
+    r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "a person", "--out", str(out),
+                                  "--height", "2048", "--width", "2048"])
+    assert r.exit_code == 2 and not out.exists()
+    assert ("--height 2048 --width 2048: 16 frames x 2048x2048 = 67,108,864 pixels per window, over --max-pixels "
+            "16,777,216 (at 16 frames at most 1024x1024 or at 2048x2048 at most 4 frames per window") in r.output
+    clip = load_clip("examples/walk.npz")
+    check_options(clip, GenerateOptions("a", height=2048, width=2048, context_length=4, context_stride=2))  # fits
+    check_options(clip, GenerateOptions("a", height=1024, width=1024))  # exactly the default cap
+    with pytest.raises(InputError, match="over --max-pixels 1,000,000"):
+        check_options(clip, GenerateOptions("a", height=512, width=512, max_pixels=1_000_000))
+    r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "a person", "--out", str(out),
+                                  "--height", "2048", "--width", "2048", "--max-pixels", "100000000", "--steps", "0"])
+    assert r.exit_code == 2 and "--steps" in r.output and "max-pixels" not in r.output  # the cap was raised

@@ -1,6 +1,7 @@
 """The ``fpengine`` command line."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -52,13 +53,16 @@ def main():
               help="Split the clip over processes: guidance halves (2), windows (2+), or both (4, 6, ...).")
 @click.option("--gpus", type=int, default=None,
               help="With --parallel: processes, one per GPU (CPU with gloo where too few); default 2 (or torchrun's).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Most frames x height x width per window (default 16 x 1024 x 1024); larger runs are refused "
+                   "before any work, with what would fit.")
 @click.option("--require-compiled", is_flag=True,
               help="With --engine on the triton backend: fail unless the engine carries this run's compiled UNet "
                    "steps (fpengine export --compile), instead of compiling just in time.")
 def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_frames, height, width,
              num_inference_steps, guidance_scale, seed, context_length, context_stride, out, frames_dir,
              save_poses, preview, overwrite, deep_cache=1, deep_cache_depth=1, video=None, save_clip=None, parallel=None,
-             gpus=None, require_compiled=False, **detect_kw):
+             gpus=None, require_compiled=False, max_pixels=None, **detect_kw):
     """Generate a video of a person moving as the pose clip shows (any length, streamed).
 
     With --video instead of --poses, the poses are detected first (see `fpengine detect`).
@@ -89,6 +93,8 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
         existing(ckpt, "--ckpt")
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                            guidance_scale, seed, context_length, context_stride, deep_cache, deep_cache_depth)
+    if max_pixels is not None:
+        opts = dataclasses.replace(opts, max_pixels=max_pixels)
     if parallel is not None and deep_cache != 1:
         raise InputError("--deep-cache: not with --parallel (each process runs the full UNet)")
     if require_compiled and (engine is None or parallel is not None):

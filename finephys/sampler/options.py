@@ -9,6 +9,9 @@ from finephys.errors import InputError
 from finephys.model.backend import Capabilities
 
 
+MAX_PIXELS = 16 * 1024 * 1024  # per window: 16 frames at 1024x1024, 4x SD 1.5's 16 x 512x512
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     prompt: str
@@ -23,6 +26,7 @@ class GenerateOptions:
     context_stride: int | None = None  # window step (default: 3/4 of the window)
     deep_cache: int = 1  # DeepCache interval: a full UNet step every N steps (1 = off)
     deep_cache_depth: int = 1  # pairs of the last up block that the shallow steps recompute
+    max_pixels: int = MAX_PIXELS  # frames x height x width the UNet may see at once (one window)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,21 @@ def check_video_size(height: int, width: int) -> None:
             raise InputError(f"--{name} {v}: expected a positive multiple of 8")
 
 
+def _check_pixels(frames: int, height: int, width: int, max_pixels: int) -> None:
+    """Refuse a window larger than ``max_pixels`` (a step of a 2048x2048 window runs for minutes
+    and can exhaust memory), naming what would fit."""
+    if frames * height * width <= max_pixels:
+        return
+    side = int((max_pixels / frames) ** 0.5) // 8 * 8
+    fit_frames = max_pixels // (height * width)
+    fits = [f"at {frames} frames at most {side}x{side}"] if side >= 8 else []
+    if fit_frames:
+        fits.append(f"at {height}x{width} at most {fit_frames} frames per window (--context-length)")
+    fits = " or ".join(fits) or "raise --max-pixels"
+    raise InputError(f"--height {height} --width {width}: {frames} frames x {height}x{width} = "
+                     f"{frames * height * width:,} pixels per window, over --max-pixels {max_pixels:,} ({fits})")
+
+
 def _pick(value, default):
     return default if value is None else value
 
@@ -86,6 +105,7 @@ def plan(model, clip, opts: GenerateOptions) -> Plan:
     length = _pick(opts.context_length, min(cfg.num_frames, max_len))
     if length < 1 or length > max_len:
         raise InputError(f"--context-length {length}: expected 1..{max_len} (the motion modules' longest sequence)")
+    _check_pixels(min(frames, length), height, width, opts.max_pixels)
     stride = _pick(opts.context_stride, max(1, length * 3 // 4))
     if frames > length and not 1 <= stride < length:
         raise InputError(f"--context-stride {stride}: expected 1..{length - 1} so that windows overlap")
