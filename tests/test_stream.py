@@ -115,7 +115,8 @@ def test_stream_gives_exactly_the_frames_asked(demo_model, walk_clip):
     assert np.array_equal(np.concatenate([c[2] for c in chunks]), whole.frames)
 
 
-def _static_jumps(demo_model, walk_clip):
+@pytest.fixture(scope="module")
+def static_jumps(demo_model, walk_clip):
     """Mean |frame difference| (0-255) between consecutive frames of a 20-frame static pose in
     windows [0,8) [6,14) [12,20): the output switches windows after frames 5 and 11, and window k's
     overlap with window k-1 ends after frames 7 and 13."""
@@ -130,8 +131,8 @@ def _static_jumps(demo_model, walk_clip):
 SWITCHES, OVERLAP_ENDS = [5, 11], [7, 13]
 
 
-def test_static_pose_shows_no_seam_where_the_output_switches_windows(demo_model, walk_clip):
-    jumps = _static_jumps(demo_model, walk_clip)
+def test_static_pose_shows_no_seam_where_the_output_switches_windows(static_jumps):
+    jumps = static_jumps
     inside = np.delete(jumps, SWITCHES + OVERLAP_ENDS)  # transitions within one window's own frames
     # margin: a seam's jump is at most 10% above the largest jump between frames of one window
     assert jumps[SWITCHES].max() <= 1.1 * inside.max(), (jumps[SWITCHES], inside.max())
@@ -140,8 +141,8 @@ def test_static_pose_shows_no_seam_where_the_output_switches_windows(demo_model,
 @pytest.mark.xfail(strict=True, reason="issue 21: the frame after each overlap jumps 2-3x more than frames inside a "
                                        "window (7->8 15.8/255 against 4-5 at 128x128, 10 steps); neither the ramp "
                                        "nor replacing the overlap outright removes it")
-def test_static_pose_shows_no_seam_where_the_overlap_ends(demo_model, walk_clip):
-    jumps = _static_jumps(demo_model, walk_clip)
+def test_static_pose_shows_no_seam_where_the_overlap_ends(static_jumps):
+    jumps = static_jumps
     inside = np.delete(jumps, SWITCHES + OVERLAP_ENDS)
     assert jumps[OVERLAP_ENDS].max() <= 1.1 * inside.max(), (jumps[OVERLAP_ENDS], inside.max())
 
