@@ -84,13 +84,10 @@ def _source_checkpoint(manifest: dict, ckpt: Path | None) -> Path:
 
 
 def _compiled_shape(model):
-    """The first guidance-on shape the engine's precompiled steps cover here, if any."""
-    compiled = getattr(model, "compiled", None)
-    if compiled is None or compiled.why_not:
-        return None
+    """The first guidance-on shape the backend's precompiled steps cover here, if any."""
     from engine.precompile import StepShape
 
-    shapes = [StepShape.parse(s) for s in compiled.shapes()]
+    shapes = [StepShape.parse(s) for s in model.compiled_shapes()]
     return next((s for s in shapes if s.batch == 2), None)
 
 
@@ -127,7 +124,7 @@ def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = No
         "guidance_scale": model.config.guidance_scale if guidance_scale is None else guidance_scale,
         **_errors(out.latents, ref.latents, out.frames, ref.frames),
     }
-    if hasattr(model, "compiled_steps_used"):
+    if model.compiled_steps_used() is not None:
         report["compiled_steps_used"] = model.compiled_steps_used()
     if model.precision == "float32":
         report["tolerance"] = FP32_RTOL

@@ -34,7 +34,6 @@ import torch
 from finephys.errors import InputError
 
 COMPILED_DIR = "compiled"
-ENTRIES = ("forward", "forward_and_cache", "forward_shallow")
 TEXT_TOKENS = 77  # the CLIP tokenizer's length: every prompt is padded to it
 _SHAPE = re.compile(r"^(?:(\d+)x)?(\d+)x(\d+)x(\d+)$")
 
@@ -211,10 +210,10 @@ class StepCall:
         if why is None:
             fn = self.compiled.load(self.entry, self.depth, shape)
             kwargs = {} if self.depth is None else {"depth": self.depth}
-            check = getattr(fn, "guard_check", None)
+            check = getattr(fn, "guard_check", None)  # absent in torch versions without guard checks
             if check is None or check(self.module, *args, **kwargs):
                 self.compiled_calls += 1
-                return functools.partial(fn, self.module)
+                return functools.partial(fn, self.module, **kwargs)
             why = f"the compiled {self.entry} at {shape} does not accept these inputs (dtypes or strides differ)"
         if self.require:
             raise InputError(f"--require-compiled: {why}")
@@ -229,9 +228,7 @@ class StepCall:
         fn = self.fns.get(shape)
         if fn is None:
             fn = self.fns[shape] = self._resolve(shape, (sample, *rest))
-        if self.depth is not None and fn is not self._jit:
-            return fn(sample, *rest, depth=self.depth)
-        return fn(sample, *rest)
+        return fn(sample, *rest)  # the depth is bound in both kinds
 
 
 def planned_steps(plan) -> list[tuple[str, int | None, StepShape]]:

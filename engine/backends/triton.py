@@ -94,6 +94,9 @@ class TritonModel(BackendBase):
                 self._call(entry, depth)(*args)
         torch.cuda.synchronize(self.device)
 
+    def compiled_shapes(self) -> list[str]:
+        return [] if self.compiled is None or self.compiled.why_not else self.compiled.shapes()
+
     def compiled_steps_used(self) -> int:
         """How many (entry, shape) UNet steps ran from the engine's precompiled steps so far."""
         steps = [c.fn if isinstance(c, CudaGraphCall) else c for c in self._calls.values()]

@@ -34,10 +34,7 @@ def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
 
     parsed = [StepShape.parse(s) for s in shapes] or [StepShape(2, profile.frames[1], profile.height[1], profile.width[1])]
     for s in parsed:
-        for name in ("batch", "frames", "height", "width"):
-            lo, _, hi = getattr(profile, name)
-            if not lo <= getattr(s, name) <= hi:
-                raise InputError(f"--compile-shape {s}: {name} {getattr(s, name)} is outside the profile's {lo}..{hi}")
+        profile.check(f"--compile-shape {s}", batch=s.batch, frames=s.frames, height=s.height, width=s.width)
     allowed = cache_depths_of(cfg.unet)
     for d in depths:
         if d not in allowed:

@@ -67,6 +67,10 @@ class Backend(Protocol):
 
     def warm_up(self) -> None: ...
 
+    def compiled_shapes(self) -> list[str]: ...
+
+    def compiled_steps_used(self) -> int | None: ...
+
 
 class BackendBase:
     """What every backend derives from its ``config``, ``parts`` and ``dtype``; subclasses give
@@ -101,6 +105,14 @@ class BackendBase:
     def warm_up(self) -> None:
         """Make the first request as fast as later ones where the backend can (serve replicas call
         it after loading); nothing here."""
+
+    def compiled_shapes(self) -> list[str]:
+        """``BxFxHxW`` of the precompiled UNet steps this machine can load (the triton backend's)."""
+        return []
+
+    def compiled_steps_used(self) -> int | None:
+        """How many UNet steps ran from precompiled steps so far; None where a backend has none."""
+        return None
 
     def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
         raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")
