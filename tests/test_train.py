@@ -98,3 +98,69 @@ def test_a_folder_of_videos_trains(untrained, tmp_path):
     r = _train(untrained, str(data), tmp_path / "out", "--steps", "1")
     assert r.exit_code == 0, r.output
     assert load_checkpoint(tmp_path / "out").lora
+
+
+def _vae_state(ckpt):
+    return {k: v.clone() for k, v in load_checkpoint(ckpt).vae.state_dict().items()}
+
+
+def test_vae_decoder_alone_keeps_the_latent_space(untrained, made_motion, tmp_path):
+    """--train vae_decoder changes the decoder and nothing else (a UNet trained on the VAE's
+    latents stays valid); --train vae alone trains the whole VAE and no diffusion module."""
+    data = _render_spec(made_motion)
+    start = _vae_state(untrained)
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(untrained), "--data", data, "--out", str(tmp_path / "d"),
+                                  "--train", "vae_decoder", "--smoke", "--vae-figure-weight", "20"])
+    assert r.exit_code == 0, r.output
+    assert "after 2 VAE + 0 diffusion steps" in r.output
+    dec = _vae_state(tmp_path / "d")
+    changed = {k for k in start if not torch.equal(start[k], dec[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("decoder.") for k in changed)
+    before, after = load_checkpoint(untrained), load_checkpoint(tmp_path / "d")
+    for name in ("unet", "encoder", "text_encoder"):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(untrained), "--data", data, "--out", str(tmp_path / "v"),
+                                  "--train", "vae", "--smoke"])
+    assert r.exit_code == 0, r.output
+    whole = _vae_state(tmp_path / "v")
+    assert any(k.startswith("encoder.") and not torch.equal(start[k], whole[k]) for k in start)
+    # the VAE trained alone goes into another checkpoint's diffusion training
+    r = _train(untrained, data, tmp_path / "u", "--vae-from", str(tmp_path / "v"))
+    assert r.exit_code == 0, r.output
+    swapped = load_checkpoint(tmp_path / "u")
+    assert all(torch.equal(whole[k], v) for k, v in swapped.vae.state_dict().items())
+    assert swapped.config.vae["scaling_factor"] == load_checkpoint(tmp_path / "v").config.vae["scaling_factor"]
+    r = _train(untrained, data, tmp_path / "w", "--vae-from", str(tmp_path / "nothing"))
+    assert r.exit_code == 2 and "nothing" in r.output and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "vae,vae_decoder"], "not both"),
+    (["--train", "vae", "--vae-steps", "0"], "--vae-steps 0"),
+    (["--train", "vae", "--vae-steps", "3", "--vae-figure-weight", "-1"], "--vae-figure-weight -1"),
+    (["--train", "vae", "--vae-steps", "3", "--vae-batch-size", "0"], "--vae-batch-size"),
+])
+def test_bad_vae_options_are_refused(untrained, made_motion, tmp_path, args, message):
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(untrained), "--data", _render_spec(made_motion),
+                                  "--out", str(tmp_path / "x"), *args])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_figure_weights_follow_the_bones():
+    """1 on a bone, falling with the distance from the skeleton, ~0 far from it."""
+    from finephys.poses.layouts import H36M17
+    from finephys.training.train import figure_weights
+
+    kp = torch.full((1, 17, 2), 32.0)
+    kp[0, :, 1] = torch.linspace(10, 50, 17)  # every joint on the vertical line x = 32
+    w = figure_weights(kp, 64, 64)[0, 0]
+    assert w.shape == (64, 64)
+    a, b = H36M17.edges[0]
+    mid = ((kp[0, a] + kp[0, b]) / 2).round().long()
+    assert w[mid[1], mid[0]] > 0.99
+    side = 40.0  # the skeleton's larger side; sigma = 0.08 x 40 = 3.2 px
+    assert abs(float(w[30, 32 + 4]) - float(np.exp(-16 / (2 * (0.08 * side) ** 2)))) < 1e-4
+    assert w[30, 5] < 1e-6 and w[62, 32] < 1e-3

@@ -31,9 +31,16 @@ def _device(name: str) -> str:
               help="Motion never trained on (with render:), only validated on. Repeatable.")
 @click.option("--out", type=PATH, required=True, help="Checkpoint folder to write (training state: OUT.training/).")
 @click.option("--train", "train", default="encoder,lora", show_default=True,
-              help="What to train: 'all' or a comma-separated subset of encoder, lora, unet, text_encoder, vae.")
+              help="What to train: 'all' or a comma-separated subset of encoder, lora, unet, text_encoder, vae "
+                   "(or vae_decoder: the VAE's decoder alone, keeping its latent space).")
 @click.option("--steps", type=int, default=None, help="Diffusion training steps  [default: 1000; 2 with --smoke]")
 @click.option("--vae-steps", type=int, default=0, show_default=True, help="VAE steps first (with the vae trained).")
+@click.option("--vae-from", type=PATH, default=None,
+              help="Take the VAE (and its latent scaling) from this checkpoint instead of --ckpt's.")
+@click.option("--vae-batch-size", type=int, default=48, show_default=True, help="Frames per VAE step.")
+@click.option("--vae-figure-weight", type=float, default=0.0, show_default=True,
+              help="Extra weight of the pixels near the figure's skeleton in the VAE loss (small figures "
+                   "otherwise lose their limbs to the background).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Clips per step.")
 @click.option("--frames", type=int, default=None, help="Frames per clip (default: the model's).")
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
@@ -54,7 +61,7 @@ def _device(name: str) -> str:
 @click.option("--smoke", is_flag=True, help="CPU smoke test: 2 steps (or --steps) of 1 clip of 4 frames at 64x64.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT and start a new training state.")
-def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, batch_size, frames, height, width, lr, lora_rank, pose_stack,
+def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, batch_size, frames, height, width, lr, lora_rank, pose_stack,
               precision, seed, checkpoint_every, val_every, time_limit, compile_, resume, smoke, device, overwrite):
     """Train the heatmap encoder + a LoRA (or every module of a small model) with the DDPM loss."""
     from finephys.model.checkpoint import read_manifest
@@ -67,15 +74,19 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, batch_size, fr
     modules = ("encoder", "lora", "unet", "text_encoder", "vae") if train == "all" else \
         tuple(m.strip() for m in train.split(",") if m.strip())
     if smoke:
-        steps, vae_steps = steps or 2, (2 if "vae" in modules else 0)
-        batch_size, frames, height, width, device = 1, 4, 64, 64, "cpu"
+        steps, vae_steps = steps or 2, (2 if {"vae", "vae_decoder"} & set(modules) else 0)
+        batch_size, frames, height, width, device, vae_batch_size = 1, 4, 64, 64, "cpu", 4
     steps = 1000 if steps is None else steps
-    opts = GenTrainOptions(train=modules, steps=steps, vae_steps=vae_steps, batch_size=batch_size, frames=frames,
+    opts = GenTrainOptions(train=modules, steps=steps, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
+                           vae_figure_weight=vae_figure_weight, vae_from=str(vae_from) if vae_from else None,
+                           batch_size=batch_size, frames=frames,
                            height=height, width=width, lr=lr, lora_rank=lora_rank, pose_stack=pose_stack,
                            precision=precision, seed=seed, checkpoint_every=checkpoint_every, val_every=val_every,
                            time_limit=time_limit, compile=compile_)
     opts.check()
     cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
+    if vae_from:
+        read_manifest(vae_from)  # a checkpoint folder, checked before any work
     size = (height or cfg.height, width or cfg.width)
     check_video_size(*size)
     if (frames or cfg.num_frames) < 3:

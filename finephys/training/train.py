@@ -42,8 +42,10 @@ from finephys.model.build import build_scheduler
 from finephys.sampler.poses import guidance_heatmaps, pose_stack
 from finephys.model.text import tokenize
 from finephys.model.unet import PoseGuidedUNet
+from finephys.poses.layouts import H36M17
 
-MODULES = ("encoder", "lora", "unet", "text_encoder", "vae")
+MODULES = ("encoder", "lora", "unet", "text_encoder", "vae", "vae_decoder")
+DIFFUSION_MODULES = ("encoder", "lora", "unet", "text_encoder")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,6 +54,8 @@ class GenTrainOptions:
     train: tuple[str, ...] = ("encoder", "lora")
     steps: int = 1000
     vae_steps: int = 0
+    vae_batch_size: int = 48  # frames per VAE step
+    vae_figure_weight: float = 0.0  # extra weight of the pixels on the figure in the VAE loss
     batch_size: int = 4  # clips per step
     frames: int | None = None  # default: the model's num_frames
     height: int | None = None  # default: the model's size
@@ -71,17 +75,25 @@ class GenTrainOptions:
     checkpoint_every: int = 500
     time_limit: float | None = None  # minutes for this call
     compile: bool = False  # torch.compile the UNet for the training steps (GPU)
+    vae_from: str | None = None  # a checkpoint whose VAE (and latent scaling) replaces the one of ckpt
 
     def check(self) -> None:
         bad = [m for m in self.train if m not in MODULES]
         if not self.train or bad:
             raise InputError(f"--train {','.join(self.train)}: expected 'all' or a comma-separated subset of "
                              f"{', '.join(MODULES)}")
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "vae_batch_size", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}: {getattr(self, name)}, expected >= 1")
-        if self.vae_steps < 0 or (self.vae_steps and "vae" not in self.train):
+        if "vae" in self.train and "vae_decoder" in self.train:
+            raise InputError("--train: vae (the whole VAE) or vae_decoder (its decoder alone), not both")
+        trains_vae = "vae" in self.train or "vae_decoder" in self.train
+        if self.vae_steps < 0 or (self.vae_steps and not trains_vae):
             raise InputError(f"--vae-steps {self.vae_steps}: expected >= 0, and 0 unless the VAE is trained")
+        if trains_vae and not self.vae_steps:
+            raise InputError("--vae-steps 0: the VAE is trained, expected the number of VAE steps")
+        if not math.isfinite(self.vae_figure_weight) or self.vae_figure_weight < 0:
+            raise InputError(f"--vae-figure-weight {self.vae_figure_weight}: expected a number >= 0")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not 0 <= self.text_dropout < 1 or not 0 < self.val_fraction < 1:
@@ -116,7 +128,7 @@ def _running_mean(values: list, n: int = 50) -> list:
     return [(c[i + 1] - c[max(0, i + 1 - n)]) / (i + 1 - max(0, i + 1 - n)) for i in range(len(values))]
 
 
-SERIES = (("vae_mean", "vae_step", "VAE reconstruction L1 (mean of 50 steps)", (120, 120, 120)),
+SERIES = (("vae_mean", "vae_step", "VAE reconstruction loss (mean of 50 steps)", (120, 120, 120)),
           ("loss_mean", "step", "train noise MSE (mean of 50 steps)", (40, 110, 220)),
           ("val", "val_step", "held-out noise MSE", (200, 40, 60)))
 
@@ -135,6 +147,35 @@ class _Ema:
     def copy_to_model(self):
         for p, s in zip(self.params, self.shadow):
             p.copy_(s.to(p.dtype))
+
+
+def figure_weights(keypoints: torch.Tensor, height: int, width: int, reach: float = 0.08) -> torch.Tensor:
+    """(N,1,H,W) in [0,1]: how close each pixel lies to the figure drawn on H36M-17 joints
+    (N,17,2) pixels: a Gaussian of the distance to the nearest bone, its sigma ``reach`` x the
+    skeleton's larger side (the limbs and head around the bones, a little background)."""
+    kp = keypoints.float()
+    edges = torch.tensor(H36M17.edges, device=kp.device)
+    a, b = kp[:, edges[:, 0]], kp[:, edges[:, 1]]  # (N,E,2)
+    ys = torch.arange(height, device=kp.device, dtype=kp.dtype).view(1, 1, height, 1)
+    xs = torch.arange(width, device=kp.device, dtype=kp.dtype).view(1, 1, 1, width)
+    ab = b - a
+    len2 = (ab * ab).sum(-1).clamp_min(1e-6)[..., None, None]
+    ax, ay, abx, aby = (v[..., None, None] for v in (a[..., 0], a[..., 1], ab[..., 0], ab[..., 1]))
+    t = (((xs - ax) * abx + (ys - ay) * aby) / len2).clamp(0, 1)
+    d2 = ((xs - ax - t * abx) ** 2 + (ys - ay - t * aby) ** 2).amin(dim=1, keepdim=True)  # (N,1,H,W)
+    side = (kp.amax(1) - kp.amin(1)).amax(-1).clamp_min(4.0).view(-1, 1, 1, 1)
+    return torch.exp(-d2 / (2 * (reach * side) ** 2))
+
+
+def _swap_vae(parts, donor: Path) -> None:
+    """Put the VAE of checkpoint ``donor`` (with its latent scaling) into ``parts``."""
+    other = load_checkpoint(donor)
+    latent = other.vae.config.latent_channels
+    if latent != parts.unet.config.in_channels:
+        raise InputError(f"--vae-from {donor}: its VAE has {latent} latent channels, expected the UNet's "
+                         f"{parts.unet.config.in_channels}")
+    parts.vae = other.vae
+    parts.config = dataclasses.replace(parts.config, vae=dict(other.config.vae))
 
 
 def _lr(step: int, warmup: int) -> float:
@@ -157,6 +198,8 @@ class Trainer:
         prepare_output_dir(self.out, overwrite or resume)
         self.ckpt = Path(ckpt)
         parts = load_checkpoint(self.ckpt)
+        if opts.vae_from:
+            _swap_vae(parts, Path(opts.vae_from))
         self.trains = set(opts.train)
         if "lora" in self.trains and not parts.lora:
             rank = opts.lora_rank or (parts.config.lora.rank if parts.config.lora else 64)
@@ -170,14 +213,14 @@ class Trainer:
                         "vae": parts.vae, "lifter": parts.lifter, "physnet": parts.physnet}
         for m in self.modules.values():
             m.to(self.device).requires_grad_(False).eval()
-        self.params = self._select(("encoder", "lora", "unet", "text_encoder"))
-        self.vae_params = [p for p in parts.vae.parameters()] if "vae" in self.trains else []
+        self.params = self._select()
+        self.vae_params = self._vae_params()
         self.unet = PoseGuidedUNet(parts.unet)
         self.train_unet = torch.compile(self.unet) if opts.compile and self.device.type == "cuda" else self.unet
         self._pending = []  # (step, loss tensor) not yet read back: reading every step stalls the GPU queue
         self.sched = build_scheduler(parts.config)
         self.alphas = self.sched.alphas_cumprod.to(self.device, torch.float32)
-        self.opt = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay) if self.params else None
         self.vae_opt = torch.optim.AdamW(self.vae_params, lr=opts.vae_lr) if self.vae_params else None
         self.ema = _Ema(self.params, opts.ema)
         self.hist, self.step, self.vae_step = TrainHistory(), 0, 0
@@ -190,8 +233,22 @@ class Trainer:
         if resume:
             self._load_state()
 
-    def _select(self, names) -> list:
-        """Trainable parameters of the named modules; 'lora' = the peft adapter factors."""
+    def _vae_params(self) -> list:
+        """The VAE's trainable parameters: all of it ('vae'), or the decoder alone ('vae_decoder',
+        the latent space, and so a trained UNet, stays as it is)."""
+        vae = self.parts.vae
+        if "vae" in self.trains:
+            params = list(vae.parameters())
+        elif "vae_decoder" in self.trains:
+            params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        else:
+            return []
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def _select(self) -> list:
+        """Trainable parameters of the diffusion modules; 'lora' = the peft adapter factors."""
         out = []
         for name in ("encoder", "unet", "text_encoder"):
             for pname, p in self.modules[name].named_parameters():
@@ -199,7 +256,7 @@ class Trainer:
                 if (is_lora and "lora" in self.trains) or (not is_lora and name in self.trains):
                     p.requires_grad_(True)
                     out.append(p)
-        if not out and names:
+        if not out and self.trains & set(DIFFUSION_MODULES):
             raise InputError(f"--train {','.join(sorted(self.trains))}: nothing to train in this checkpoint")
         return out
 
@@ -266,14 +323,24 @@ class Trainer:
             self.hist.loss.extend(values)
             self._pending = []
 
-    def vae_loss(self, frames: torch.Tensor, gen) -> torch.Tensor:
+    def vae_loss(self, frames: torch.Tensor, gen, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        """L1 + L2/2 reconstruction (+ a small KL term when the encoder trains); with
+        ``vae_figure_weight`` w, a pixel near the figure's skeleton weighs up to 1 + w."""
         vae = self.parts.vae
+        decoder_only = "vae" not in self.trains
         with self._autocast():
-            dist = vae.encode(frames).latent_dist
+            with torch.set_grad_enabled(not decoder_only and torch.is_grad_enabled()):
+                dist = vae.encode(frames).latent_dist
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=self.device)
             rec = vae.decode(z).sample.float()
-        kl = dist.kl().float().mean() / frames[0].numel()
-        return (rec - frames).abs().mean() + 0.5 * ((rec - frames) ** 2).mean() + 1e-4 * kl
+        err = (rec - frames).abs() + 0.5 * (rec - frames) ** 2
+        if self.opts.vae_figure_weight and keypoints is not None:
+            w = 1 + self.opts.vae_figure_weight * figure_weights(keypoints, *frames.shape[-2:])
+            err = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1])
+        loss = err.mean()
+        if decoder_only:
+            return loss
+        return loss + 1e-4 * dist.kl().float().mean() / frames[0].numel()
 
     def _backward(self, loss, opt, params):
         opt.zero_grad(set_to_none=True)
@@ -293,17 +360,17 @@ class Trainer:
         o = self.opts
         start = time.monotonic()
         out_of_time = lambda: o.time_limit is not None and time.monotonic() - start > o.time_limit * 60  # noqa: E731
-        bar = tqdm(total=o.vae_steps + o.steps, initial=self.vae_step + self.step, desc="training",
+        bar = tqdm(total=o.vae_steps + (o.steps if self.params else 0), initial=self.vae_step + self.step, desc="training",
                    disable=not self.progress)
         if self.vae_params:
-            self.parts.vae.train().requires_grad_(True)
-            per_step = max(1, 48 // self.frames)
+            self.parts.vae.train()
+            per_step = max(1, o.vae_batch_size // self.frames)
             while self.vae_step < o.vae_steps and not out_of_time():
                 rng, gen = self._rng(self.vae_step, 0)
-                frames = self.source.batch(rng, per_step, self.device).frames.flatten(0, 1)
+                batch = self.source.batch(rng, per_step, self.device)
                 for g in self.vae_opt.param_groups:
                     g["lr"] = o.vae_lr * _lr(self.vae_step, min(o.warmup, o.vae_steps // 4 + 1))
-                loss = self.vae_loss(frames, gen)
+                loss = self.vae_loss(batch.frames.flatten(0, 1), gen, batch.keypoints.flatten(0, 1))
                 self._backward(loss, self.vae_opt, self.vae_params)
                 self.vae_step += 1
                 self.hist.vae_step.append(self.vae_step)
@@ -313,9 +380,9 @@ class Trainer:
                 if self.vae_step % o.checkpoint_every == 0:
                     self.save_state()
             self.parts.vae.eval().requires_grad_(False)
-            if o.vae_steps and self.vae_step >= o.vae_steps and self.step == 0:
+            if "vae" in self.trains and self.step == 0:  # also when cut short: the latents' scale so far
                 self.scaling = self.measure_scaling()
-        while self.vae_step >= o.vae_steps and self.step < o.steps and not out_of_time():
+        while self.params and self.vae_step >= o.vae_steps and self.step < o.steps and not out_of_time():
             rng, gen = self._rng(self.step, 1)
             batch = self.source.batch(rng, o.batch_size, self.device)
             for g in self.opt.param_groups:
@@ -338,8 +405,8 @@ class Trainer:
                 self.save_state()
         bar.close()
         self.save_state()
-        done = self.vae_step >= o.vae_steps and self.step >= o.steps
-        if self.step > 0:  # also when cut short: the EMA weights so far, usable as they are
+        done = self.vae_step >= o.vae_steps and (self.step >= o.steps or not self.params)
+        if self.step > 0 or self.vae_step > 0:  # also when cut short: the EMA weights so far, usable as they are
             self.write_checkpoint()
         return {"done": done, "step": self.step, "vae_step": self.vae_step, "state": str(self.state_dir),
                 "out": str(self.out), "loss_png": str(self.state_dir / "loss.png")}
@@ -377,7 +444,7 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         ema = {f"ema.{i}": s.cpu().contiguous() for i, s in enumerate(self.ema.shadow)}
         save_file({**self._weights(), **ema}, str(d / "weights.safetensors.tmp"))
-        opt = {"opt": self.opt.state_dict(), "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None}
+        opt = {"opt": self.opt.state_dict() if self.opt else None, "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None}
         torch.save(opt, d / "optimizer.pt.tmp")
         info = {"step": self.step, "vae_step": self.vae_step, "scaling_factor": self.scaling,
                 "options": dataclasses.asdict(self.opts), "ckpt": str(self.ckpt), "source": self.source.description,
@@ -404,7 +471,8 @@ class Trainer:
         for i, s in enumerate(self.ema.shadow):
             s.copy_(sd[f"ema.{i}"])
         opt = torch.load(d / "optimizer.pt", weights_only=True, map_location=self.device)
-        self.opt.load_state_dict(opt["opt"])
+        if self.opt is not None:
+            self.opt.load_state_dict(opt["opt"])
         if self.vae_opt is not None and opt["vae_opt"] is not None:
             self.vae_opt.load_state_dict(opt["vae_opt"])
         self.step, self.vae_step, self.scaling = info["step"], info["vae_step"], info["scaling_factor"]
