@@ -15,6 +15,7 @@ streaming handle. Ray Serve's ``max_ongoing_requests`` (per replica) and ``max_q
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -77,6 +78,7 @@ class Generator:
         self.config = config
         self.root = prepare_workdir(config.workdir)
         tempfile.tempdir = str(self.root / "tmp")  # library temp files stay in the working folder too
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.root / "cache"))  # else it lands in tmp
         torch.set_num_threads(max(1, round(config.replica_cpus)))
         self.model = config.model.load()
         self._batched.set_max_batch_size(config.max_batch_size)
