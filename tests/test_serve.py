@@ -1,16 +1,17 @@
 """`fpengine serve`: request parsing with the CLI's checks, dynamic batching, the streamed mp4,
 and the real service (the CLI in a subprocess: a local Ray instance, two CPU replicas of the demo
 model on localhost) answering concurrent, bad, oversize and excess requests, then shutting down
-without leaving a process behind.
+without leaving a process or a file behind; and SIGTERM while it starts.
 
 The service tests need the ``serve`` extra (README's test command installs it; CI=true makes its
 absence a failure instead of a skip). Ray is started once for the module, sized small (2 CPUs,
-100 MB object store, no dashboard, no usage stats, token auth with a throwaway token, its files
-in a temporary folder).
+100 MB object store, no dashboard, no usage stats, token auth with a throwaway token), with a
+fresh TMPDIR, so that whatever the service leaves there shows.
 """
 import concurrent.futures
 import dataclasses
 import io
+import ipaddress
 import json
 import os
 import secrets
@@ -226,6 +227,23 @@ def test_mp4_is_streamed_while_it_is_written(tmp_path):
     assert leftovers(root) == []
 
 
+def test_ray_temp_dir_is_in_the_workdir_unless_its_sockets_would_not_fit(tmp_path, monkeypatch):
+    from engine.serve.launch import SOCKET_PATH_MAX, ray_temp_dir
+
+    short = Path(tempfile.mkdtemp(prefix="fpw"))
+    try:
+        assert ray_temp_dir(short) == short / "ray" and (short / "ray").is_dir()
+        deep = tmp_path / ("x" * 60)
+        deep.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        fallback = ray_temp_dir(deep)
+        assert fallback.parent == short and fallback.name.startswith("fpray-") and not (deep / "ray").exists()
+        session = "/session_2026-12-03_09-16-41_946655_4194304/sockets/plasma_store"
+        assert len(str(fallback) + session) <= SOCKET_PATH_MAX < len(str(deep / "ray") + session)
+    finally:
+        shutil.rmtree(short)
+
+
 # ---- the service ------------------------------------------------------------------------------
 
 def _need_ray():
@@ -271,11 +289,12 @@ class Service:
     def __init__(self, tmp: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = tmp / "work"
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="fpt"))  # its TMPDIR: empty, so what it leaves there shows
+        self.workdir = Path(tempfile.mkdtemp(prefix="fpw")) / "work"  # short: Ray's sockets go in it
         self.log_path = tmp / "serve.log"
-        self.ray_tmp = Path(tempfile.mkdtemp(prefix="fpr"))  # short: Ray's socket paths must fit
-        env = {**os.environ, "RAY_TMPDIR": str(self.ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
+        env = {**os.environ, "TMPDIR": str(self.tmpdir), "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_TMPDIR", None)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine", "serve", "--replicas", "2", "--replica-cpus", "0.5",
@@ -288,21 +307,67 @@ class Service:
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 240):
-        while time.time() - self.t_start < timeout:
+    def wait_for(self, ready, what: str, timeout: float = 240):
+        """Polls ``ready()`` until it is true; fails if the service exits first."""
+        start = time.time()
+        while time.time() - start < timeout:
             if self.proc.poll() is not None:
                 pytest.fail(f"fpengine serve exited with {self.proc.returncode}:\n{self.text()[-4000:]}")
-            if "serving demo on" in self.text():
+            if ready():
                 return time.time() - self.t_start
-            time.sleep(0.5)
-        pytest.fail(f"fpengine serve not ready after {timeout}s:\n{self.text()[-4000:]}")
+            time.sleep(0.1)
+        pytest.fail(f"fpengine serve: {what} not seen after {timeout}s:\n{self.text()[-4000:]}")
+
+    def wait_ready(self):
+        return self.wait_for(lambda: "serving demo on" in self.text(), "ready")
+
+    def session(self) -> set[int]:
+        return {p for p, (_, sid) in _processes().items() if sid == self.proc.pid}
+
+    def check_all_gone(self, children: set[int]):
+        """After it exited: no process of its tree or session, its working folder emptied (Ray's
+        session folder too), nothing left in its TMPDIR."""
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            alive, session = children & set(_processes()), self.session()
+            if not alive and not session:
+                break
+            time.sleep(0.2)
+        assert not alive and not session, (alive, session)
+        assert not self.workdir.exists() or sorted(self.workdir.iterdir()) == []
+        assert sorted(self.tmpdir.iterdir()) == []
 
     def kill(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        shutil.rmtree(self.workdir.parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["ray", "replicas"])
+def test_sigterm_while_starting_stops_cleanly(tmp_path, phase):
+    """SIGTERM while Ray starts (its session folder exists) or while Serve starts the replicas:
+    one line, exit 2, no stack dump, no process left (Ray's agents included), nothing left in
+    the working folder or TMPDIR."""
+    _need_ray()
+    svc = Service(tmp_path)
+    try:
+        if phase == "ray":
+            svc.wait_for(lambda: (svc.workdir / "ray" / "session_latest").exists(), "Ray's session folder")
+        else:
+            svc.wait_for(lambda: "Adding 2 replicas" in svc.text(), "replicas starting")
+        children = _descendants(svc.proc.pid)
+        os.kill(svc.proc.pid, signal.SIGTERM)
+        assert svc.proc.wait(timeout=90) == 2, svc.text()[-3000:]
+        out = svc.text()
+        assert out.rstrip().splitlines()[-1] == "error: interrupted while starting", out[-3000:]
+        assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
+        svc.check_all_gone(children)
+    finally:
+        svc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +410,25 @@ def test_service_health_info_and_metrics(service):
     info = requests.get(f"{service.url}/", timeout=30).json()
     assert info["model"] == "demo" and info["limits"]["max_upload_bytes"] == 1 << 20
     assert "fpengine_requests_in_flight 0" in requests.get(f"{service.url}/metrics", timeout=30).text
+    assert (service.workdir / "ray" / "session_latest").is_dir()  # Ray's files lie in the working folder
+
+
+def test_ray_listens_on_loopback_only(service):
+    """Like the HTTP proxy (--host 127.0.0.1), every port of the local Ray instance is on loopback."""
+    import psutil
+
+    session = service.session()
+    ports = [(c.pid, c.laddr) for c in psutil.net_connections("inet")
+             if c.status == psutil.CONN_LISTEN and c.pid in session]
+    assert len(ports) >= 6, ports  # the proxy, GCS, raylet, workers, agents
+    assert any(addr.port == service.port for _, addr in ports)
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+    exposed = [(psutil.Process(pid).name(), addr) for pid, addr in ports if not loopback(addr.ip)]
+    assert exposed == []
 
 
 def test_concurrent_requests_get_correct_videos(service, tmp_path):
@@ -438,23 +522,15 @@ def test_requests_cannot_touch_files_outside_the_workdir(service, tmp_path):
 
 
 def test_shutdown_is_clean(service):
-    """SIGTERM stops the service and the local Ray instance: exit 0, no process left behind (in
-    the process tree or the session), the working folder emptied."""
+    """SIGTERM stops the service and the local Ray instance: exit 0, no process left (tree or
+    session), the working folder emptied, nothing left in TMPDIR."""
     children = _descendants(service.proc.pid)
     assert len(children) >= 4  # Ray's GCS, raylet, workers, ...
     t0 = time.time()
     os.kill(service.proc.pid, signal.SIGTERM)
     assert service.proc.wait(timeout=90) == 0, service.text()[-3000:]
     assert "stopped" in service.text()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        alive = children & set(_processes())
-        session = {p for p, (_, sid) in _processes().items() if sid == service.proc.pid}
-        if not alive and not session:
-            break
-        time.sleep(0.5)
-    assert not alive and not session, (alive, session)
-    assert leftovers(service.workdir) == []
+    service.check_all_gone(children)
     print(f"service: ready in {service.ready_s:.1f}s, stopped in {time.time() - t0:.1f}s")
 
 

@@ -1,7 +1,10 @@
 """``fpengine serve``: the engine as an HTTP service on Ray Serve."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -72,32 +75,54 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
         replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus, max_batch_size=max_batch_size,
         batch_wait_s=batch_wait_ms / 1000.0, max_ongoing=max_ongoing, max_queue=max_queue, limits=limits,
     )
-    stop = threading.Event()
-    # Once serving, Ctrl-C and SIGTERM end the wait below (set after start(): ray.init installs
-    # its own SIGTERM handler); Ctrl-C while Ray starts raises KeyboardInterrupt and start()
-    # shuts down what it began.
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = _Signals()
+    previous = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             service = start(config, host=host, port=port, address=address, num_cpus=num_cpus,
                             object_store_mb=object_store_mb, own_workdir=own)
-        except BaseException:
+        except BaseException as exc:
             if own:
-                import shutil
-
                 shutil.rmtree(root, ignore_errors=True)
+            if isinstance(exc, KeyboardInterrupt):
+                _exit_interrupted()
             raise
-        for s in previous:
-            signal.signal(s, lambda *_: stop.set())
-        c = service.config
-        click.echo(f"serving {c.model.name} on {service.url} ({c.replicas} replica(s), "
-                   f"{c.replica_cpus:g} CPU / {c.replica_gpus:g} GPU each, working folder {c.workdir}); "
-                   f"Ctrl-C stops", err=True)
-        while not stop.wait(0.5):
-            pass
-        click.echo("stopping", err=True)
-        service.stop()
+        try:
+            signals.serving = True
+            c = service.config
+            click.echo(f"serving {c.model.name} on {service.url} ({c.replicas} replica(s), "
+                       f"{c.replica_cpus:g} CPU / {c.replica_gpus:g} GPU each, working folder {c.workdir}); "
+                       f"Ctrl-C stops", err=True)
+            while not signals.stop.wait(0.5):
+                pass
+            click.echo("stopping", err=True)
+        finally:
+            service.stop()
         click.echo("stopped", err=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _exit_interrupted():
+    """Ctrl-C or SIGTERM while starting: start() has stopped Ray and removed its files. Exit
+    without the interpreter's teardown, which can crash (SIGSEGV) on a Ray driver interrupted
+    inside ray.init."""
+    click.echo("error: interrupted while starting", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
+class _Signals:
+    """Ctrl-C and SIGTERM. While the service starts they interrupt it (KeyboardInterrupt: start()
+    stops what it began and removes what it made); once it serves, they set ``stop``."""
+
+    def __init__(self):
+        self.serving = False
+        self.stop = threading.Event()
+
+    def __call__(self, signum, frame):
+        if not self.serving:
+            raise KeyboardInterrupt
+        self.stop.set()

@@ -71,10 +71,30 @@ class Chunk:
     frames: object  # (F,H,W,3) uint8
 
 
+def grpc_on_loopback() -> None:
+    """Ray Serve (2.60) starts in every replica, after its constructor, a gRPC server for calls
+    between deployments on ``[::]:0`` (every interface), with no option to change it. On a local
+    instance (the node's address is 127.0.0.1: ``launch.LOCAL_RAY_ENV_DEFAULTS``) this binds it to
+    loopback like every other Ray port; elsewhere, or if Serve's code differs, it does nothing."""
+    import ray
+    from ray.serve._private import replica
+
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "loopback", False) or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+
+    def on_loopback(server, address: str):
+        return add_port(server, "127.0.0.1:" + address[5:] if address.startswith("[::]:") else address)
+
+    on_loopback.loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
 class Generator:
     def __init__(self, config: ServeConfig):
         import torch
 
+        grpc_on_loopback()
         self.config = config
         self.root = prepare_workdir(config.workdir)
         tempfile.tempdir = str(self.root / "tmp")  # library temp files stay in the working folder too
@@ -200,6 +220,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 @serve.ingress(app)
 class Api:
     def __init__(self, generator, config: ServeConfig):
+        grpc_on_loopback()
         self.config = config
         self.root = prepare_workdir(config.workdir)
         self.model_config = config.model.config()
