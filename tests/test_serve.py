@@ -1,13 +1,14 @@
 """`fpengine serve`: request parsing with the CLI's checks, dynamic batching, the streamed mp4,
 and the real service (the CLI in a subprocess: a local Ray instance, two CPU replicas of the demo
-model on localhost) answering concurrent, bad, oversize and excess requests, then shutting down
-without leaving a process or a file behind; and SIGTERM while it starts.
+model on localhost) answering concurrent, bad, oversize and excess requests, losing a replica,
+then shutting down without leaving a process or a file behind; and SIGTERM while it starts.
 
 The service tests need the ``serve`` extra (README's test command installs it; CI=true makes its
 absence a failure instead of a skip). Ray is started once for the module, sized small (2 CPUs,
 100 MB object store, no dashboard, no usage stats, token auth with a throwaway token), with a
 fresh TMPDIR, so that whatever the service leaves there shows.
 """
+import asyncio
 import concurrent.futures
 import dataclasses
 import io
@@ -49,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WALK = ROOT / "examples" / "walk.npz"
 SMALL = {"prompt": "a person walking", "num_frames": 6, "height": 32, "width": 32,
          "num_inference_steps": 1, "guidance_scale": 1.0}
+# A few seconds on a 0.5-CPU replica: long enough to be caught running or queued.
+SLOW = {**SMALL, "num_frames": 24, "height": 64, "width": 64, "num_inference_steps": 16}
 
 
 def _walk_json() -> dict:
@@ -227,6 +230,39 @@ def test_mp4_is_streamed_while_it_is_written(tmp_path):
     assert leftovers(root) == []
 
 
+def test_an_exception_in_a_handler_becomes_a_counted_json_500():
+    """Whatever escapes a handler is answered as every error is (JSON, one line) and counted."""
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+
+    from engine.serve import http, metrics
+
+    app = FastAPI()
+    http.install(app)
+
+    @app.get("/generate")
+    async def broken():
+        raise RuntimeError("a bug")
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/generate", "raw_path": b"/generate", "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    before = metrics.METRICS.answers["/generate", 500]
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert json.loads(body) == {"error": "internal error (RuntimeError); see the service log", "status": 500}
+    assert metrics.METRICS.answers["/generate", 500] == before + 1
+
+
 def test_ray_temp_dir_is_in_the_workdir_unless_its_sockets_would_not_fit(tmp_path, monkeypatch):
     from engine.serve.launch import SOCKET_PATH_MAX, ray_temp_dir
 
@@ -395,6 +431,25 @@ def _post_json(svc, body, timeout=120):
     return requests.post(f"{svc.url}/generate", json=body, timeout=timeout)
 
 
+def _metrics(svc) -> dict[str, float]:
+    """GET /metrics as {'name{labels}': value}."""
+    import requests
+
+    text = requests.get(f"{svc.url}/metrics", timeout=30).text
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
+
+
+def _wait_metrics(svc, ready, what: str, timeout: float = 60) -> dict:
+    """Polls /metrics until ``ready(metrics)``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = _metrics(svc)
+        if ready(m):
+            return m
+        time.sleep(0.05)
+    pytest.fail(f"/metrics: {what} not seen after {timeout}s: {m}")
+
+
 def _video(response, tmp_path: Path) -> np.ndarray:
     path = tmp_path / f"{secrets.token_hex(4)}.mp4"
     path.write_bytes(response.content)
@@ -429,6 +484,27 @@ def test_ray_listens_on_loopback_only(service):
 
     exposed = [(psutil.Process(pid).name(), addr) for pid, addr in ports if not loopback(addr.ip)]
     assert exposed == []
+
+
+def test_every_error_is_json_and_counted(service):
+    """Every error answer (the service's own, FastAPI's 404/405, a body that broke the JSON parser
+    with a 500) is JSON with a message, and /metrics counts every answer by route and status."""
+    import requests
+
+    before = _metrics(service)
+    deep = requests.post(f"{service.url}/generate", data=b"[" * 100_000,
+                         headers={"Content-Type": "application/json"}, timeout=30)
+    assert deep.json() == {"error": "request body: JSON nested too deeply", "status": 400}
+    missing = requests.get(f"{service.url}/nowhere", timeout=30)
+    assert missing.json() == {"error": "Not Found", "status": 404}
+    wrong = requests.post(f"{service.url}/healthz", timeout=30)
+    assert wrong.json() == {"error": "Method Not Allowed", "status": 405}
+    after = _metrics(service)
+    for route, code in (("/generate", 400), ("other", 404), ("/healthz", 405), ("/metrics", 200)):
+        key = f'fpengine_responses_total{{route="{route}",code="{code}"}}'
+        assert after[key] == before.get(key, 0) + 1, key
+    key = 'fpengine_requests_total{code="400"}'
+    assert after[key] == before.get(key, 0) + 1
 
 
 def test_concurrent_requests_get_correct_videos(service, tmp_path):
@@ -489,17 +565,20 @@ def test_oversize_upload_is_refused(service):
 
 
 def test_full_queue_gets_503(service, tmp_path):
-    # 2 replicas x 2 ongoing + 4 queued = 8 at once at most; 14 at once overflow.
-    opts = {**SMALL, "num_frames": 8, "num_inference_steps": 2}
-    with concurrent.futures.ThreadPoolExecutor(14) as pool:
-        responses = list(pool.map(lambda i: _post(service, {**opts, "seed": i}), range(14)))
-    codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 503}, codes
+    """2 replicas x 2 ongoing + 4 queued = 8 accepted at once: once 8 are in (streamed or
+    waiting), the 9th gets 503 with Retry-After, and the 8 their videos."""
+    opts = {**SLOW, "num_inference_steps": 4}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        accepted = [pool.submit(_post, service, {**opts, "seed": i}) for i in range(8)]
+        _wait_metrics(service, lambda m: m["fpengine_requests_in_flight"] + m["fpengine_requests_waiting"] == 8,
+                      "8 requests in")
+        extra = _post(service, {**opts, "seed": 99})
+        responses = [f.result() for f in accepted]
+    assert extra.status_code == 503, extra.text
+    assert "the service is busy" in extra.json()["error"] and int(extra.headers["retry-after"]) >= 1
     for r in responses:
-        if r.status_code == 503:
-            assert "the service is busy" in r.json()["error"] and r.headers["retry-after"]
-        else:
-            assert _video(r, tmp_path).shape == (8, 32, 32, 3)
+        assert r.status_code == 200, r.text
+        assert _video(r, tmp_path).shape == (24, 64, 64, 3)
 
 
 def test_requests_cannot_touch_files_outside_the_workdir(service, tmp_path):
@@ -519,6 +598,48 @@ def test_requests_cannot_touch_files_outside_the_workdir(service, tmp_path):
     while leftovers(service.workdir) and time.time() < deadline:
         time.sleep(0.2)
     assert leftovers(service.workdir) == []
+
+
+def _replica_pids(svc) -> list[int]:
+    return [pid for pid in svc.session()
+            if b"ServeReplica:fpengine:Generator" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _health(svc) -> dict:
+    import requests
+
+    r = requests.get(f"{svc.url}/healthz", timeout=30)
+    return {**r.json(), "code": r.status_code}
+
+
+def test_a_dead_replica_gives_503_and_shows_in_healthz(service, tmp_path):
+    """A replica killed while it runs one request and holds another: the held one gets 503 with
+    Retry-After (not a 500), /healthz says so within 3 s, and Serve brings a new replica up."""
+    assert len(_replica_pids(service)) == 2 and _health(service)["status"] == "ok"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = []
+        # one request at a time, so each replica runs one alone and then holds one behind it
+        for i, (metric, n) in enumerate((("in_flight", 1), ("in_flight", 2), ("waiting", 1), ("waiting", 2))):
+            futures.append(pool.submit(_post, service, {**SLOW, "seed": i}))
+            _wait_metrics(service, lambda m: m[f"fpengine_requests_{metric}"] == n, f"{metric} {n}")
+        os.kill(_replica_pids(service)[0], signal.SIGKILL)
+        t_kill = time.time()
+        while _health(service)["replicas"]["running"] != 1 and time.time() - t_kill < 10:
+            time.sleep(0.05)
+        health, seen_after = _health(service), time.time() - t_kill
+        held = [f.result() for f in futures[2:]]
+        for f in futures[:2]:  # the one running on the killed replica is cut off mid-video
+            try:
+                f.result()
+            except Exception:
+                pass
+    assert health["replicas"]["running"] == 1 and health["status"] == "degraded" and seen_after < 3, \
+        (health, seen_after)
+    codes = sorted(r.status_code for r in held)
+    assert codes == [200, 503], [r.text[:200] for r in held]
+    refused = next(r for r in held if r.status_code == 503)
+    assert "replica" in refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
+    service.wait_for(lambda: _health(service)["status"] == "ok", "a new replica", timeout=180)
 
 
 def test_shutdown_is_clean(service):

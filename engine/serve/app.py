@@ -10,7 +10,8 @@ is encoded into the request's own fragmented mp4 and streamed out at once.
 would (``parse.py``, with the model's config only), then calls a ``Generator`` replica through a
 streaming handle. Ray Serve's ``max_ongoing_requests`` (per replica) and ``max_queued_requests``
 (the waiting queue of this front end's handle) bound what is accepted; past them the handle raises
-``BackPressureError`` at once and the client gets 503 with ``Retry-After``.
+``BackPressureError`` at once and the client gets 503 with ``Retry-After``; so does a request
+whose replica died before its first frame.
 """
 
 import asyncio
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from finephys.sampler.options import GenerateOptions
@@ -34,7 +36,8 @@ from finephys.errors import InputError
 from engine.serve.batching import group_by_shape, run_group
 from engine.serve.config import ServeConfig
 from engine.serve.files import prepare_workdir
-from engine.serve.metrics import Metrics
+from engine.serve.http import error as _error, install
+from engine.serve import metrics as front_metrics
 from engine.serve.mp4 import Mp4Stream
 from engine.serve.parse import OPTIONS, PayloadTooLarge, RequestError, check_request, parse_request
 
@@ -184,10 +187,7 @@ class Generator:
 
 
 app = FastAPI(title="fpengine", description="FinePhys pose-guided video generation")
-
-
-def _error(status: int, message: str, **headers) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers or None)
+install(app)
 
 
 def _input_error(exc: BaseException) -> InputError | None:
@@ -225,7 +225,9 @@ class Api:
         self.root = prepare_workdir(config.workdir)
         self.model_config = config.model.config()
         self.generator = generator.options(stream=True)
-        self.metrics = Metrics()
+        # the module's own (not a name bound here: Serve ships this class by value, with copies of
+        # the objects its code names); AnswerCounter counts into the same one
+        self.metrics = front_metrics.METRICS
         self.app_name = serve.get_replica_context().app_name
 
     @app.get("/")
@@ -252,9 +254,10 @@ class Api:
             replicas = await self._replicas()
         except Exception as exc:
             return _error(503, f"cannot read the deployment status ({type(exc).__name__}: {exc})")
-        ok = replicas["running"] > 0
-        body = {"status": "ok" if ok else "unavailable", "model": self.config.model.name, "replicas": replicas}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        running = replicas["running"]
+        status = "unavailable" if not running else "degraded" if running < replicas["target"] else "ok"
+        body = {"status": status, "model": self.config.model.name, "replicas": replicas}
+        return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
     @app.get("/metrics")
     async def metrics(self):
@@ -280,23 +283,29 @@ class Api:
                 parse_request, body, request.headers.get("content-type"), self.root, limits)
             await asyncio.to_thread(check_request, self.model_config, clip, opts, limits)
         except RequestError as exc:
-            return self._refuse(exc.status, str(exc))
+            return _error(exc.status, str(exc))
         except InputError as exc:
-            return self._refuse(400, str(exc))
+            return _error(400, str(exc))
         stream = self.generator.generate.remote(Job(clip, opts, rid))
+        self.metrics.waiting += 1
         try:
             header = await stream.__anext__()
         except BackPressureError as exc:
             retry = max(1, round(getattr(exc, "retry_after_s", None) or 1))
-            return self._refuse(503, f"the service is busy: every replica is full and its queue ("
-                                     f"{self.config.max_queue}) too; retry later", **{"Retry-After": str(retry)})
+            return _error(503, f"the service is busy: every replica is full and its queue ("
+                               f"{self.config.max_queue}) too; retry later", **{"Retry-After": str(retry)})
+        except RayActorError as exc:  # its replica died (Serve starts another) or cannot be reached
+            log.warning("request %s: replica lost before its first frame (%s)", rid, type(exc).__name__)
+            return _error(503, f"the replica holding this request stopped ({type(exc).__name__}); "
+                               f"retry, another replica takes it", **{"Retry-After": "1"})
         except Exception as exc:
             bad = _input_error(exc)
             if bad is not None:
-                return self._refuse(400, str(bad))
+                return _error(400, str(bad))
             log.exception("request %s failed before its first frame", rid)
-            return self._refuse(500, f"generation failed ({type(exc).__name__}); see the service log, request {rid}")
-        self.metrics.done(200)
+            return _error(500, f"generation failed ({type(exc).__name__}); see the service log, request {rid}")
+        finally:
+            self.metrics.waiting -= 1
         self.metrics.in_flight += 1
         return StreamingResponse(self._relay(stream, header, t0, rid), media_type="video/mp4", headers={
             "X-Fpengine-Request-Id": rid, "X-Fpengine-Frames": str(header.frames),
@@ -304,10 +313,6 @@ class Api:
             "X-Fpengine-Fps": f"{header.fps:g}", "X-Fpengine-Batch-Size": str(header.batch_size),
             "X-Fpengine-Notes": "; ".join(header.notes).encode("ascii", "replace").decode(),
         })
-
-    def _refuse(self, status: int, message: str, **headers) -> JSONResponse:
-        self.metrics.done(status)
-        return _error(status, message, **headers)
 
     async def _relay(self, stream, header: Header, t0: float, rid: str):
         first, finished = None, False
@@ -335,7 +340,7 @@ def build_app(config: ServeConfig):
         name=GENERATOR, num_replicas=config.replicas,
         max_ongoing_requests=config.ongoing_per_replica, max_queued_requests=config.max_queue,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
+        health_check_period_s=1, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
     )
     front = serve.deployment(Api).options(
         name=API, num_replicas=1, ray_actor_options={"num_cpus": 0},
