@@ -1,7 +1,8 @@
 """`fpengine serve`: request parsing with the CLI's checks, dynamic batching, the streamed mp4,
 and the real service (the CLI in a subprocess: a local Ray instance, two CPU replicas of the demo
 model on localhost) answering concurrent, bad, oversize and excess requests, losing a replica,
-then shutting down without leaving a process or a file behind; and SIGTERM while it starts.
+then draining and shutting down without leaving a process or a file behind; and SIGTERM while it
+starts.
 
 The service tests need the ``serve`` extra (README's test command installs it; CI=true makes its
 absence a failure instead of a skip). Ray is started once for the module, sized small (2 CPUs,
@@ -642,16 +643,29 @@ def test_a_dead_replica_gives_503_and_shows_in_healthz(service, tmp_path):
     service.wait_for(lambda: _health(service)["status"] == "ok", "a new replica", timeout=180)
 
 
-def test_shutdown_is_clean(service):
-    """SIGTERM stops the service and the local Ray instance: exit 0, no process left (tree or
-    session), the working folder emptied, nothing left in TMPDIR."""
+def test_shutdown_drains_then_is_clean(service, tmp_path):
+    """SIGTERM: the video being made is finished and sent, a new request gets 503 meanwhile and
+    /healthz says 'stopping'; then the service and the local Ray instance stop: exit 0, no
+    process left (tree or session), the working folder emptied, nothing left in TMPDIR."""
+    import requests
+
     children = _descendants(service.proc.pid)
     assert len(children) >= 4  # Ray's GCS, raylet, workers, ...
-    t0 = time.time()
-    os.kill(service.proc.pid, signal.SIGTERM)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(_post, service, SLOW)
+        _wait_metrics(service, lambda m: m["fpengine_requests_in_flight"] == 1, "a video streaming")
+        t0 = time.time()
+        os.kill(service.proc.pid, signal.SIGTERM)
+        service.wait_for(lambda: _health(service)["status"] == "stopping", "draining", timeout=30)
+        late = _post(service, SMALL)
+        done = busy.result()
+    assert late.status_code == 503 and "stopping" in late.json()["error"] and late.headers["retry-after"]
+    assert done.status_code == 200 and _video(done, tmp_path).shape == (24, 64, 64, 3)
     assert service.proc.wait(timeout=90) == 0, service.text()[-3000:]
     assert "stopped" in service.text()
     service.check_all_gone(children)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{service.url}/healthz", timeout=5)
     print(f"service: ready in {service.ready_s:.1f}s, stopped in {time.time() - t0:.1f}s")
 
 

@@ -47,16 +47,20 @@ from engine.cli.common import PATH
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: this machine's).")
 @click.option("--object-store-mb", type=int, default=None,
               help="Object store of the local Ray instance (default: Ray's).")
+@click.option("--drain-s", type=float, default=30.0, show_default=True,
+              help="On Ctrl-C or SIGTERM: how long requests already accepted may take to finish "
+                   "(new ones get 503 meanwhile); a second signal stops at once.")
 def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, host, port, address, workdir, max_batch_size,
           batch_wait_ms, max_ongoing, max_queue, max_upload_mb, max_frames, max_side, max_steps, num_cpus,
-          object_store_mb):
+          object_store_mb, drain_s):
     """Serve generation over HTTP on Ray Serve (a local Ray instance, or --address CLUSTER).
 
     POST /generate takes JSON options (prompt, negative_prompt, num_frames, height, width,
     num_inference_steps, guidance_scale, seed, context_length, context_stride) with the clip as a
     'clip' object of clip.npz keys, or multipart parts 'options' (JSON) and 'clip' (clip.npz);
     it streams the mp4 back. GET /healthz, GET /metrics (Prometheus), GET / (service info).
-    Ctrl-C or SIGTERM stops the service and the local Ray instance.
+    Ctrl-C or SIGTERM stops the service and the local Ray instance, once the requests already
+    accepted have finished (at most --drain-s seconds).
     """
     from engine.serve.config import MIB, Limits, ModelSpec, ServeConfig
     from engine.serve.launch import start
@@ -65,6 +69,8 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
         raise InputError(f"--replicas {replicas}: expected a positive integer (or 0 for automatic)")
     if not max_upload_mb > 0:
         raise InputError(f"--max-upload-mb {max_upload_mb:g}: expected a number > 0")
+    if not 0 <= drain_s <= 3600:
+        raise InputError(f"--drain-s {drain_s:g}: expected 0..3600")
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="fpengine-serve-")) if own else workdir
     limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), max_frames=max_frames, max_side=max_side,
@@ -95,7 +101,15 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
                        f"Ctrl-C stops", err=True)
             while not signals.stop.wait(0.5):
                 pass
-            click.echo("stopping", err=True)
+            click.echo(f"stopping: new requests get 503, those accepted have up to {drain_s:g} s "
+                       f"(Ctrl-C again stops now)", err=True)
+            try:
+                left = service.drain(drain_s, signals.now)
+            except Exception as exc:  # Ray or the front end already gone: stop anyway
+                click.echo(f"stopping without draining ({type(exc).__name__}: {exc})", err=True)
+                left = 0
+            if left:
+                click.echo(f"stopping with {left} request(s) unfinished", err=True)
         finally:
             service.stop()
         click.echo("stopped", err=True)
@@ -116,13 +130,14 @@ def _exit_interrupted():
 
 class _Signals:
     """Ctrl-C and SIGTERM. While the service starts they interrupt it (KeyboardInterrupt: start()
-    stops what it began and removes what it made); once it serves, they set ``stop``."""
+    stops what it began and removes what it made); once it serves, the first one sets ``stop``
+    (drain, then stop), a second one ``now`` (stop without waiting)."""
 
     def __init__(self):
         self.serving = False
-        self.stop = threading.Event()
+        self.stop, self.now = threading.Event(), threading.Event()
 
     def __call__(self, signum, frame):
         if not self.serving:
             raise KeyboardInterrupt
-        self.stop.set()
+        (self.now if self.stop.is_set() else self.stop).set()

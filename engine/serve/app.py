@@ -11,7 +11,8 @@ would (``parse.py``, with the model's config only), then calls a ``Generator`` r
 streaming handle. Ray Serve's ``max_ongoing_requests`` (per replica) and ``max_queued_requests``
 (the waiting queue of this front end's handle) bound what is accepted; past them the handle raises
 ``BackPressureError`` at once and the client gets 503 with ``Retry-After``; so does a request
-whose replica died before its first frame.
+whose replica died before its first frame, and every request once the service drains (``drain``:
+those accepted finish, ``pending`` counts them).
 """
 
 import asyncio
@@ -229,6 +230,15 @@ class Api:
         # the objects its code names); AnswerCounter counts into the same one
         self.metrics = front_metrics.METRICS
         self.app_name = serve.get_replica_context().app_name
+        self.draining = False
+        self.accepted = 0  # POST /generate requests taken and not finished (their video included)
+
+    async def drain(self) -> None:
+        """From now on POST /generate gets 503 and /healthz 503 (``launch.Service.drain``)."""
+        self.draining = True
+
+    async def pending(self) -> int:
+        return self.accepted
 
     @app.get("/")
     async def info(self):
@@ -255,7 +265,8 @@ class Api:
         except Exception as exc:
             return _error(503, f"cannot read the deployment status ({type(exc).__name__}: {exc})")
         running = replicas["running"]
-        status = "unavailable" if not running else "degraded" if running < replicas["target"] else "ok"
+        status = ("stopping" if self.draining else "unavailable" if not running else
+                  "degraded" if running < replicas["target"] else "ok")
         body = {"status": status, "model": self.config.model.name, "replicas": replicas}
         return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
@@ -274,6 +285,18 @@ class Api:
 
     @app.post("/generate")
     async def generate(self, request: Request):
+        if self.draining:
+            return _error(503, "the service is stopping; retry later", **{"Retry-After": "5"})
+        self.accepted += 1
+        response = None
+        try:
+            response = await self._generate(request)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):  # a stream counts itself off (_relay)
+                self.accepted -= 1
+
+    async def _generate(self, request: Request):
         t0 = time.perf_counter()
         rid = uuid.uuid4().hex[:16]
         limits = self.config.limits
@@ -328,6 +351,7 @@ class Api:
             raise
         finally:
             self.metrics.in_flight -= 1
+            self.accepted -= 1
             if finished:
                 self.metrics.video(time.perf_counter() - t0, first, header.frames, header.batch_size)
             else:

@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,13 +113,30 @@ def _stop_ray(local: bool, ray_dir: Path | None) -> None:
 
 @dataclass
 class Service:
-    """A running service; ``stop()`` ends it (and the local Ray instance, if it started one)."""
+    """A running service; ``drain()`` lets its requests finish, ``stop()`` ends it (and the
+    local Ray instance, if it started one)."""
 
     url: str
     config: ServeConfig
     local: bool
     own_workdir: bool
     ray_dir: Path | None = None
+
+    def drain(self, seconds: float, now: threading.Event | None = None) -> int:
+        """Refuse new requests (503) and wait up to ``seconds`` (or until ``now`` is set) for
+        the accepted ones to finish; returns how many are still running."""
+        from ray import serve
+
+        from engine.serve.app import API
+
+        front = serve.get_deployment_handle(API, APP_NAME)
+        front.drain.remote().result(timeout_s=30)
+        deadline = time.monotonic() + seconds
+        while True:
+            left = front.pending.remote().result(timeout_s=30)
+            if not left or time.monotonic() >= deadline or (now is not None and now.is_set()):
+                return left
+            (now or threading.Event()).wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def stop(self) -> None:
         try:
