@@ -214,6 +214,50 @@ def test_batched_deep_cache_matches_single_requests(demo_model, walk_clip):
     assert parse_options({**SMALL, "deep_cache": 2}).deep_cache == 2
 
 
+def test_batches_of_4_from_8_queued_requests():
+    """Behind a running batch 8 requests queue up one by one; the next batches are 4 and 4. (Ray
+    Serve's @serve.batch formed each next batch as soon as requests came, from what came within
+    the batch wait, and queued it behind the running one: smaller batches, e.g. 3, 3, 2.)"""
+    from engine.serve.batcher import Batcher
+
+    sizes = []
+
+    async def main():
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def run(jobs):
+            sizes.append(len(jobs))
+            if jobs == [0]:
+                running.set()
+                await release.wait()
+            yield [f"video {j}" for j in jobs]
+            yield [ValueError(f"bad {j}") if j == 5 else StopIteration for j in jobs]
+
+        batcher = Batcher(run, max_batch_size=4, wait_s=0.0)
+        came = []
+
+        async def client(j):
+            came.append(j)  # and, in the same step, submit() queues it
+            try:
+                return [item async for item in batcher.submit(j)]
+            except ValueError as exc:
+                return str(exc)
+
+        first = asyncio.create_task(client(0))
+        await running.wait()
+        rest = []
+        for j in range(1, 9):  # one at a time: each is queued before the next comes
+            rest.append(asyncio.create_task(client(j)))
+            while len(came) <= j:
+                await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(main())
+    assert sizes == [1, 4, 4]
+    assert results == [[f"video {j}"] if j != 5 else "bad 5" for j in range(9)]
+
+
 def test_mp4_is_streamed_while_it_is_written(tmp_path):
     root = prepare_workdir(tmp_path / "work")
     video = Mp4Stream(root, fps=8)

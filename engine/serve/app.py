@@ -1,8 +1,9 @@
 """The Ray Serve application.
 
 ``Generator``: one model per replica (one replica per GPU, or CPU replicas for the demo model).
-Requests reach it through ``@serve.batch``: those that arrive within ``batch_wait_s`` of each other
-(up to ``max_batch_size``) form a batch, split by shape (``Plan.shape_key``); each shape group
+Requests reach it through a ``Batcher``: when the model is free, the requests waiting (up to
+``max_batch_size``, waiting up to ``batch_wait_s`` for more) form a batch, split by shape
+(``Plan.shape_key``); each shape group
 is denoised as one batch, the groups take turns window by window, and every finished frame range
 is encoded into the request's own fragmented mp4 and streamed out at once.
 
@@ -34,6 +35,7 @@ from finephys.sampler.options import GenerateOptions
 from finephys.poses.clip import PoseClip
 from finephys.errors import InputError
 
+from engine.serve.batcher import Batcher
 from engine.serve.batching import group_by_shape, run_group
 from engine.serve.config import ServeConfig
 from engine.serve.files import prepare_workdir
@@ -105,8 +107,7 @@ class Generator:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.root / "cache"))  # else it lands in tmp
         torch.set_num_threads(max(1, round(config.replica_cpus)))
         self.model = config.model.load()
-        self._batched.set_max_batch_size(config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.batcher = Batcher(self._rounds, config.max_batch_size, config.batch_wait_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batch_sizes: Counter = Counter()
 
@@ -129,8 +130,7 @@ class Generator:
                 out.append(exc)
         return out
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, jobs: list[Job]):
+    async def _rounds(self, jobs: list[Job]):
         """Yields one list per round, an item per job: Header / Chunk / exception / StopIteration."""
         streams = await asyncio.to_thread(self._prepare, jobs)
         groups = group_by_shape([s if not isinstance(s, BaseException) else None for s in streams])
@@ -169,9 +169,7 @@ class Generator:
         """Streams a Header, then the mp4's bytes as its frames are finished."""
         video = None
         try:
-            async for item in self._batched(job):
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in self.batcher.submit(job):
                 if isinstance(item, Header):
                     video = Mp4Stream(self.root, item.fps, self.config.crf)
                     yield item
