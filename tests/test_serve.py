@@ -1,16 +1,19 @@
 """`fpengine serve`: request parsing with the CLI's checks, dynamic batching, the streamed mp4,
 and the real service (the CLI in a subprocess: a local Ray instance, two CPU replicas of the demo
-model on localhost) answering concurrent, bad, oversize and excess requests, then shutting down
-without leaving a process behind.
+model on localhost) answering concurrent, bad, oversize and excess requests, losing a replica,
+then draining and shutting down without leaving a process or a file behind; and SIGTERM while it
+starts.
 
 The service tests need the ``serve`` extra (README's test command installs it; CI=true makes its
 absence a failure instead of a skip). Ray is started once for the module, sized small (2 CPUs,
-100 MB object store, no dashboard, no usage stats, token auth with a throwaway token, its files
-in a temporary folder).
+100 MB object store, no dashboard, no usage stats, token auth with a throwaway token), with a
+fresh TMPDIR, so that whatever the service leaves there shows.
 """
+import asyncio
 import concurrent.futures
 import dataclasses
 import io
+import ipaddress
 import json
 import os
 import secrets
@@ -48,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WALK = ROOT / "examples" / "walk.npz"
 SMALL = {"prompt": "a person walking", "num_frames": 6, "height": 32, "width": 32,
          "num_inference_steps": 1, "guidance_scale": 1.0}
+# A few seconds on a 0.5-CPU replica: long enough to be caught running or queued.
+SLOW = {**SMALL, "num_frames": 24, "height": 64, "width": 64, "num_inference_steps": 16}
 
 
 def _walk_json() -> dict:
@@ -209,6 +214,50 @@ def test_batched_deep_cache_matches_single_requests(demo_model, walk_clip):
     assert parse_options({**SMALL, "deep_cache": 2}).deep_cache == 2
 
 
+def test_batches_of_4_from_8_queued_requests():
+    """Behind a running batch 8 requests queue up one by one; the next batches are 4 and 4. (Ray
+    Serve's @serve.batch formed each next batch as soon as requests came, from what came within
+    the batch wait, and queued it behind the running one: smaller batches, e.g. 3, 3, 2.)"""
+    from engine.serve.batcher import Batcher
+
+    sizes = []
+
+    async def main():
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def run(jobs):
+            sizes.append(len(jobs))
+            if jobs == [0]:
+                running.set()
+                await release.wait()
+            yield [f"video {j}" for j in jobs]
+            yield [ValueError(f"bad {j}") if j == 5 else StopIteration for j in jobs]
+
+        batcher = Batcher(run, max_batch_size=4, wait_s=0.0)
+        came = []
+
+        async def client(j):
+            came.append(j)  # and, in the same step, submit() queues it
+            try:
+                return [item async for item in batcher.submit(j)]
+            except ValueError as exc:
+                return str(exc)
+
+        first = asyncio.create_task(client(0))
+        await running.wait()
+        rest = []
+        for j in range(1, 9):  # one at a time: each is queued before the next comes
+            rest.append(asyncio.create_task(client(j)))
+            while len(came) <= j:
+                await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(main())
+    assert sizes == [1, 4, 4]
+    assert results == [[f"video {j}"] if j != 5 else "bad 5" for j in range(9)]
+
+
 def test_mp4_is_streamed_while_it_is_written(tmp_path):
     root = prepare_workdir(tmp_path / "work")
     video = Mp4Stream(root, fps=8)
@@ -224,6 +273,56 @@ def test_mp4_is_streamed_while_it_is_written(tmp_path):
     out.write_bytes(b"".join(parts))
     assert read_video(out).shape == (12, 32, 48, 3)
     assert leftovers(root) == []
+
+
+def test_an_exception_in_a_handler_becomes_a_counted_json_500():
+    """Whatever escapes a handler is answered as every error is (JSON, one line) and counted."""
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+
+    from engine.serve import http, metrics
+
+    app = FastAPI()
+    http.install(app)
+
+    @app.get("/generate")
+    async def broken():
+        raise RuntimeError("a bug")
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/generate", "raw_path": b"/generate", "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    before = metrics.METRICS.answers["/generate", 500]
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert json.loads(body) == {"error": "internal error (RuntimeError); see the service log", "status": 500}
+    assert metrics.METRICS.answers["/generate", 500] == before + 1
+
+
+def test_ray_temp_dir_is_in_the_workdir_unless_its_sockets_would_not_fit(tmp_path, monkeypatch):
+    from engine.serve.launch import SOCKET_PATH_MAX, ray_temp_dir
+
+    short = Path(tempfile.mkdtemp(prefix="fpw"))
+    try:
+        assert ray_temp_dir(short) == short / "ray" and (short / "ray").is_dir()
+        deep = tmp_path / ("x" * 60)
+        deep.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        fallback = ray_temp_dir(deep)
+        assert fallback.parent == short and fallback.name.startswith("fpray-") and not (deep / "ray").exists()
+        session = "/session_2026-12-03_09-16-41_946655_4194304/sockets/plasma_store"
+        assert len(str(fallback) + session) <= SOCKET_PATH_MAX < len(str(deep / "ray") + session)
+    finally:
+        shutil.rmtree(short)
 
 
 # ---- the service ------------------------------------------------------------------------------
@@ -271,11 +370,12 @@ class Service:
     def __init__(self, tmp: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = tmp / "work"
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="fpt"))  # its TMPDIR: empty, so what it leaves there shows
+        self.workdir = Path(tempfile.mkdtemp(prefix="fpw")) / "work"  # short: Ray's sockets go in it
         self.log_path = tmp / "serve.log"
-        self.ray_tmp = Path(tempfile.mkdtemp(prefix="fpr"))  # short: Ray's socket paths must fit
-        env = {**os.environ, "RAY_TMPDIR": str(self.ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
+        env = {**os.environ, "TMPDIR": str(self.tmpdir), "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_TMPDIR", None)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine", "serve", "--replicas", "2", "--replica-cpus", "0.5",
@@ -288,21 +388,67 @@ class Service:
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 240):
-        while time.time() - self.t_start < timeout:
+    def wait_for(self, ready, what: str, timeout: float = 240):
+        """Polls ``ready()`` until it is true; fails if the service exits first."""
+        start = time.time()
+        while time.time() - start < timeout:
             if self.proc.poll() is not None:
                 pytest.fail(f"fpengine serve exited with {self.proc.returncode}:\n{self.text()[-4000:]}")
-            if "serving demo on" in self.text():
+            if ready():
                 return time.time() - self.t_start
-            time.sleep(0.5)
-        pytest.fail(f"fpengine serve not ready after {timeout}s:\n{self.text()[-4000:]}")
+            time.sleep(0.1)
+        pytest.fail(f"fpengine serve: {what} not seen after {timeout}s:\n{self.text()[-4000:]}")
+
+    def wait_ready(self):
+        return self.wait_for(lambda: "serving demo on" in self.text(), "ready")
+
+    def session(self) -> set[int]:
+        return {p for p, (_, sid) in _processes().items() if sid == self.proc.pid}
+
+    def check_all_gone(self, children: set[int]):
+        """After it exited: no process of its tree or session, its working folder emptied (Ray's
+        session folder too), nothing left in its TMPDIR."""
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            alive, session = children & set(_processes()), self.session()
+            if not alive and not session:
+                break
+            time.sleep(0.2)
+        assert not alive and not session, (alive, session)
+        assert not self.workdir.exists() or sorted(self.workdir.iterdir()) == []
+        assert sorted(self.tmpdir.iterdir()) == []
 
     def kill(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        shutil.rmtree(self.workdir.parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["ray", "replicas"])
+def test_sigterm_while_starting_stops_cleanly(tmp_path, phase):
+    """SIGTERM while Ray starts (its session folder exists) or while Serve starts the replicas:
+    one line, exit 2, no stack dump, no process left (Ray's agents included), nothing left in
+    the working folder or TMPDIR."""
+    _need_ray()
+    svc = Service(tmp_path)
+    try:
+        if phase == "ray":
+            svc.wait_for(lambda: (svc.workdir / "ray" / "session_latest").exists(), "Ray's session folder")
+        else:
+            svc.wait_for(lambda: "Adding 2 replicas" in svc.text(), "replicas starting")
+        children = _descendants(svc.proc.pid)
+        os.kill(svc.proc.pid, signal.SIGTERM)
+        assert svc.proc.wait(timeout=90) == 2, svc.text()[-3000:]
+        out = svc.text()
+        assert out.rstrip().splitlines()[-1] == "error: interrupted while starting", out[-3000:]
+        assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
+        svc.check_all_gone(children)
+    finally:
+        svc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +476,25 @@ def _post_json(svc, body, timeout=120):
     return requests.post(f"{svc.url}/generate", json=body, timeout=timeout)
 
 
+def _metrics(svc) -> dict[str, float]:
+    """GET /metrics as {'name{labels}': value}."""
+    import requests
+
+    text = requests.get(f"{svc.url}/metrics", timeout=30).text
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
+
+
+def _wait_metrics(svc, ready, what: str, timeout: float = 60) -> dict:
+    """Polls /metrics until ``ready(metrics)``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = _metrics(svc)
+        if ready(m):
+            return m
+        time.sleep(0.05)
+    pytest.fail(f"/metrics: {what} not seen after {timeout}s: {m}")
+
+
 def _video(response, tmp_path: Path) -> np.ndarray:
     path = tmp_path / f"{secrets.token_hex(4)}.mp4"
     path.write_bytes(response.content)
@@ -345,6 +510,46 @@ def test_service_health_info_and_metrics(service):
     info = requests.get(f"{service.url}/", timeout=30).json()
     assert info["model"] == "demo" and info["limits"]["max_upload_bytes"] == 1 << 20
     assert "fpengine_requests_in_flight 0" in requests.get(f"{service.url}/metrics", timeout=30).text
+    assert (service.workdir / "ray" / "session_latest").is_dir()  # Ray's files lie in the working folder
+
+
+def test_ray_listens_on_loopback_only(service):
+    """Like the HTTP proxy (--host 127.0.0.1), every port of the local Ray instance is on loopback."""
+    import psutil
+
+    session = service.session()
+    ports = [(c.pid, c.laddr) for c in psutil.net_connections("inet")
+             if c.status == psutil.CONN_LISTEN and c.pid in session]
+    assert len(ports) >= 6, ports  # the proxy, GCS, raylet, workers, agents
+    assert any(addr.port == service.port for _, addr in ports)
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+    exposed = [(psutil.Process(pid).name(), addr) for pid, addr in ports if not loopback(addr.ip)]
+    assert exposed == []
+
+
+def test_every_error_is_json_and_counted(service):
+    """Every error answer (the service's own, FastAPI's 404/405, a body that broke the JSON parser
+    with a 500) is JSON with a message, and /metrics counts every answer by route and status."""
+    import requests
+
+    before = _metrics(service)
+    deep = requests.post(f"{service.url}/generate", data=b"[" * 100_000,
+                         headers={"Content-Type": "application/json"}, timeout=30)
+    assert deep.json() == {"error": "request body: JSON nested too deeply", "status": 400}
+    missing = requests.get(f"{service.url}/nowhere", timeout=30)
+    assert missing.json() == {"error": "Not Found", "status": 404}
+    wrong = requests.post(f"{service.url}/healthz", timeout=30)
+    assert wrong.json() == {"error": "Method Not Allowed", "status": 405}
+    after = _metrics(service)
+    for route, code in (("/generate", 400), ("other", 404), ("/healthz", 405), ("/metrics", 200)):
+        key = f'fpengine_responses_total{{route="{route}",code="{code}"}}'
+        assert after[key] == before.get(key, 0) + 1, key
+    key = 'fpengine_requests_total{code="400"}'
+    assert after[key] == before.get(key, 0) + 1
 
 
 def test_concurrent_requests_get_correct_videos(service, tmp_path):
@@ -405,17 +610,20 @@ def test_oversize_upload_is_refused(service):
 
 
 def test_full_queue_gets_503(service, tmp_path):
-    # 2 replicas x 2 ongoing + 4 queued = 8 at once at most; 14 at once overflow.
-    opts = {**SMALL, "num_frames": 8, "num_inference_steps": 2}
-    with concurrent.futures.ThreadPoolExecutor(14) as pool:
-        responses = list(pool.map(lambda i: _post(service, {**opts, "seed": i}), range(14)))
-    codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 503}, codes
+    """2 replicas x 2 ongoing + 4 queued = 8 accepted at once: once 8 are in (streamed or
+    waiting), the 9th gets 503 with Retry-After, and the 8 their videos."""
+    opts = {**SLOW, "num_inference_steps": 4}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        accepted = [pool.submit(_post, service, {**opts, "seed": i}) for i in range(8)]
+        _wait_metrics(service, lambda m: m["fpengine_requests_in_flight"] + m["fpengine_requests_waiting"] == 8,
+                      "8 requests in")
+        extra = _post(service, {**opts, "seed": 99})
+        responses = [f.result() for f in accepted]
+    assert extra.status_code == 503, extra.text
+    assert "the service is busy" in extra.json()["error"] and int(extra.headers["retry-after"]) >= 1
     for r in responses:
-        if r.status_code == 503:
-            assert "the service is busy" in r.json()["error"] and r.headers["retry-after"]
-        else:
-            assert _video(r, tmp_path).shape == (8, 32, 32, 3)
+        assert r.status_code == 200, r.text
+        assert _video(r, tmp_path).shape == (24, 64, 64, 3)
 
 
 def test_requests_cannot_touch_files_outside_the_workdir(service, tmp_path):
@@ -437,24 +645,71 @@ def test_requests_cannot_touch_files_outside_the_workdir(service, tmp_path):
     assert leftovers(service.workdir) == []
 
 
-def test_shutdown_is_clean(service):
-    """SIGTERM stops the service and the local Ray instance: exit 0, no process left behind (in
-    the process tree or the session), the working folder emptied."""
+def _replica_pids(svc) -> list[int]:
+    return [pid for pid in svc.session()
+            if b"ServeReplica:fpengine:Generator" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _health(svc) -> dict:
+    import requests
+
+    r = requests.get(f"{svc.url}/healthz", timeout=30)
+    return {**r.json(), "code": r.status_code}
+
+
+def test_a_dead_replica_gives_503_and_shows_in_healthz(service, tmp_path):
+    """A replica killed while it runs one request and holds another: the held one gets 503 with
+    Retry-After (not a 500), /healthz says so within 3 s, and Serve brings a new replica up."""
+    assert len(_replica_pids(service)) == 2 and _health(service)["status"] == "ok"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = []
+        # one request at a time, so each replica runs one alone and then holds one behind it
+        for i, (metric, n) in enumerate((("in_flight", 1), ("in_flight", 2), ("waiting", 1), ("waiting", 2))):
+            futures.append(pool.submit(_post, service, {**SLOW, "seed": i}))
+            _wait_metrics(service, lambda m: m[f"fpengine_requests_{metric}"] == n, f"{metric} {n}")
+        os.kill(_replica_pids(service)[0], signal.SIGKILL)
+        t_kill = time.time()
+        while _health(service)["replicas"]["running"] != 1 and time.time() - t_kill < 10:
+            time.sleep(0.05)
+        health, seen_after = _health(service), time.time() - t_kill
+        held = [f.result() for f in futures[2:]]
+        for f in futures[:2]:  # the one running on the killed replica is cut off mid-video
+            try:
+                f.result()
+            except Exception:
+                pass
+    assert health["replicas"]["running"] == 1 and health["status"] == "degraded" and seen_after < 3, \
+        (health, seen_after)
+    codes = sorted(r.status_code for r in held)
+    assert codes == [200, 503], [r.text[:200] for r in held]
+    refused = next(r for r in held if r.status_code == 503)
+    assert "replica" in refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
+    service.wait_for(lambda: _health(service)["status"] == "ok", "a new replica", timeout=180)
+
+
+def test_shutdown_drains_then_is_clean(service, tmp_path):
+    """SIGTERM: the video being made is finished and sent, a new request gets 503 meanwhile and
+    /healthz says 'stopping'; then the service and the local Ray instance stop: exit 0, no
+    process left (tree or session), the working folder emptied, nothing left in TMPDIR."""
+    import requests
+
     children = _descendants(service.proc.pid)
     assert len(children) >= 4  # Ray's GCS, raylet, workers, ...
-    t0 = time.time()
-    os.kill(service.proc.pid, signal.SIGTERM)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(_post, service, SLOW)
+        _wait_metrics(service, lambda m: m["fpengine_requests_in_flight"] == 1, "a video streaming")
+        t0 = time.time()
+        os.kill(service.proc.pid, signal.SIGTERM)
+        service.wait_for(lambda: _health(service)["status"] == "stopping", "draining", timeout=30)
+        late = _post(service, SMALL)
+        done = busy.result()
+    assert late.status_code == 503 and "stopping" in late.json()["error"] and late.headers["retry-after"]
+    assert done.status_code == 200 and _video(done, tmp_path).shape == (24, 64, 64, 3)
     assert service.proc.wait(timeout=90) == 0, service.text()[-3000:]
     assert "stopped" in service.text()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        alive = children & set(_processes())
-        session = {p for p, (_, sid) in _processes().items() if sid == service.proc.pid}
-        if not alive and not session:
-            break
-        time.sleep(0.5)
-    assert not alive and not session, (alive, session)
-    assert leftovers(service.workdir) == []
+    service.check_all_gone(children)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{service.url}/healthz", timeout=5)
     print(f"service: ready in {service.ready_s:.1f}s, stopped in {time.time() - t0:.1f}s")
 
 

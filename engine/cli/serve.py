@@ -1,7 +1,10 @@
 """``fpengine serve``: the engine as an HTTP service on Ray Serve."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -44,16 +47,20 @@ from engine.cli.common import PATH
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: this machine's).")
 @click.option("--object-store-mb", type=int, default=None,
               help="Object store of the local Ray instance (default: Ray's).")
+@click.option("--drain-s", type=float, default=30.0, show_default=True,
+              help="On Ctrl-C or SIGTERM: how long requests already accepted may take to finish "
+                   "(new ones get 503 meanwhile); a second signal stops at once.")
 def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, host, port, address, workdir, max_batch_size,
           batch_wait_ms, max_ongoing, max_queue, max_upload_mb, max_frames, max_side, max_steps, num_cpus,
-          object_store_mb):
+          object_store_mb, drain_s):
     """Serve generation over HTTP on Ray Serve (a local Ray instance, or --address CLUSTER).
 
     POST /generate takes JSON options (prompt, negative_prompt, num_frames, height, width,
     num_inference_steps, guidance_scale, seed, context_length, context_stride) with the clip as a
     'clip' object of clip.npz keys, or multipart parts 'options' (JSON) and 'clip' (clip.npz);
     it streams the mp4 back. GET /healthz, GET /metrics (Prometheus), GET / (service info).
-    Ctrl-C or SIGTERM stops the service and the local Ray instance.
+    Ctrl-C or SIGTERM stops the service and the local Ray instance, once the requests already
+    accepted have finished (at most --drain-s seconds).
     """
     from engine.serve.config import MIB, Limits, ModelSpec, ServeConfig
     from engine.serve.launch import start
@@ -62,6 +69,8 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
         raise InputError(f"--replicas {replicas}: expected a positive integer (or 0 for automatic)")
     if not max_upload_mb > 0:
         raise InputError(f"--max-upload-mb {max_upload_mb:g}: expected a number > 0")
+    if not 0 <= drain_s <= 3600:
+        raise InputError(f"--drain-s {drain_s:g}: expected 0..3600")
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="fpengine-serve-")) if own else workdir
     limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), max_frames=max_frames, max_side=max_side,
@@ -72,32 +81,63 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
         replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus, max_batch_size=max_batch_size,
         batch_wait_s=batch_wait_ms / 1000.0, max_ongoing=max_ongoing, max_queue=max_queue, limits=limits,
     )
-    stop = threading.Event()
-    # Once serving, Ctrl-C and SIGTERM end the wait below (set after start(): ray.init installs
-    # its own SIGTERM handler); Ctrl-C while Ray starts raises KeyboardInterrupt and start()
-    # shuts down what it began.
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = _Signals()
+    previous = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             service = start(config, host=host, port=port, address=address, num_cpus=num_cpus,
                             object_store_mb=object_store_mb, own_workdir=own)
-        except BaseException:
+        except BaseException as exc:
             if own:
-                import shutil
-
                 shutil.rmtree(root, ignore_errors=True)
+            if isinstance(exc, KeyboardInterrupt):
+                _exit_interrupted()
             raise
-        for s in previous:
-            signal.signal(s, lambda *_: stop.set())
-        c = service.config
-        click.echo(f"serving {c.model.name} on {service.url} ({c.replicas} replica(s), "
-                   f"{c.replica_cpus:g} CPU / {c.replica_gpus:g} GPU each, working folder {c.workdir}); "
-                   f"Ctrl-C stops", err=True)
-        while not stop.wait(0.5):
-            pass
-        click.echo("stopping", err=True)
-        service.stop()
+        try:
+            signals.serving = True
+            c = service.config
+            click.echo(f"serving {c.model.name} on {service.url} ({c.replicas} replica(s), "
+                       f"{c.replica_cpus:g} CPU / {c.replica_gpus:g} GPU each, working folder {c.workdir}); "
+                       f"Ctrl-C stops", err=True)
+            while not signals.stop.wait(0.5):
+                pass
+            click.echo(f"stopping: new requests get 503, those accepted have up to {drain_s:g} s "
+                       f"(Ctrl-C again stops now)", err=True)
+            try:
+                left = service.drain(drain_s, signals.now)
+            except Exception as exc:  # Ray or the front end already gone: stop anyway
+                click.echo(f"stopping without draining ({type(exc).__name__}: {exc})", err=True)
+                left = 0
+            if left:
+                click.echo(f"stopping with {left} request(s) unfinished", err=True)
+        finally:
+            service.stop()
         click.echo("stopped", err=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _exit_interrupted():
+    """Ctrl-C or SIGTERM while starting: start() has stopped Ray and removed its files. Exit
+    without the interpreter's teardown, which can crash (SIGSEGV) on a Ray driver interrupted
+    inside ray.init."""
+    click.echo("error: interrupted while starting", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
+class _Signals:
+    """Ctrl-C and SIGTERM. While the service starts they interrupt it (KeyboardInterrupt: start()
+    stops what it began and removes what it made); once it serves, the first one sets ``stop``
+    (drain, then stop), a second one ``now`` (stop without waiting)."""
+
+    def __init__(self):
+        self.serving = False
+        self.stop, self.now = threading.Event(), threading.Event()
+
+    def __call__(self, signum, frame):
+        if not self.serving:
+            raise KeyboardInterrupt
+        (self.now if self.stop.is_set() else self.stop).set()

@@ -1,8 +1,9 @@
 """The Ray Serve application.
 
 ``Generator``: one model per replica (one replica per GPU, or CPU replicas for the demo model).
-Requests reach it through ``@serve.batch``: those that arrive within ``batch_wait_s`` of each other
-(up to ``max_batch_size``) form a batch, split by shape (``Plan.shape_key``); each shape group
+Requests reach it through a ``Batcher``: when the model is free, the requests waiting (up to
+``max_batch_size``, waiting up to ``batch_wait_s`` for more) form a batch, split by shape
+(``Plan.shape_key``); each shape group
 is denoised as one batch, the groups take turns window by window, and every finished frame range
 is encoded into the request's own fragmented mp4 and streamed out at once.
 
@@ -10,11 +11,14 @@ is encoded into the request's own fragmented mp4 and streamed out at once.
 would (``parse.py``, with the model's config only), then calls a ``Generator`` replica through a
 streaming handle. Ray Serve's ``max_ongoing_requests`` (per replica) and ``max_queued_requests``
 (the waiting queue of this front end's handle) bound what is accepted; past them the handle raises
-``BackPressureError`` at once and the client gets 503 with ``Retry-After``.
+``BackPressureError`` at once and the client gets 503 with ``Retry-After``; so does a request
+whose replica died before its first frame, and every request once the service drains (``drain``:
+those accepted finish, ``pending`` counts them).
 """
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -24,16 +28,19 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from finephys.sampler.options import GenerateOptions
 from finephys.poses.clip import PoseClip
 from finephys.errors import InputError
 
+from engine.serve.batcher import Batcher
 from engine.serve.batching import group_by_shape, run_group
 from engine.serve.config import ServeConfig
 from engine.serve.files import prepare_workdir
-from engine.serve.metrics import Metrics
+from engine.serve.http import error as _error, install
+from engine.serve import metrics as front_metrics
 from engine.serve.mp4 import Mp4Stream
 from engine.serve.parse import OPTIONS, PayloadTooLarge, RequestError, check_request, parse_request
 
@@ -70,17 +77,37 @@ class Chunk:
     frames: object  # (F,H,W,3) uint8
 
 
+def grpc_on_loopback() -> None:
+    """Ray Serve (2.60) starts in every replica, after its constructor, a gRPC server for calls
+    between deployments on ``[::]:0`` (every interface), with no option to change it. On a local
+    instance (the node's address is 127.0.0.1: ``launch.LOCAL_RAY_ENV_DEFAULTS``) this binds it to
+    loopback like every other Ray port; elsewhere, or if Serve's code differs, it does nothing."""
+    import ray
+    from ray.serve._private import replica
+
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "loopback", False) or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+
+    def on_loopback(server, address: str):
+        return add_port(server, "127.0.0.1:" + address[5:] if address.startswith("[::]:") else address)
+
+    on_loopback.loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
 class Generator:
     def __init__(self, config: ServeConfig):
         import torch
 
+        grpc_on_loopback()
         self.config = config
         self.root = prepare_workdir(config.workdir)
         tempfile.tempdir = str(self.root / "tmp")  # library temp files stay in the working folder too
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.root / "cache"))  # else it lands in tmp
         torch.set_num_threads(max(1, round(config.replica_cpus)))
         self.model = config.model.load()
-        self._batched.set_max_batch_size(config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.batcher = Batcher(self._rounds, config.max_batch_size, config.batch_wait_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batch_sizes: Counter = Counter()
 
@@ -103,8 +130,7 @@ class Generator:
                 out.append(exc)
         return out
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, jobs: list[Job]):
+    async def _rounds(self, jobs: list[Job]):
         """Yields one list per round, an item per job: Header / Chunk / exception / StopIteration."""
         streams = await asyncio.to_thread(self._prepare, jobs)
         groups = group_by_shape([s if not isinstance(s, BaseException) else None for s in streams])
@@ -143,9 +169,7 @@ class Generator:
         """Streams a Header, then the mp4's bytes as its frames are finished."""
         video = None
         try:
-            async for item in self._batched(job):
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in self.batcher.submit(job):
                 if isinstance(item, Header):
                     video = Mp4Stream(self.root, item.fps, self.config.crf)
                     yield item
@@ -162,10 +186,7 @@ class Generator:
 
 
 app = FastAPI(title="fpengine", description="FinePhys pose-guided video generation")
-
-
-def _error(status: int, message: str, **headers) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers or None)
+install(app)
 
 
 def _input_error(exc: BaseException) -> InputError | None:
@@ -198,12 +219,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 @serve.ingress(app)
 class Api:
     def __init__(self, generator, config: ServeConfig):
+        grpc_on_loopback()
         self.config = config
         self.root = prepare_workdir(config.workdir)
         self.model_config = config.model.config()
         self.generator = generator.options(stream=True)
-        self.metrics = Metrics()
+        # the module's own (not a name bound here: Serve ships this class by value, with copies of
+        # the objects its code names); AnswerCounter counts into the same one
+        self.metrics = front_metrics.METRICS
         self.app_name = serve.get_replica_context().app_name
+        self.draining = False
+        self.accepted = 0  # POST /generate requests taken and not finished (their video included)
+
+    async def drain(self) -> None:
+        """From now on POST /generate gets 503 and /healthz 503 (``launch.Service.drain``)."""
+        self.draining = True
+
+    async def pending(self) -> int:
+        return self.accepted
 
     @app.get("/")
     async def info(self):
@@ -229,9 +262,11 @@ class Api:
             replicas = await self._replicas()
         except Exception as exc:
             return _error(503, f"cannot read the deployment status ({type(exc).__name__}: {exc})")
-        ok = replicas["running"] > 0
-        body = {"status": "ok" if ok else "unavailable", "model": self.config.model.name, "replicas": replicas}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        running = replicas["running"]
+        status = ("stopping" if self.draining else "unavailable" if not running else
+                  "degraded" if running < replicas["target"] else "ok")
+        body = {"status": status, "model": self.config.model.name, "replicas": replicas}
+        return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
     @app.get("/metrics")
     async def metrics(self):
@@ -248,6 +283,18 @@ class Api:
 
     @app.post("/generate")
     async def generate(self, request: Request):
+        if self.draining:
+            return _error(503, "the service is stopping; retry later", **{"Retry-After": "5"})
+        self.accepted += 1
+        response = None
+        try:
+            response = await self._generate(request)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):  # a stream counts itself off (_relay)
+                self.accepted -= 1
+
+    async def _generate(self, request: Request):
         t0 = time.perf_counter()
         rid = uuid.uuid4().hex[:16]
         limits = self.config.limits
@@ -257,23 +304,29 @@ class Api:
                 parse_request, body, request.headers.get("content-type"), self.root, limits)
             await asyncio.to_thread(check_request, self.model_config, clip, opts, limits)
         except RequestError as exc:
-            return self._refuse(exc.status, str(exc))
+            return _error(exc.status, str(exc))
         except InputError as exc:
-            return self._refuse(400, str(exc))
+            return _error(400, str(exc))
         stream = self.generator.generate.remote(Job(clip, opts, rid))
+        self.metrics.waiting += 1
         try:
             header = await stream.__anext__()
         except BackPressureError as exc:
             retry = max(1, round(getattr(exc, "retry_after_s", None) or 1))
-            return self._refuse(503, f"the service is busy: every replica is full and its queue ("
-                                     f"{self.config.max_queue}) too; retry later", **{"Retry-After": str(retry)})
+            return _error(503, f"the service is busy: every replica is full and its queue ("
+                               f"{self.config.max_queue}) too; retry later", **{"Retry-After": str(retry)})
+        except RayActorError as exc:  # its replica died (Serve starts another) or cannot be reached
+            log.warning("request %s: replica lost before its first frame (%s)", rid, type(exc).__name__)
+            return _error(503, f"the replica holding this request stopped ({type(exc).__name__}); "
+                               f"retry, another replica takes it", **{"Retry-After": "1"})
         except Exception as exc:
             bad = _input_error(exc)
             if bad is not None:
-                return self._refuse(400, str(bad))
+                return _error(400, str(bad))
             log.exception("request %s failed before its first frame", rid)
-            return self._refuse(500, f"generation failed ({type(exc).__name__}); see the service log, request {rid}")
-        self.metrics.done(200)
+            return _error(500, f"generation failed ({type(exc).__name__}); see the service log, request {rid}")
+        finally:
+            self.metrics.waiting -= 1
         self.metrics.in_flight += 1
         return StreamingResponse(self._relay(stream, header, t0, rid), media_type="video/mp4", headers={
             "X-Fpengine-Request-Id": rid, "X-Fpengine-Frames": str(header.frames),
@@ -281,10 +334,6 @@ class Api:
             "X-Fpengine-Fps": f"{header.fps:g}", "X-Fpengine-Batch-Size": str(header.batch_size),
             "X-Fpengine-Notes": "; ".join(header.notes).encode("ascii", "replace").decode(),
         })
-
-    def _refuse(self, status: int, message: str, **headers) -> JSONResponse:
-        self.metrics.done(status)
-        return _error(status, message, **headers)
 
     async def _relay(self, stream, header: Header, t0: float, rid: str):
         first, finished = None, False
@@ -300,6 +349,7 @@ class Api:
             raise
         finally:
             self.metrics.in_flight -= 1
+            self.accepted -= 1
             if finished:
                 self.metrics.video(time.perf_counter() - t0, first, header.frames, header.batch_size)
             else:
@@ -312,7 +362,7 @@ def build_app(config: ServeConfig):
         name=GENERATOR, num_replicas=config.replicas,
         max_ongoing_requests=config.ongoing_per_replica, max_queued_requests=config.max_queue,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
+        health_check_period_s=1, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
     )
     front = serve.deployment(Api).options(
         name=API, num_replicas=1, ray_actor_options={"num_cpus": 0},

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from finephys.errors import InputError
 
-SUBDIRS = ("uploads", "videos", "tmp")
+SUBDIRS = ("uploads", "videos", "tmp", "cache")  # cache: library caches (torch's), kept while it runs
+REQUEST_SUBDIRS = SUBDIRS[:3]  # what requests leave behind
 
 
 def inside(root: Path, path: Path) -> Path:
@@ -50,7 +51,7 @@ def new_file(root: Path, sub: str, suffix: str) -> Path:
 def leftovers(root: Path) -> list[Path]:
     """Files the service wrote and has not removed yet."""
     root = Path(root)
-    return sorted(p for name in SUBDIRS if (root / name).is_dir() for p in (root / name).rglob("*"))
+    return sorted(p for name in REQUEST_SUBDIRS if (root / name).is_dir() for p in (root / name).rglob("*"))
 
 
 def clean_workdir(root: Path) -> None:

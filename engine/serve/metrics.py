@@ -10,7 +10,8 @@ import numpy as np
 class Metrics:
     def __init__(self, window: int = 1000):
         self.started = time.time()
-        self.requests: Counter = Counter()  # by HTTP status
+        self.answers: Counter = Counter()  # (route, HTTP status) -> answers, every endpoint
+        self.waiting = 0  # accepted, waiting for a replica or a batch (no video bytes yet)
         self.in_flight = 0
         self.frames = 0
         self.stream_errors = 0  # videos cut off after their 200 was sent
@@ -18,8 +19,13 @@ class Metrics:
         self.latency = deque(maxlen=window)  # seconds, request in -> last byte out, 200s only
         self.first_byte = deque(maxlen=window)  # seconds to the first video bytes
 
-    def done(self, status: int) -> None:
-        self.requests[status] += 1
+    def answered(self, route: str, status: int) -> None:
+        self.answers[route, status] += 1
+
+    @property
+    def requests(self) -> dict:
+        """POST /generate answers by status."""
+        return {code: n for (route, code), n in sorted(self.answers.items()) if route == "/generate"}
 
     def video(self, seconds: float, first_byte: float | None, frames: int, batch_size: int) -> None:
         self.latency.append(seconds)
@@ -31,7 +37,7 @@ class Metrics:
     def snapshot(self) -> dict:
         q = lambda xs, p: float(np.percentile(list(xs), p)) if xs else None  # noqa: E731
         return {
-            "uptime_s": time.time() - self.started, "requests": dict(self.requests), "in_flight": self.in_flight,
+            "uptime_s": time.time() - self.started, "requests": self.requests, "waiting": self.waiting, "in_flight": self.in_flight,
             "frames": self.frames, "stream_errors": self.stream_errors, "batch_sizes": dict(self.batch_sizes),
             "latency_p50_s": q(self.latency, 50), "latency_p95_s": q(self.latency, 95),
             "first_byte_p50_s": q(self.first_byte, 50),
@@ -42,8 +48,14 @@ class Metrics:
             "# HELP fpengine_requests_total Finished POST /generate requests by HTTP status.",
             "# TYPE fpengine_requests_total counter",
         ]
-        lines += [f'fpengine_requests_total{{code="{code}"}} {n}' for code, n in sorted(self.requests.items())]
+        lines += [f'fpengine_requests_total{{code="{code}"}} {n}' for code, n in self.requests.items()]
+        lines += ["# HELP fpengine_responses_total Answers of every endpoint by route and HTTP status.",
+                  "# TYPE fpengine_responses_total counter"]
+        lines += [f'fpengine_responses_total{{route="{route}",code="{code}"}} {n}'
+                  for (route, code), n in sorted(self.answers.items())]
         lines += [
+            "# HELP fpengine_requests_waiting Accepted requests waiting for a replica or a batch.",
+            "# TYPE fpengine_requests_waiting gauge", f"fpengine_requests_waiting {self.waiting}",
             "# HELP fpengine_requests_in_flight Videos being streamed now.",
             "# TYPE fpengine_requests_in_flight gauge", f"fpengine_requests_in_flight {self.in_flight}",
             "# HELP fpengine_stream_errors_total Videos cut off after their 200 was sent.",
@@ -66,3 +78,6 @@ class Metrics:
         for key, value in (extra or {}).items():
             lines += [f"# TYPE fpengine_{key} gauge", f"fpengine_{key} {value}"]
         return "\n".join(lines) + "\n"
+
+
+METRICS = Metrics()  # the HTTP front end's (one per process)

@@ -170,6 +170,8 @@ def _json(data: bytes, what: str):
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError(f"{what}: JSON nested too deeply") from None
 
 
 def parse_request(body: bytes, content_type: str | None, root: Path,
