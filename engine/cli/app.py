@@ -9,7 +9,7 @@ import click
 
 from finephys.errors import InputError
 
-from engine.cli.common import PATH, existing, fail, terminate_as_interrupt
+from engine.cli.common import PATH, StopAtStep, existing, fail
 from engine.cli.detect import detect, detect_options, generate_input
 from engine.options import prompt_options, sampler_options
 
@@ -106,10 +106,11 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
 
         return cli_generate(CliJob(parallel, opts, clip, ckpt, engine, backend, outputs), gpus, device)
     model = load_model(ckpt, device=device, engine=engine, backend=backend, require_compiled=require_compiled)
-    stream = generate_stream(model, clip, opts)
+    stop = StopAtStep()
+    stream = generate_stream(model, clip, opts, should_stop=stop)
     log = lambda line: click.echo(line, err=True)  # noqa: E731
     outputs.write_poses(stream, log)
-    with terminate_as_interrupt():
+    with stop.installed():
         _, interrupted = outputs.write_frames(stream, stream, log)
     if interrupted:
         sys.exit(130)
