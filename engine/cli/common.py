@@ -21,7 +21,7 @@ class DeviceChoice(click.Choice):
     def __init__(self):
         super().__init__(("auto", "cpu", "cuda"))
 
-    def get_metavar(self, param, ctx) -> str:
+    def get_metavar(self, param, ctx=None) -> str:  # click < 8.2 passes no ctx
         return "[auto|cpu|cuda|cuda:N]"
 
     def convert(self, value, param, ctx):
