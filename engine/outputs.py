@@ -51,19 +51,22 @@ def save_npz(path: Path, arrays: dict) -> None:
 
 class PngSequence:
     """Frames written one by one as ``folder/frame_00000.png`` ...: each file appears complete
-    (temporary name, then rename), so an interrupted run leaves every finished frame."""
+    (temporary name, then rename), so an interrupted run leaves every finished frame. The folder
+    is made (an old one replaced, with ``overwrite``) at the first frame: a run stopped before
+    it leaves nothing."""
 
     def __init__(self, folder: Path, overwrite: bool):
         self.folder, self.count = Path(folder), 0
-        if self.folder.exists():
-            if not overwrite:
-                raise InputError(f"{self.folder} already exists (pass --overwrite to replace it)")
-            shutil.rmtree(self.folder) if self.folder.is_dir() else self.folder.unlink()
-        self.folder.mkdir()
+        if self.folder.exists() and not overwrite:
+            raise InputError(f"{self.folder} already exists (pass --overwrite to replace it)")
 
     def append(self, frame: np.ndarray) -> None:
         from PIL import Image
 
+        if self.count == 0:
+            if self.folder.exists():
+                shutil.rmtree(self.folder) if self.folder.is_dir() else self.folder.unlink()
+            self.folder.mkdir()
         final = self.folder / f"frame_{self.count:05d}.png"
         tmp = final.with_name(f".{final.name}.tmp")
         Image.fromarray(frame).save(tmp, format="PNG")
@@ -71,21 +74,24 @@ class PngSequence:
         self.count += 1
 
 
-def interrupted_line(count: int, out: Path | None, frames_dir: Path | None) -> str:
-    """What an interrupted run says it left: only outputs that exist, and none before a first frame."""
+def interrupted_line(count: int, out: Path | None, frames_dir: Path | None, when: str = "") -> str:
+    """What an interrupted run says it left: only outputs that exist, and none before a first frame;
+    ``when``: where it stopped (``StopRequested``'s "after 3 of 20 denoising steps")."""
+    head = f"interrupted {when}" if when else "interrupted"
     kept = [str(p) for p in (out, frames_dir) if p is not None and Path(p).exists()]
     if count == 0 or not kept:
-        return "interrupted before the first frame was finished: nothing was written"
-    return f"interrupted: {' and '.join(kept)} holds the {count} frames finished so far"
+        return f"{head}{',' if when else ''} before the first frame was finished: nothing was written"
+    return f"{head}: {' and '.join(kept)} holds the {count} frames finished so far"
 
 
 def stream_frames(frames, fps: float, out: Path | None, frames_dir: Path | None, overwrite: bool):
     """Write frames to an mp4 (growing under a temporary name, renamed when done) and/or a PNG
-    folder as they arrive. Ctrl-C / SIGTERM (as KeyboardInterrupt) stops the run and finishes the
-    mp4 with every frame so far: a valid, playable file. Returns (frames written, interrupted)."""
+    folder as they arrive. Ctrl-C / SIGTERM (a KeyboardInterrupt, or the sampler's
+    ``StopRequested`` between steps) stops the run and finishes the mp4 with every frame so far: a
+    valid, playable file. Returns (frames written, the interrupt or None)."""
     video = VideoWriter(out, fps, overwrite=overwrite) if out is not None else None
     pngs = PngSequence(frames_dir, overwrite) if frames_dir is not None else None
-    count, interrupted = 0, False
+    count, interrupt = 0, None
     try:
         for frame in frames:
             if video is not None:
@@ -93,15 +99,15 @@ def stream_frames(frames, fps: float, out: Path | None, frames_dir: Path | None,
             if pngs is not None:
                 pngs.append(frame)
             count += 1
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupt = exc
     except BaseException:
         if video is not None:
             video.abort()
         raise
     if video is not None:
         video.close() if video.count else video.abort()
-    return count, interrupted
+    return count, interrupt
 
 
 def write_pose_preview(stages: PoseStages, path: Path, overwrite: bool) -> None:
@@ -138,9 +144,10 @@ class GenerateOutputs:
     def write_frames(self, frames, stream, log, how: str = "") -> tuple[int, bool]:
         """Frames to the video and/or PNG folder as they come, then one line saying what was written
         (``how``: added to it in brackets); returns (frames written, interrupted)."""
-        count, interrupted = stream_frames(frames, stream.fps, self.out, self.frames_dir, self.overwrite)
+        count, interrupt = stream_frames(frames, stream.fps, self.out, self.frames_dir, self.overwrite)
+        interrupted = interrupt is not None
         if interrupted:
-            log(interrupted_line(count, self.out, self.frames_dir))
+            log(interrupted_line(count, self.out, self.frames_dir, str(interrupt)))
         else:
             target = " and ".join(str(p) for p in (self.out, self.frames_dir) if p is not None)
             p = stream.plan

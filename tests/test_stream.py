@@ -74,6 +74,39 @@ def test_blending_ramps_across_seams():
     assert steps[5:8].max() <= 0.55 * 3.0 and steps[11:14].max() <= 0.55 * 6.0
 
 
+
+def test_a_stop_check_ends_the_loop_before_the_next_unet_call():
+    """``should_stop`` is asked before every step: once it says stop, StopRequested says how many
+    steps ran (over windows), and the UNet is not called again; the window in flight yields nothing."""
+    from finephys.sampler.loop import StopRequested
+
+    model, calls = WindowBiasModel(), []
+    predict = model.predict_noise
+    model.predict_noise = lambda *a: calls.append(1) or predict(*a)
+    plan = Plan(frames=20, height=8, width=8, steps=5, guidance=1.0, length=8, stride=6)
+    heatmaps = lambda a, b: torch.zeros((b - a, 1, 8, 8))  # noqa: E731
+    chunks = []
+    with pytest.raises(StopRequested, match="^after 7 of 15 denoising steps$"):
+        for chunk in denoise_windows(model, plan, [Request(heatmaps, "")], progress=False,
+                                     should_stop=lambda: len(calls) == 7):
+            chunks.append(chunk)
+    assert len(calls) == 7 and [c[:2] for c in chunks] == [(0, 6)]
+
+
+def test_the_first_signal_asks_for_a_stop_and_the_second_stops_at_once():
+    from engine.cli.common import StopAtStep
+
+    stop, before = StopAtStep(), signal.getsignal(signal.SIGTERM)
+    with stop.installed():
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) is before
+
 @pytest.fixture(scope="module")
 def demo_model():
     return load_model(None)
@@ -261,10 +294,53 @@ def test_an_interrupted_run_names_only_what_it_wrote(tmp_path):
         raise KeyboardInterrupt
 
     out = tmp_path / "none.mp4"
-    count, interrupted = stream_frames(frames(0), 8.0, out, None, False)
-    assert (count, interrupted) == (0, True) and not out.exists()
+    count, interrupt = stream_frames(frames(0), 8.0, out, None, False)
+    assert count == 0 and isinstance(interrupt, KeyboardInterrupt) and not out.exists()
     assert interrupted_line(count, out, None) == "interrupted before the first frame was finished: nothing was written"
     out = tmp_path / "two.mp4"
-    count, interrupted = stream_frames(frames(2), 8.0, out, None, False)
-    assert interrupted and read_video(out).shape == (2, 16, 16, 3)
+    count, interrupt = stream_frames(frames(2), 8.0, out, None, False)
+    assert interrupt is not None and read_video(out).shape == (2, 16, 16, 3)
     assert interrupted_line(count, out, None) == f"interrupted: {out} holds the 2 frames finished so far"
+
+
+def _follow_stderr(proc):
+    """Collect ``proc``'s stderr as it comes (tqdm rewrites its line with \\r, so not line by line),
+    on a thread; returns a function giving what has arrived so far."""
+    import threading
+
+    chunks = []
+
+    def read():
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            chunks.append(chunk)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lambda: b"".join(chunks).decode(errors="replace")
+
+
+def test_sigterm_stops_at_the_next_step_and_leaves_nothing_before_a_frame(tmp_path):
+    """SIGTERM during step 2 (of 6, 2-3 s each on 2 cores, one window): the run finishes that step,
+    stops before the UNet runs again, says where and that nothing was written, and leaves no file or
+    folder (it used to stop wherever the signal landed, and leave an empty --frames-dir)."""
+    import re
+
+    cmd = [sys.executable, "-m", "engine", "generate", "--poses", os.path.join(ROOT, "examples", "walk.npz"),
+           "--prompt", "a walk", "--out", str(tmp_path / "v.mp4"), "--frames-dir", str(tmp_path / "frames"),
+           "--frames", "8", "--height", "384", "--width", "384", "--steps", "6"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _follow_stderr(proc)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not re.search(r"\| 1/6 ", err()):
+        time.sleep(0.05)  # until the progress bar shows step 1 done: step 2 is running
+    assert proc.poll() is None, err()
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    proc.wait(timeout=120)
+    assert time.time() - sent < 30, err()  # the rest of a step, not of the run
+    time.sleep(0.2)  # the reader's last chunk
+    assert proc.returncode == 130 and "Traceback" not in err(), err()
+    last = err().strip().splitlines()[-1]
+    m = re.fullmatch(r".*interrupted after (\d) of 6 denoising steps, before the first frame was finished: "
+                     r"nothing was written", last)
+    assert m and 2 <= int(m.group(1)) <= 3, err()  # step 2 was finished, not cut short
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

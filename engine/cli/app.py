@@ -9,19 +9,22 @@ import click
 
 from finephys.errors import InputError
 
-from engine.cli.common import PATH, existing, fail, terminate_as_interrupt
-from engine.cli.detect import detect, detect_options, generate_input
+from engine.cli.common import PATH, DeviceChoice, SectionedCommand, StopAtStep, existing, fail
+from engine.cli.detect import DETECT_OPTION_NAMES, detect, detect_options, generate_input
 from engine.options import prompt_options, sampler_options
 
 
 class _Group(click.Group):
-    """Bad input becomes one line on stderr and exit status 2, never a traceback."""
+    """Bad input becomes one line on stderr and exit status 2, never a traceback; so do click's
+    own errors on a command's options (an unknown option, a value not of its type or choices)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as exc:
             fail(str(exc))
+        except click.UsageError as exc:
+            fail(" ".join(exc.format_message().split()))
         except KeyboardInterrupt:
             fail("interrupted")
 
@@ -32,9 +35,12 @@ def main():
     """fpengine: fast inference for FinePhys pose-guided human action video generation."""
 
 
-@main.command()
+@main.command(cls=SectionedCommand, sections=[
+    ("Input (one of)", ("poses", "video")),
+    ("With --video: pose detection (as `fpengine detect`)", (*DETECT_OPTION_NAMES, "save_clip"))])
 @click.option("--poses", "poses", type=PATH, default=None, help="Pose clip (clip.npz v1); or --video.")
-@click.option("--video", type=PATH, default=None, help="Reference video: detect its poses first (as `fpengine detect`).")
+@click.option("--video", type=PATH, default=None,
+              help="Reference video: detect its poses first (the detection options below).")
 @detect_options
 @click.option("--save-clip", type=PATH, default=None, help="With --video: write the detected clip.npz.")
 @prompt_options
@@ -42,7 +48,8 @@ def main():
 @click.option("--engine", type=PATH, default=None, help="Engine directory from `fpengine export` (instead of --ckpt).")
 @click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "tensorrt", "triton"]), default="auto",
               show_default=True, help="auto: the engine's fastest backend here with --engine, else reference.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--device", type=DeviceChoice(), default="auto", show_default=True,
+              help="Where to run: auto (CUDA where there is a GPU, else the CPU), cpu, cuda or cuda:N.")
 @sampler_options
 @click.option("--out", type=PATH, default=None, help="Video (.mp4), written as frames become final.")
 @click.option("--frames-dir", type=PATH, default=None, help="Folder for PNG frames, written as they become final.")
@@ -106,10 +113,11 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
 
         return cli_generate(CliJob(parallel, opts, clip, ckpt, engine, backend, outputs), gpus, device)
     model = load_model(ckpt, device=device, engine=engine, backend=backend, require_compiled=require_compiled)
-    stream = generate_stream(model, clip, opts)
+    stop = StopAtStep()
+    stream = generate_stream(model, clip, opts, should_stop=stop)
     log = lambda line: click.echo(line, err=True)  # noqa: E731
     outputs.write_poses(stream, log)
-    with terminate_as_interrupt():
+    with stop.installed():
         _, interrupted = outputs.write_frames(stream, stream, log)
     if interrupted:
         sys.exit(130)

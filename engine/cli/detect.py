@@ -111,6 +111,7 @@ def detect(video, out, layout, person, pose_model, pose_model_norm, min_score, m
 _DETECT_DEFAULTS = {"person": "largest", "pose_model": None, "pose_model_norm": "imagenet",
                     "min_score": DEFAULT_MIN_SCORE, "max_gap": DEFAULT_MAX_GAP, "min_detection": 0.5,
                     "person_detector": "auto"}
+DETECT_OPTION_NAMES = tuple(_DETECT_DEFAULTS)  # the parameters of ``detect_options``
 
 
 def generate_input(poses: Path | None, video: Path | None, save_clip: Path | None,

@@ -8,7 +8,7 @@ import click
 
 from finephys.errors import InputError
 
-from engine.cli.common import PATH
+from engine.cli.common import PATH, DeviceChoice
 
 
 def _range(option: str, text: str | None):
@@ -95,10 +95,14 @@ def export(ckpt, out, precision, frames, height, width, no_check, force, overwri
 
 @click.command("check")
 @click.option("--engine", type=PATH, required=True, help="Engine directory (fpengine export writes one).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "triton"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "triton"]), default="auto", show_default=True,
+              help="The runtime checked against the reference (eager fp32 PyTorch): onnxruntime (the ONNX graphs), "
+                   "tensorrt (the plans), triton (CUDA: fp16 with the project's kernels); auto: tensorrt where the "
+                   "engine has plans for this GPU, else triton on CUDA, else onnxruntime.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ckpt", type=PATH, default=None, help="The source checkpoint (default: the path in the manifest).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--device", type=DeviceChoice(), default="auto", show_default=True,
+              help="Where to run: auto (CUDA where there is a GPU, else the CPU), cpu, cuda or cuda:N.")
 @click.option("--poses", type=PATH, default=None, help="Pose clip (default: a built-in walking clip).")
 @click.option("--prompt", default="a person walking", show_default=True)
 @click.option("--frames", "num_frames", type=int, default=None,

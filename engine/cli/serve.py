@@ -56,11 +56,11 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
     """Serve generation over HTTP on Ray Serve (a local Ray instance, or --address CLUSTER).
 
     POST /generate takes JSON options (prompt, negative_prompt, num_frames, height, width,
-    num_inference_steps, guidance_scale, seed, context_length, context_stride) with the clip as a
-    'clip' object of clip.npz keys, or multipart parts 'options' (JSON) and 'clip' (clip.npz);
-    it streams the mp4 back. GET /healthz, GET /metrics (Prometheus), GET / (service info).
-    Ctrl-C or SIGTERM stops the service and the local Ray instance, once the requests already
-    accepted have finished (at most --drain-s seconds).
+    num_inference_steps, guidance_scale, seed, context_length, context_stride, deep_cache,
+    deep_cache_depth) with the clip as a 'clip' object of clip.npz keys, or multipart parts
+    'options' (JSON) and 'clip' (clip.npz); it streams the mp4 back. GET /healthz, GET /metrics
+    (Prometheus), GET / (service info). Ctrl-C or SIGTERM stops the service and the local Ray
+    instance, once the requests already accepted have finished (at most --drain-s seconds).
     """
     from engine.serve.config import MIB, Limits, ModelSpec, ServeConfig
     from engine.serve.launch import start

@@ -21,6 +21,16 @@ from finephys.errors import InputError
 from finephys.sampler.options import Plan
 
 
+class StopRequested(KeyboardInterrupt):
+    """Raised by ``denoise_windows`` between two denoising steps when its ``should_stop`` check
+    says so (a signal handler set a flag): the run ends where no step is half done. A
+    KeyboardInterrupt, so that whatever finishes outputs on Ctrl-C finishes them here too."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"after {done} of {total} denoising steps")
+        self.done, self.total = done, total
+
+
 class DdimSchedule:
     """DDIM (eta = 0) from a diffusers ``DDIMScheduler``'s own timesteps and alphas, with every
     coefficient precomputed as a Python float: stepping never reads device memory back, so the
@@ -154,7 +164,7 @@ def _guidance(requests: list[Request], device):
 
 @torch.no_grad()
 def denoise_windows(model, plan: Plan, requests: list[Request], progress: bool = True,
-                    chain: WindowChain | None = None):
+                    chain: WindowChain | None = None, should_stop: Callable[[], bool] | None = None):
     """Yields ``(start, stop, latents (B,C,stop-start,h,w))`` for consecutive frame ranges as
     soon as they are final, for B ``requests`` of ``plan``'s shape stacked on the batch axis.
 
@@ -162,7 +172,8 @@ def denoise_windows(model, plan: Plan, requests: list[Request], progress: bool =
     would get alone, up to float rounding; guidance must be on for all (every scale > 1) or off
     for all. Text and the guidance batch are computed once per clip, pose features once per
     window. ``plan.deep_cache`` (interval, depth) with interval > 1 runs ``DeepCache`` in each
-    window. ``chain`` (default: every window here, in order) says which windows run here."""
+    window. ``chain`` (default: every window here, in order) says which windows run here.
+    ``should_stop`` is asked before every step (between UNet calls); True raises ``StopRequested``."""
     chain = WindowChain() if chain is None else chain
     cfg_on, guidance = _guidance(requests, model.device)
     sched = DdimSchedule(model.scheduler(), plan.steps, model.device)
@@ -174,6 +185,7 @@ def denoise_windows(model, plan: Plan, requests: list[Request], progress: bool =
     seeds = [r.seed for r in requests]
     order = list(chain.schedule())
     bar = tqdm(total=len(order) * steps, desc="denoising", disable=not progress, leave=False)
+    done = 0
     for k in order:
         if k is None:  # nothing for this process in this round
             bar.update(steps)
@@ -186,6 +198,9 @@ def denoise_windows(model, plan: Plan, requests: list[Request], progress: bool =
         ramp = (torch.arange(1, overlap + 1, device=model.device) / (overlap + 1)).view(1, 1, -1, 1, 1)
         cache = DeepCache(*plan.deep_cache) if plan.deep_cache[0] > 1 else None
         for i, t in enumerate(sched.timesteps):
+            if should_stop is not None and should_stop():
+                bar.close()  # its line cleared before the caller says why the run ended
+                raise StopRequested(done, len(order) * steps)
             latents = guided_step(model, sched, i, t, latents, ehs, feats, guidance, cache)
             if overlap:
                 shape = (latents.shape[0], latents.shape[1], overlap, *latents.shape[3:])
@@ -193,6 +208,7 @@ def denoise_windows(model, plan: Plan, requests: list[Request], progress: bool =
             if keep < stop:
                 chain.tail(k, i, latents[:, :, keep - start :])
             bar.update(1)
+            done += 1
         chain.window_done(k)
         yield start, keep, latents[:, :, : keep - start]
     bar.close()

@@ -13,6 +13,7 @@ from finephys.model.lifter import lift_windows, normalise_2d
 from finephys.model.physnet import integrate
 from finephys.poses.camera import fit_and_project
 from finephys.poses.clip import PoseClip, resample, to_layout
+from finephys.poses.layout_check import layout_warning
 from finephys.sampler.options import GenerateOptions, Plan, plan
 from kernels.heatmap import render_heatmaps
 from kernels.physnet import physnet_fused
@@ -60,8 +61,10 @@ class PoseModel:
 
 
 def prepare_clip(clip: PoseClip, model) -> tuple[PoseClip, list[str]]:
-    """Convert to the model's layout and frame rate; returns the clip and notes for the user."""
-    notes = []
+    """Convert to the model's layout and frame rate; returns the clip and notes for the user (the
+    first a warning where the motion does not fit the clip's declared layout)."""
+    warning = layout_warning(clip)
+    notes = [] if warning is None else [warning]
     cfg = model.config
     clip = to_layout(clip, cfg.layout)
     if abs(clip.fps - cfg.fps) > 1e-6:

@@ -84,11 +84,11 @@ class GenerationStream:
     once over the whole clip (PhysNet sees full context) when the stream is made.
 
     ``prepared``: (plan, stages, notes) made elsewhere (a rank that received them), instead of
-    preparing ``clip`` here."""
+    preparing ``clip`` here. ``should_stop``: asked between denoising steps (``denoise_windows``)."""
 
     def __init__(self, model, clip: PoseClip | None, opts: GenerateOptions, progress: bool = True,
-                 prepared: tuple | None = None):
-        self.model, self.opts, self.progress = model, opts, progress
+                 prepared: tuple | None = None, should_stop=None):
+        self.model, self.opts, self.progress, self.should_stop = model, opts, progress, should_stop
         self.plan, self.stages, self.notes = prepare(model, clip, opts) if prepared is None else prepared
         self.fps = model.config.fps
 
@@ -100,7 +100,8 @@ class GenerationStream:
     def latent_chunks(self, model=None, chain: WindowChain | None = None):
         """Finished, undecoded ``(start, stop, latents)`` in frame order (with ``chain``: this
         process's windows; ``model``: a wrapper of the stream's model, as guidance splitting uses)."""
-        return denoise_windows(model or self.model, self.plan, [self.request()], self.progress, chain)
+        return denoise_windows(model or self.model, self.plan, [self.request()], self.progress, chain,
+                               self.should_stop)
 
     def chunks(self):
         m = self.model
@@ -122,8 +123,9 @@ class GenerationStream:
             yield from frames
 
 
-def generate_stream(model, clip: PoseClip, opts: GenerateOptions, progress: bool = True) -> GenerationStream:
-    return GenerationStream(model, clip, opts, progress)
+def generate_stream(model, clip: PoseClip, opts: GenerateOptions, progress: bool = True,
+                    should_stop=None) -> GenerationStream:
+    return GenerationStream(model, clip, opts, progress, should_stop=should_stop)
 
 
 def generate(model, clip: PoseClip, opts: GenerateOptions, progress: bool = True) -> Generation:
