@@ -318,6 +318,7 @@ def _follow_stderr(proc):
     return lambda: b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow  # about 20 s: a real generate subprocess at 384x384
 def test_sigterm_stops_at_the_next_step_and_leaves_nothing_before_a_frame(tmp_path):
     """SIGTERM during step 2 (of 6, 2-3 s each on 2 cores, one window): the run finishes that step,
     stops before the UNet runs again, says where and that nothing was written, and leaves no file or

@@ -104,6 +104,7 @@ def _vae_state(ckpt):
     return {k: v.clone() for k, v in load_checkpoint(ckpt).vae.state_dict().items()}
 
 
+@pytest.mark.slow  # about 20 s: four training runs
 def test_vae_decoder_alone_keeps_the_latent_space(untrained, made_motion, tmp_path):
     """--train vae_decoder changes the decoder and nothing else (a UNet trained on the VAE's
     latents stays valid); --train vae alone trains the whole VAE and no diffusion module."""
