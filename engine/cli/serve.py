@@ -86,13 +86,16 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
     try:
         try:
             service = start(config, host=host, port=port, address=address, num_cpus=num_cpus,
-                            object_store_mb=object_store_mb, own_workdir=own)
+                            object_store_mb=object_store_mb, own_workdir=own, interrupted=signals.stop.is_set)
         except BaseException as exc:
             if own:
                 shutil.rmtree(root, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt):
                 _exit_interrupted()
             raise
+        if signals.stop.is_set():  # a signal while starting whose KeyboardInterrupt was swallowed
+            service.stop()
+            _exit_interrupted()
         try:
             signals.serving = True
             c = service.config
@@ -138,6 +141,7 @@ class _Signals:
         self.stop, self.now = threading.Event(), threading.Event()
 
     def __call__(self, signum, frame):
-        if not self.serving:
+        if not self.serving:  # recorded too: code that ignores exceptions can swallow the interrupt
+            self.stop.set()
             raise KeyboardInterrupt
         (self.now if self.stop.is_set() else self.stop).set()

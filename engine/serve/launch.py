@@ -146,7 +146,7 @@ class Service:
             shutil.rmtree(root, ignore_errors=True) if self.own_workdir else clean_workdir(root)
 
 
-def _init_ray(**kwargs) -> None:
+def _init_ray(interrupted=None, **kwargs) -> None:
     """``ray.init``, keeping the caller's SIGTERM handler: ray.init installs its own (which
     exits, or tears Ray down under a running Serve), and in this process Ray's C++ failure
     handler would turn SIGTERM into an abort with a stack dump. A SIGTERM while Ray starts
@@ -158,21 +158,31 @@ def _init_ray(**kwargs) -> None:
     if "address" not in kwargs:  # the constant behind LOCAL_RAY_ENV_DEFAULTS, if Ray was imported before
         flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0").lower()
         ray_constants.ENABLE_RAY_CLUSTER = flag in ("1", "true")
+    from ray._private import utils as ray_utils
+
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main else None
+    # Ray's own handler (sys.exit) can fire inside code that ignores exceptions (a fork hook),
+    # and the SIGTERM is lost: the caller's handler stays in place while Ray starts instead
+    install = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda _handler: None
     try:
         ray.init(**kwargs)
-    except SystemExit:  # Ray's SIGTERM handlers end in sys.exit
+    except SystemExit:  # a SIGTERM handler Ray installs elsewhere ends in sys.exit
         raise KeyboardInterrupt from None
     finally:
+        ray_utils.set_sigterm_handler = install
         if main:
             signal.signal(signal.SIGTERM, handler)
+    if interrupted is not None and interrupted():  # the handler ran, but its interrupt was swallowed
+        raise KeyboardInterrupt
 
 
 def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           num_cpus: int | None = None, object_store_mb: int | None = None, own_workdir: bool = False,
-          log_to_driver: bool = True) -> Service:
-    """Start (or join) Ray, then Serve, then the application; returns once it answers."""
+          log_to_driver: bool = True, interrupted=None) -> Service:
+    """Start (or join) Ray, then Serve, then the application; returns once it answers.
+    ``interrupted()`` says whether a signal handler asked to stop (checked after Ray starts)."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     config.model.check()
@@ -199,12 +209,12 @@ def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, addres
 
         if local:
             want = max(1, math.ceil(max(config.replicas, 1) * config.replica_cpus))
-            _init_ray(namespace=NAMESPACE, include_dashboard=False, log_to_driver=log_to_driver,
+            _init_ray(interrupted, namespace=NAMESPACE, include_dashboard=False, log_to_driver=log_to_driver,
                       num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 1, want),
                       object_store_memory=None if object_store_mb is None else object_store_mb * MIB,
                       _temp_dir=str(ray_dir))
         else:
-            _init_ray(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
+            _init_ray(interrupted, address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         config = resolve(config, ray.cluster_resources())
         config.check()
         cpus = ray.cluster_resources().get("CPU", 0)
