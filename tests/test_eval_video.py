@@ -120,6 +120,7 @@ def test_the_demo_follows_its_pose_and_a_new_pose_moves_it(held_out):
     assert own[0] >= 2 * swapped[0] and own[1] >= 2 * swapped[1], (own, swapped)
 
 
+@pytest.mark.slow  # about 16 s: three generations
 def test_the_demo_wears_the_prompted_shirt(held_out):
     """Same clip and seed, two prompts: the torso comes out in the colour each prompt names."""
     model = load_model(None)
