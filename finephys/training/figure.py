@@ -110,6 +110,18 @@ def body_scale(cam: torch.Tensor) -> torch.Tensor:
     return (length / 1.45).clamp(0.6, 1.4)
 
 
+def segment_offsets(a: torch.Tensor, b: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor):
+    """For segments a->b (...,2) pixels and pixel grids xs (..., 1, W), ys (..., H, 1): where along
+    each segment the nearest point lies (t in [0,1]) and the pixel's offset from it (dx, dy),
+    each (..., H, W)."""
+    ab = b - a
+    len2 = (ab * ab).sum(-1).clamp_min(1e-6)[..., None, None]
+    ax, ay = a[..., 0, None, None], a[..., 1, None, None]
+    abx, aby = ab[..., 0, None, None], ab[..., 1, None, None]
+    t = (((xs - ax) * abx + (ys - ay) * aby) / len2).clamp(0, 1)
+    return t, xs - ax - t * abx, ys - ay - t * aby
+
+
 def render_figures(cam: torch.Tensor, camera: Camera, colours: torch.Tensor, background: torch.Tensor,
                    hair_fraction: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Draw the figures over ``background``.
@@ -132,13 +144,7 @@ def render_figures(cam: torch.Tensor, camera: Camera, colours: torch.Tensor, bac
 
     ys = torch.arange(height, device=dev, dtype=dt).view(1, 1, height, 1)
     xs = torch.arange(width, device=dev, dtype=dt).view(1, 1, 1, width)
-    a, b = px[:, :, 0], px[:, :, 1]  # (N,P,2)
-    ab = b - a
-    len2 = (ab * ab).sum(-1).clamp_min(1e-6)
-    ax, ay = a[..., 0, None, None], a[..., 1, None, None]
-    abx, aby = ab[..., 0, None, None], ab[..., 1, None, None]
-    t = (((xs - ax) * abx + (ys - ay) * aby) / len2[..., None, None]).clamp(0, 1)  # (N,P,H,W)
-    dx, dy = xs - ax - t * abx, ys - ay - t * aby
+    t, dx, dy = segment_offsets(px[:, :, 0], px[:, :, 1], xs, ys)  # (N,P,H,W)
     dist = torch.sqrt(dx * dx + dy * dy + 1e-12)
     r = radii[..., 0, None, None] + t * (radii[..., 1, None, None] - radii[..., 0, None, None])
     cover = ((r - dist) / EDGE_PX + 0.5).clamp(0, 1)  # soft edge

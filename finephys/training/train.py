@@ -43,6 +43,7 @@ from finephys.sampler.poses import guidance_heatmaps, pose_stack
 from finephys.model.text import tokenize
 from finephys.model.unet import PoseGuidedUNet
 from finephys.poses.layouts import H36M17
+from finephys.training.figure import segment_offsets
 
 MODULES = ("encoder", "lora", "unet", "text_encoder", "vae", "vae_decoder")
 DIFFUSION_MODULES = ("encoder", "lora", "unet", "text_encoder")
@@ -158,11 +159,8 @@ def figure_weights(keypoints: torch.Tensor, height: int, width: int, reach: floa
     a, b = kp[:, edges[:, 0]], kp[:, edges[:, 1]]  # (N,E,2)
     ys = torch.arange(height, device=kp.device, dtype=kp.dtype).view(1, 1, height, 1)
     xs = torch.arange(width, device=kp.device, dtype=kp.dtype).view(1, 1, 1, width)
-    ab = b - a
-    len2 = (ab * ab).sum(-1).clamp_min(1e-6)[..., None, None]
-    ax, ay, abx, aby = (v[..., None, None] for v in (a[..., 0], a[..., 1], ab[..., 0], ab[..., 1]))
-    t = (((xs - ax) * abx + (ys - ay) * aby) / len2).clamp(0, 1)
-    d2 = ((xs - ax - t * abx) ** 2 + (ys - ay - t * aby) ** 2).amin(dim=1, keepdim=True)  # (N,1,H,W)
+    _, dx, dy = segment_offsets(a, b, xs, ys)  # (N,E,H,W)
+    d2 = (dx * dx + dy * dy).amin(dim=1, keepdim=True)  # (N,1,H,W)
     side = (kp.amax(1) - kp.amin(1)).amax(-1).clamp_min(4.0).view(-1, 1, 1, 1)
     return torch.exp(-d2 / (2 * (reach * side) ** 2))
 
