@@ -9,11 +9,13 @@ is encoded into the request's own fragmented mp4 and streamed out at once.
 
 ``Api``: the FastAPI ingress. It reads the body (bounded), parses and checks it exactly as the CLI
 would (``parse.py``, with the model's config only), then calls a ``Generator`` replica through a
-streaming handle. Ray Serve's ``max_ongoing_requests`` (per replica) and ``max_queued_requests``
-(the waiting queue of this front end's handle) bound what is accepted; past them the handle raises
-``BackPressureError`` at once and the client gets 503 with ``Retry-After``; so does a request
-whose replica died before its first frame, and every request once the service drains (``drain``:
-those accepted finish, ``pending`` counts them).
+streaming handle. The front end (one replica) admits at most ``replicas x max_ongoing +
+max_queue`` requests at once, counted as they arrive; past that the client gets 503 with
+``Retry-After`` at once. (Ray Serve's own ``max_queued_requests`` counts requests its router has
+not yet placed, so a burst within capacity could be refused while the router asked the replicas
+for their queue lengths; it stays only as a backstop.) A request whose replica died before its
+first frame gets 503 too, and so does every request once the service drains (``drain``: those
+accepted finish, ``pending`` counts them).
 """
 
 import asyncio
@@ -307,14 +309,14 @@ class Api:
             return _error(exc.status, str(exc))
         except InputError as exc:
             return _error(400, str(exc))
-        stream = self.generator.generate.remote(Job(clip, opts, rid))
+        if self.metrics.waiting + self.metrics.in_flight >= self.config.capacity:  # no await since: exact
+            return self._busy(1)
         self.metrics.waiting += 1
+        stream = self.generator.generate.remote(Job(clip, opts, rid))
         try:
             header = await stream.__anext__()
         except BackPressureError as exc:
-            retry = max(1, round(getattr(exc, "retry_after_s", None) or 1))
-            return _error(503, f"the service is busy: every replica is full and its queue ("
-                               f"{self.config.max_queue}) too; retry later", **{"Retry-After": str(retry)})
+            return self._busy(getattr(exc, "retry_after_s", None) or 1)
         except RayActorError as exc:  # its replica died (Serve starts another) or cannot be reached
             log.warning("request %s: replica lost before its first frame (%s)", rid, type(exc).__name__)
             return _error(503, f"the replica holding this request stopped ({type(exc).__name__}); "
@@ -334,6 +336,10 @@ class Api:
             "X-Fpengine-Fps": f"{header.fps:g}", "X-Fpengine-Batch-Size": str(header.batch_size),
             "X-Fpengine-Notes": "; ".join(header.notes).encode("ascii", "replace").decode(),
         })
+
+    def _busy(self, retry_s: float):
+        return _error(503, f"the service is busy: every replica is full and its queue ({self.config.max_queue}) "
+                           f"too; retry later", **{"Retry-After": str(max(1, round(retry_s)))})
 
     async def _relay(self, stream, header: Header, t0: float, rid: str):
         first, finished = None, False
@@ -360,13 +366,13 @@ def build_app(config: ServeConfig):
     """The application ``serve.run`` takes: the front end bound to ``config.replicas`` Generators."""
     generator = serve.deployment(Generator).options(
         name=GENERATOR, num_replicas=config.replicas,
-        max_ongoing_requests=config.ongoing_per_replica, max_queued_requests=config.max_queue,
+        max_ongoing_requests=config.ongoing_per_replica, max_queued_requests=config.capacity,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         health_check_period_s=1, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
     )
     front = serve.deployment(Api).options(
         name=API, num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max(64, 4 * (config.replicas * config.ongoing_per_replica + config.max_queue)),
+        max_ongoing_requests=max(64, 4 * config.capacity),
         graceful_shutdown_timeout_s=5,
     )
     return front.bind(generator.bind(config), config)

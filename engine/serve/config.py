@@ -151,6 +151,11 @@ class ServeConfig:
         return self.max_ongoing or 2 * self.max_batch_size
 
     @property
+    def capacity(self) -> int:
+        """Requests the service holds at once (running or waiting); the next one gets 503."""
+        return self.replicas * self.ongoing_per_replica + self.max_queue
+
+    @property
     def work(self) -> Path:
         return Path(self.workdir)
 
