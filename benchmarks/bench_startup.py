@@ -5,15 +5,20 @@ engine (SD 1.5 + AnimateDiff v2 shapes) with and without precompiled UNet steps.
     python benchmarks/bench_startup.py --work /tmp/startup --size 512 [--frames 16 --steps 25]
 
 Cases (each a fresh process):
-    jit_cold     engine without compiled steps, empty Inductor cache (today's first run)
+    jit_cold     engine without compiled steps, empty Inductor cache (today's first run); at its
+                 end it saves Inductor's portable cache (torch.compiler.save_cache_artifacts)
     jit_warm     the same engine again, with the Inductor cache the cold run left
+    portable     the same engine, empty Inductor cache, the portable cache loaded first
+                 (torch.compiler.load_cache_artifacts)
     precompiled  engine exported with --compile, empty Inductor cache (run twice)
+The video goes to an mp4 where imageio-ffmpeg is installed, else to a folder of PNGs.
 Also: export time without and with --compile, compiled-step size on disk. Rows go to
 benchmarks/results/startup.jsonl with the card, versions and FPENGINE_COMMIT.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +43,32 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> flo
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}); see {log}")
     return wall
+
+
+PEAK = "bench_startup peak_gpu_mb="
+
+
+def peak_mb(log: Path) -> int | None:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith(PEAK)]
+    return int(lines[-1][len(PEAK):]) if lines else None
+
+
+def run_cli(load: str, save: str, args: list[str]) -> None:
+    """One case in this process: ``fpengine ARGS``, with Inductor's portable cache loaded from
+    ``load`` first and saved to ``save`` after (either may be '-')."""
+    if load != "-":
+        torch.compiler.load_cache_artifacts(Path(load).read_bytes())
+    from engine.cli.app import main as cli
+
+    try:
+        cli(args, standalone_mode=False)
+    finally:
+        if save != "-":
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is not None:
+                Path(save).write_bytes(saved[0])
+        if torch.cuda.is_initialized():
+            print(f"{PEAK}{torch.cuda.max_memory_allocated() / 2**20:.0f}", flush=True)
 
 
 def write_checkpoint(ckpt: Path) -> None:
@@ -80,18 +111,29 @@ def main():
     row["compiled_mb"] = round(sum(f.stat().st_size for f in (comp / "compiled").glob("*")) / 2**20, 1)
     gen = ["generate", "--backend", "triton", "--poses", str(ROOT / "examples/walk.npz"), "--prompt", "a person walking",
            "--frames", str(a.frames), "--height", str(a.size), "--width", str(a.size), "--steps", str(a.steps),
-           "--overwrite", "--out"]
+           "--overwrite"]
+    row["output"] = "mp4" if importlib.util.find_spec("imageio_ffmpeg") else "png"
+    portable = a.work / "portable_cache.bin"
     cache = tempfile.mkdtemp()
-    cases = [("jit_cold", plain, cache), ("jit_warm", plain, cache),
-             ("precompiled", comp, tempfile.mkdtemp()), ("precompiled_again", comp, tempfile.mkdtemp())]
-    for name, eng, cdir in cases:
+    cases = [("jit_cold", plain, cache, "-", str(portable)), ("jit_warm", plain, cache, "-", "-"),
+             ("portable", plain, tempfile.mkdtemp(), str(portable), "-"),
+             ("precompiled", comp, tempfile.mkdtemp(), "-", "-"), ("precompiled_again", comp, tempfile.mkdtemp(), "-", "-")]
+    for name, eng, cdir, load, save in cases:
         extra = ["--require-compiled"] if eng == comp else []
-        row[f"{name}_s"] = round(run(fp + gen + [str(a.work / f"{name}.mp4"), "--engine", str(eng)] + extra,
-                                     env={"TORCHINDUCTOR_CACHE_DIR": cdir}, log=a.work / f"{name}.log"), 1)
+        target = a.work / f"{name}.mp4" if row["output"] == "mp4" else a.work / f"{name}_frames"
+        out = ["--out" if row["output"] == "mp4" else "--frames-dir", str(target)]
+        row[f"{name}_s"] = round(run([sys.executable, __file__, "_run", load, save] + gen + out + ["--engine", str(eng)]
+                                     + extra, env={"TORCHINDUCTOR_CACHE_DIR": cdir}, log=a.work / f"{name}.log"), 1)
+        row[f"{name}_peak_gpu_mb"] = peak_mb(a.work / f"{name}.log")
+        if name == "jit_cold":
+            row["portable_cache_mb"] = round(portable.stat().st_size / 2**20, 1) if portable.exists() else None
         print(json.dumps(row), flush=True)
     write_rows([row], a.out)
     print(json.dumps(row, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["_run"]:
+        run_cli(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        main()
