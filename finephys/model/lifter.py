@@ -26,17 +26,41 @@ _STANDING_POSE = [
 ]
 
 
-def normalise_2d(keypoints: torch.Tensor, scores: torch.Tensor, width: float) -> torch.Tensor:
-    """Pixels -> root-centred, divided by the image width; missing joints -> 0.
+# Typical H36M-17 bone lengths (metres, the CMU subjects' means rounded), in the order of
+# ``H36M17.edges``: what ``body_scale`` divides each 2D bone by.
+BONES = ((0, 1), (1, 2), (2, 3), (0, 4), (4, 5), (5, 6), (0, 7), (7, 8), (8, 9), (9, 10), (8, 11), (11, 12),
+         (12, 13), (8, 14), (14, 15), (15, 16))
+BONE_METRES = (0.13, 0.41, 0.40, 0.13, 0.41, 0.40, 0.12, 0.21, 0.09, 0.09, 0.18, 0.27, 0.19, 0.18, 0.27, 0.19)
+SCALE_QUANTILE = 0.75  # foreshortening only shortens a bone in 2D: an upper quantile of the ratios
+
+
+def body_scale(keypoints: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(B,T,J,2) pixels, (B,T,J) scores -> (B,) the person's pixels per metre, one per clip:
+    every bone seen in any frame (both ends with score > 0) gives 2D length / typical length,
+    and the clip's scale is their ``SCALE_QUANTILE`` quantile, so it holds with joints missing
+    and limbs pointing at the camera; 1 where no bone is seen."""
+    a, b = (torch.tensor(x, device=keypoints.device) for x in zip(*BONES))
+    ref = torch.tensor(BONE_METRES, device=keypoints.device, dtype=keypoints.dtype)
+    ratio = (keypoints[..., b, :] - keypoints[..., a, :]).norm(dim=-1) / ref  # (B,T,16)
+    seen = (scores[..., a] > 0) & (scores[..., b] > 0)
+    ratio = torch.where(seen, ratio, torch.full_like(ratio, float("nan"))).flatten(1)
+    scale = torch.nanquantile(ratio, SCALE_QUANTILE, dim=1)
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+
+
+def normalise_2d(keypoints: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Pixels -> root-centred and divided by the person's ``body_scale`` (so roughly metres at
+    the person's depth, whatever the image size, lens or framing); missing joints -> 0.
 
     keypoints (B,T,J,2), scores (B,T,J). The root is the pelvis (joint 0) where seen, else
-    the confidence-weighted centroid of the frame's visible joints.
+    the confidence-weighted centroid of the frame's visible joints. One scale per clip: a
+    person walking towards the camera still grows.
     """
     w = scores.clamp(min=0)
     centroid = (keypoints * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1e-6)
     pelvis_seen = (scores[..., 0] > 0)[..., None]
     root = torch.where(pelvis_seen, keypoints[..., 0, :], centroid)
-    out = (keypoints - root[..., None, :]) / float(width)
+    out = (keypoints - root[..., None, :]) / body_scale(keypoints, scores)[:, None, None, None]
     return out * (scores > 0)[..., None].to(out.dtype)
 
 
@@ -81,7 +105,7 @@ class Lifter(nn.Module):
         if j == len(_STANDING_POSE):
             prior = torch.tensor(_STANDING_POSE)
         self.register_buffer("mean_pose_3d", prior)
-        self.register_buffer("mean_pose_2d", prior[:, :2] * 0.3)
+        self.register_buffer("mean_pose_2d", prior[:, :2])
 
     def prior_prompt(self, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         p2 = self.mean_pose_2d.expand(batch, frames, -1, -1)

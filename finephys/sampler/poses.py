@@ -86,10 +86,10 @@ def prepare(model, clip: PoseClip, opts: GenerateOptions) -> tuple[Plan, PoseSta
 
 
 @torch.no_grad()
-def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, width: float, fps: float, fuse_weight: float,
+def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, fps: float, fuse_weight: float,
                use_kernels: bool = False, K=None, dist=None):
     """Batched pose stack: 2D (B,T,J,2) pixels + scores (B,T,J) -> (S_dd, S_pp, S_fused, projected 2D)."""
-    s_dd = lift_windows(parts.lifter, normalise_2d(kp, sc, width), sc)
+    s_dd = lift_windows(parts.lifter, normalise_2d(kp, sc), sc)
     minv, jtau, coriolis = parts.physnet.predict(s_dd)
     # The reference integrates in plain torch; backends with kernels take the fused Triton kernel.
     step = physnet_fused if use_kernels else integrate
@@ -106,7 +106,7 @@ def run_pose_stack(model, clip: PoseClip) -> PoseStages:
     K = None if clip.camera_matrix is None else torch.as_tensor(clip.camera_matrix, dtype=torch.float32)
     dist = None if clip.dist_coeffs is None else torch.as_tensor(clip.dist_coeffs, dtype=torch.float32)
     s_dd, s_pp, s_fused, projected = pose_stack(
-        model.parts, kp, sc, clip.image_size[1], model.config.fps, model.config.pose.fuse_weight,
+        model.parts, kp, sc, model.config.fps, model.config.pose.fuse_weight,
         model.capabilities.kernels, K, dist)
     f = lambda x: x[0].float().cpu().numpy()  # noqa: E731
     return PoseStages(

@@ -207,13 +207,53 @@ def place_cameras(world, yaw, elevation, roll, distance, width, focal, min_depth
     return Cameras(rot, centre, np.asarray(focal, np.float64), c, width)
 
 
+def _turn_towards(directions: np.ndarray) -> np.ndarray:
+    """(N,3) unit vectors d -> (N,3,3) rotations Q with Q @ (0, 0, 1) = d (the shortest turn)."""
+    z = np.array([0.0, 0.0, 1.0])
+    axis = np.cross(z, directions)
+    sin = np.linalg.norm(axis, axis=-1)
+    cos = directions[:, 2]
+    k = axis / np.maximum(sin, 1e-12)[:, None]
+    kx = np.zeros((len(directions), 3, 3))
+    kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
+    kx = kx - kx.transpose(0, 2, 1)
+    return np.eye(3) + sin[:, None, None] * kx + (1 - cos)[:, None, None] * (kx @ kx)
+
+
+def framed_cameras(world, yaw, elevation, roll, image_wh, focal, person_px, centre_uv, min_depth=1.0) -> Cameras:
+    """Cameras that frame each window's person at a given size and place: ``image_wh`` (N,2)
+    pixels, ``focal`` (N,) pixels, ``person_px`` (N,) the person's height in the image (the
+    window's tallest vertical extent, at the distance that gives it), ``centre_uv`` (N,2) where
+    the centre of the pelvis path lands. The camera first looks at the person from ``yaw`` /
+    ``elevation`` / ``roll`` (as ``place_cameras``), then turns so the person is off-centre as
+    asked: an off-centre person is seen obliquely, as through a real lens."""
+    world = np.asarray(world, np.float64)
+    image_wh = np.asarray(image_wh, np.float64)
+    focal = np.asarray(focal, np.float64)
+    height_m = (world[..., 1].max(-1) - world[..., 1].min(-1)).max(-1)  # (N,)
+    distance = focal * height_m / np.asarray(person_px, np.float64)
+    cams = place_cameras(world, yaw, elevation, roll, distance, image_wh[:, 0], focal, min_depth)
+    c = image_wh / 2
+    d = np.concatenate([(np.asarray(centre_uv, np.float64) - c) / focal[:, None], np.ones((len(c), 1))], -1)
+    turn = _turn_towards(d / np.linalg.norm(d, axis=-1, keepdims=True))
+    # world -> camera becomes turn^T @ R: the old optical axis (the person) now points along d.
+    return Cameras(turn.transpose(0, 2, 1) @ cams.R, cams.C, focal, c, image_wh[:, 0])
+
+
 def random_cameras(rng: np.random.Generator, world: np.ndarray) -> Cameras:
-    """Random yaw, elevation -5..35 deg, roll ~3 deg, distance 3-6 m, focal 0.8-1.3 x width."""
+    """Any framing: image width 256-3840 px (log-uniform; 16:9, 4:3, 1:1 or 9:16), focal
+    0.5-3 x the width (wide to tele), the person 80-1000 px tall (at most 95% of the image
+    height), anywhere in the frame; any yaw, elevation -5..35 deg, roll ~3 deg."""
     n = len(world)
-    width = rng.uniform(480, 1920, n)
-    return place_cameras(world, rng.uniform(0, 2 * np.pi, n), np.deg2rad(rng.uniform(-5, 35, n)),
-                         np.deg2rad(rng.normal(0, 3, n)), rng.uniform(3, 6, n), width,
-                         width * rng.uniform(0.8, 1.3, n))
+    width = np.exp(rng.uniform(np.log(256), np.log(3840), n))
+    aspect = rng.choice(np.array([16 / 9, 4 / 3, 1.0, 9 / 16]), n)
+    wh = np.stack([width, width / aspect], -1)
+    focal = width * np.exp(rng.uniform(np.log(0.5), np.log(3.0), n))
+    person = np.minimum(np.exp(rng.uniform(np.log(80), np.log(1000), n)), 0.95 * wh[:, 1])
+    margin = np.stack([np.minimum(person / 3, wh[:, 0] / 2), person / 2], -1)  # keep the body mostly inside
+    centre = rng.uniform(margin, np.maximum(wh - margin, margin))
+    return framed_cameras(world, rng.uniform(0, 2 * np.pi, n), np.deg2rad(rng.uniform(-5, 35, n)),
+                          np.deg2rad(rng.normal(0, 3, n)), wh, focal, person, centre)
 
 
 def project(world: np.ndarray, cams: Cameras):
@@ -223,11 +263,17 @@ def project(world: np.ndarray, cams: Cameras):
     return uv, cam - cam[:, :, :1]
 
 
-def detector_noise(rng, uv, width, noise_px: float, drop: float):
-    """Gaussian pixel noise (sigma up to ``noise_px`` at 1000 px width, 1% outliers at 5x),
-    scores in 0.4-1, joints dropped with a per-clip rate up to ``drop`` (sometimes the legs)."""
+def person_height_px(uv: np.ndarray) -> np.ndarray:
+    """(N,T,J,2) pixels -> (N,) the person's height in the image: the tallest vertical extent."""
+    return (uv[..., 1].max(-1) - uv[..., 1].min(-1)).max(-1)
+
+
+def detector_noise(rng, uv, noise_px: float, drop: float):
+    """Gaussian pixel noise (sigma up to ``noise_px`` at 1000 px person height, so in proportion
+    to the person; 1% outliers at 5x), scores in 0.4-1, joints dropped with a per-clip rate up
+    to ``drop`` (sometimes the legs)."""
     n, t, j, _ = uv.shape
-    scale = (width / 1000.0)[:, None, None, None]
+    scale = (person_height_px(uv) / 1000.0)[:, None, None, None]
     sigma = rng.uniform(0, noise_px, (n, 1, 1, 1)) * scale
     sigma = sigma * np.where(rng.random((n, t, j, 1)) < 0.01, 5.0, 1.0)
     kp = uv + rng.normal(size=uv.shape) * sigma

@@ -95,7 +95,7 @@ def run_stack(lifter, physnet, inputs: EvalInputs, fps: float, fuse_weight: floa
     """-> (s_dd, s_pp, s_fused) numpy (N,T,J,3), as at inference (prior prompt, no noise)."""
     kp = torch.as_tensor(inputs.keypoints, dtype=torch.float32)
     sc = torch.as_tensor(inputs.scores, dtype=torch.float32)
-    s_dd = lifter(normalise_2d(kp, sc, inputs.width), sc)
+    s_dd = lifter(normalise_2d(kp, sc), sc)
     s_pp, s_fused, _ = physnet(s_dd, dt=1.0 / fps, fuse_weight=fuse_weight)
     return tuple(x.double().numpy() for x in (s_dd, s_pp, s_fused))
 

@@ -46,7 +46,7 @@ class TrainOptions:
     physnet_lr: float = 3e-4
     weight_decay: float = 1e-4
     minv_noise: float = 0.01  # std of the M^-1 perturbation, relative to its initial scale fps^2
-    noise_px: float = 4.0  # detector noise sigma (up to), pixels at 1000 px width
+    noise_px: float = 10.0  # detector noise sigma (up to), pixels at 1000 px person height
     drop: float = 0.15  # dropped-joint rate (up to)
     prompt_prob: float = 0.25
     phys_offset_m: float = 0.08  # PhysNet's noisy-truth input: per-joint offsets (up to), kept
@@ -144,15 +144,13 @@ class _Batcher:
         self.sampler, self.opts = sampler, opts
 
     def views(self, rng, world, noisy=True):
-        cams = random_cameras(rng, world)
-        uv, true = project(world, cams)
+        uv, true = project(world, random_cameras(rng, world))
         if noisy:
-            kp, sc = detector_noise(rng, uv, cams.width, self.opts.noise_px, self.opts.drop)
+            kp, sc = detector_noise(rng, uv, self.opts.noise_px, self.opts.drop)
         else:
             kp, sc = uv, np.ones(uv.shape[:-1])
-        kp = torch.as_tensor(kp / cams.width[:, None, None, None], dtype=torch.float32)
-        sc = torch.as_tensor(sc, dtype=torch.float32)
-        return normalise_2d(kp, sc, 1.0), sc, torch.as_tensor(true, dtype=torch.float32)
+        kp, sc = torch.as_tensor(kp, dtype=torch.float32), torch.as_tensor(sc, dtype=torch.float32)
+        return normalise_2d(kp, sc), sc, torch.as_tensor(true, dtype=torch.float32)
 
     def batch(self, rng, frames):
         return self.views(rng, self.sampler.sample(rng, self.opts.batch_size, frames))
