@@ -238,6 +238,27 @@ def test_pose_weights_are_strict(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     with pytest.raises(InputError, match="bad.safetensors"):
         load_pose_stack(tmp_path / "bad.safetensors")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(tmp_path / "v1.safetensors"), metadata={**meta, "format_version": "1"})
+    with pytest.raises(InputError, match="format version 1.*divided by the image width.*retrain"):
+        load_pose_stack(tmp_path / "v1.safetensors")
+
+
+def test_whole_files_are_held_out_by_name(motion):
+    from finephys.training.pose_data import split_held_out
+
+    motions = find_motion([motion / "cmu"])
+    kept, held = split_held_out(motions, ["09_11", "05_0[6-7]"])
+    assert sorted(m.name.rsplit("/", 1)[1] for m in held) == ["05_06.bvh", "05_07.bvh", "09_11.bvh"]
+    assert len(kept) == len(motions) - 3 and not set(map(id, kept)) & set(map(id, held))
+    with pytest.raises(InputError, match="--hold-out '10_01': matches none of the 47"):
+        split_held_out(motions, ["10_01"])
+    with pytest.raises(InputError, match="holds out every motion"):
+        split_held_out(motions, ["*"])
 
 
 def test_demo_ships_trained_pose_stack_that_meets_the_targets(motion):
@@ -256,3 +277,29 @@ def test_demo_ships_trained_pose_stack_that_meets_the_targets(motion):
     (r,) = evaluate(lifter, physnet, find_motion([motion / "131_01.bvh"]), meta["fps"], meta["fuse_weight"], tail=0.2)
     assert r.mpjpe_fused < r.mpjpe_dd <= 100  # README: 97.4 (S_dd) and 97.2 mm (S_fused)
     assert r.accel_fused < r.accel_dd and r.bone_std_fused < r.bone_std_dd
+
+
+def test_the_shipped_stack_sees_one_person_whatever_the_lens(motion):
+    """Issue 22: the same 3D through a 0.5x and a 2x focal length (a person 4x smaller or bigger
+    in the image, about an off-centre principal point) gives the same S_fused within 5 mm: the
+    lifter reads 2D normalised by the person, not by the frame."""
+    from types import SimpleNamespace
+
+    from finephys.model.demo import load_demo_pose_parts
+    from finephys.sampler.poses import pose_stack
+    from finephys.training.pose_data import place_cameras, project, sample_at
+
+    cfg, lifter, physnet = load_demo_pose_parts()
+    (walk,) = find_motion([motion / "cmu" / "07_11.bvh"])
+    world = np.repeat(sample_at(walk, np.arange(16) / cfg.fps)[None], 2, axis=0)
+    fused = []
+    for focal in (0.5, 2.0):
+        cams = place_cameras(world, np.array([0.4, 2.0]), np.full(2, 0.15), np.zeros(2), np.full(2, 4.0),
+                             np.full(2, 1920.0), np.full(2, 1920.0 * focal))
+        cams = type(cams)(cams.R, cams.C, cams.f, cams.c + np.array([300.0, -100.0]), cams.width)
+        uv, _ = project(world, cams)
+        kp = torch.as_tensor(uv, dtype=torch.float32)
+        out = pose_stack(SimpleNamespace(lifter=lifter, physnet=physnet), kp, torch.ones(kp.shape[:-1]), cfg.fps,
+                         cfg.pose.fuse_weight)
+        fused.append(out[2].double().numpy())
+    assert np.abs(fused[0] - fused[1]).max() * 1000 < 5.0

@@ -43,6 +43,9 @@ def _threads(n: int) -> None:
                    "Panoptic hdPose3d_stage1_coco19 folder, or a folder of these. Repeatable.")
 @click.option("--val-motion", type=PATH, multiple=True,
               help="Motion held out entirely (validation only). Repeatable.")
+@click.option("--hold-out", "hold_out", multiple=True, metavar="PATTERN",
+              help="Hold out whole --motion sequences whose file name (without extension) matches this "
+                   "glob pattern, e.g. '09_11' or '05_0[6-7]'. Repeatable.")
 @click.option("--out", type=PATH, required=True, help="Weights file to write (.safetensors).")
 @click.option("--curve", type=PATH, default=None, help="Loss curve PNG (default: OUT with .png).")
 @click.option("--ckpt", type=PATH, default=None,
@@ -59,11 +62,11 @@ def _threads(n: int) -> None:
               help="torch CPU threads (results are reproducible for a fixed seed and thread count).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch, batch_size,
-                   val_fraction, seed, threads, overwrite, quiet):
+def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch,
+                   batch_size, val_fraction, seed, threads, overwrite, quiet):
     """Train the pose stack (lifter + PhysNet) on 3D motion; write its weights."""
     from finephys.training.loss_plot import plot_history
-    from finephys.training.pose_data import find_motion
+    from finephys.training.pose_data import find_motion, split_held_out
     from finephys.training.train_pose import TrainOptions, save_trained, train_pose
 
     from engine.outputs import check_distinct, check_output
@@ -75,7 +78,8 @@ def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs,
     _threads(threads)
     pose_cfg, fps = _pose_config(ckpt)
     motions = find_motion(motion)
-    held_out = find_motion(val_motion)
+    motions, whole = split_held_out(motions, hold_out)
+    held_out = find_motion(val_motion) + whole
     opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
                         batch_size=batch_size,
                         seed=seed, val_fraction=val_fraction)

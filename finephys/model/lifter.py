@@ -26,22 +26,24 @@ _STANDING_POSE = [
 ]
 
 
-# Typical H36M-17 bone lengths (metres, the CMU subjects' means rounded), in the order of
-# ``H36M17.edges``: what ``body_scale`` divides each 2D bone by.
-BONES = ((0, 1), (1, 2), (2, 3), (0, 4), (4, 5), (5, 6), (0, 7), (7, 8), (8, 9), (9, 10), (8, 11), (11, 12),
-         (12, 13), (8, 14), (14, 15), (15, 16))
-BONE_METRES = (0.13, 0.41, 0.40, 0.13, 0.41, 0.40, 0.12, 0.21, 0.09, 0.09, 0.18, 0.27, 0.19, 0.18, 0.27, 0.19)
-SCALE_QUANTILE = 0.75  # foreshortening only shortens a bone in 2D: an upper quantile of the ratios
+# Body segments whose length changes little between people and between 3D sources (mocap
+# skeletons, skeletons derived from COCO keypoints), with their typical length in metres (the
+# CMU subjects' and Panoptic's means, rounded): thighs, shins, upper arms, forearms, the shoulder
+# width and the torso sides (hip to shoulder). ``body_scale`` divides each one's 2D length by it.
+SCALE_SEGMENTS = ((1, 2), (4, 5), (2, 3), (5, 6), (11, 12), (14, 15), (12, 13), (15, 16), (11, 14), (1, 11),
+                  (4, 14))
+SEGMENT_METRES = (0.40, 0.40, 0.42, 0.42, 0.28, 0.28, 0.20, 0.20, 0.35, 0.48, 0.48)
+SCALE_QUANTILE = 0.75  # foreshortening only shortens a segment in 2D: an upper quantile of the ratios
 
 
 def body_scale(keypoints: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """(B,T,J,2) pixels, (B,T,J) scores -> (B,) the person's pixels per metre, one per clip:
-    every bone seen in any frame (both ends with score > 0) gives 2D length / typical length,
-    and the clip's scale is their ``SCALE_QUANTILE`` quantile, so it holds with joints missing
-    and limbs pointing at the camera; 1 where no bone is seen."""
-    a, b = (torch.tensor(x, device=keypoints.device) for x in zip(*BONES))
-    ref = torch.tensor(BONE_METRES, device=keypoints.device, dtype=keypoints.dtype)
-    ratio = (keypoints[..., b, :] - keypoints[..., a, :]).norm(dim=-1) / ref  # (B,T,16)
+    every ``SCALE_SEGMENTS`` segment seen in any frame (both ends with score > 0) gives its 2D
+    length / its typical length, and the clip's scale is their ``SCALE_QUANTILE`` quantile, so it
+    holds with joints missing and limbs pointing at the camera; 1 where no segment is seen."""
+    a, b = (torch.tensor(x, device=keypoints.device) for x in zip(*SCALE_SEGMENTS))
+    ref = torch.tensor(SEGMENT_METRES, device=keypoints.device, dtype=keypoints.dtype)
+    ratio = (keypoints[..., b, :] - keypoints[..., a, :]).norm(dim=-1) / ref  # (B,T,S)
     seen = (scores[..., a] > 0) & (scores[..., b] > 0)
     ratio = torch.where(seen, ratio, torch.full_like(ratio, float("nan"))).flatten(1)
     scale = torch.nanquantile(ratio, SCALE_QUANTILE, dim=1)

@@ -12,6 +12,7 @@ the projected pixels with detector-like noise and dropped joints (score 0).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass
@@ -337,3 +338,22 @@ def split_ranges(motions: list[Motion], val_fraction: float):
         if val_fraction > 0:
             val.append((m, cut, m.duration))
     return train, val
+
+
+def motion_stem(motion: Motion) -> str:
+    """The file name of a motion without extension ('07_01'); a Panoptic body's is its folder's."""
+    return Path(motion.name.split(":")[0]).stem
+
+
+def split_held_out(motions: list[Motion], patterns) -> tuple[list[Motion], list[Motion]]:
+    """(kept, held out): motions whose ``motion_stem`` matches any glob pattern are held out."""
+    patterns = list(patterns)
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(motion_stem(m), pat) for m in motions):
+            raise InputError(f"--hold-out {pat!r}: matches none of the {len(motions)} motion sequences, expected "
+                             f"a file name pattern such as '09_11' or '05_0*'")
+    held = [m for m in motions if any(fnmatch.fnmatchcase(motion_stem(m), p) for p in patterns)]
+    if len(held) == len(motions) and motions:
+        raise InputError(f"--hold-out {' '.join(patterns)}: holds out every motion sequence, expected some left "
+                         f"to train on")
+    return [m for m in motions if m not in held], held

@@ -248,7 +248,7 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
     mean3, mean2 = estimate_prior(batcher, np.random.default_rng(opts.seed + 1), longest)
     lifter.mean_pose_3d.copy_(mean3)
     lifter.mean_pose_2d.copy_(mean2)
-    val_sets = _val_sets(val_ranges, fps, None, opts.seed + 2)
+    val_sets = _val_sets(val_ranges, fps, opts.max_frames, opts.seed + 2)
     hist = History()
     start = time.perf_counter()
     n = opts.steps_per_epoch
