@@ -1,5 +1,6 @@
 """Issue 22: the eval-pose protocol: framings, noise relative to the person, action classes, foot
 metrics (hand-made motions with known answers) and the command's tables and refusals."""
+import dataclasses
 import json
 
 import numpy as np
@@ -39,23 +40,30 @@ def _stepping(frames=40, fps=8.0, seed=0):
 
 # --- framings -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", [f for f in pm.FRAMINGS if f != "legacy"])
+# issue 22: image (w, h), focal / width, person height px, pelvis-path centre (fractions of w, h)
+ASKED = {"medium": ((1920, 1080), 1.0, 500, (0.5, 0.5)), "small": ((1920, 1080), 1.0, 240, (0.5, 0.5)),
+         "tiny": ((1920, 1080), 1.0, 100, (0.5, 0.5)), "large": ((3840, 2160), 1.5, 1000, (0.5, 0.5)),
+         "off-centre": ((1920, 1080), 0.6, 400, (0.15, 0.30))}
+
+
+@pytest.mark.parametrize("name", ASKED)
 def test_framings_give_the_asked_person_size_and_place(name):
-    spec = pm.FRAMINGS[name]
+    (w, h), focal, person, centre = ASKED[name]
     world = _standing()
     cams = pm.framing_cameras(world, name, 4)
     uv, _ = project(world, cams)
-    w, h = spec.image_wh
-    np.testing.assert_allclose(cams.f, spec.focal * w)
+    np.testing.assert_allclose(cams.f, focal * w)
     np.testing.assert_allclose(cams.c, np.tile([w / 2, h / 2], (4, 1)))
     # a standing person, seen from 4 sides at 10 deg elevation: the asked height within 3%
-    np.testing.assert_allclose(person_height_px(uv), spec.person_px, rtol=0.03)
-    np.testing.assert_allclose(uv[:, :, 0], np.broadcast_to(np.multiply(spec.centre, (w, h)), uv[:, :, 0].shape),
+    np.testing.assert_allclose(person_height_px(uv), person, rtol=0.03)
+    np.testing.assert_allclose(uv[:, :, 0], np.broadcast_to(np.multiply(centre, (w, h)), uv[:, :, 0].shape),
                                atol=0.01)  # the pelvis (static: its path's centre) where asked
     assert ((uv >= 0) & (uv <= (w, h))).all()  # the whole body inside the image
-    yaw = np.arctan2(cams.R[:, 2, 0], cams.R[:, 2, 2])  # the cameras' headings, evenly spread
-    if spec.centre == (0.5, 0.5):
+    if centre == (0.5, 0.5):  # the cameras' headings: evenly spread, level (roll 0)
+        yaw = np.arctan2(cams.R[:, 2, 0], cams.R[:, 2, 2])
         np.testing.assert_allclose(np.diff(np.unwrap(yaw)), np.pi / 2, atol=1e-9)
+        np.testing.assert_allclose(cams.R[:, 0, 1], 0.0, atol=1e-12)  # the x axis horizontal
+        np.testing.assert_allclose(np.arcsin(-cams.R[:, 2, 1]), np.deg2rad(10.0), atol=1e-9)
 
 
 def test_legacy_framing_is_the_old_protocol():
@@ -142,6 +150,8 @@ def test_a_foot_in_the_air_or_fast_is_not_in_contact():
     # 4 cm above its lowest point still counts as the floor, 6 cm does not
     steps = _ankle(np.zeros(4), np.array([0.08, 0.12, 0.08, 0.14]))
     assert pm.contacts(steps, FPS)[:, 0].tolist() == [True, True, False]
+    landing = _ankle(np.zeros(3), np.array([0.14, 0.08, 0.08]))  # both ends of an interval on the floor
+    assert pm.contacts(landing, FPS)[:, 0].tolist() == [False, True]
     # on the floor but running over it at 0.6 m/s: not a contact; at 0.4 m/s: a contact
     assert not pm.contacts(_ankle(0.6 * t, np.zeros_like(t)), FPS).any()
     assert pm.contacts(_ankle(0.4 * t, np.zeros_like(t)), FPS).all()
@@ -178,6 +188,24 @@ def test_real_walk_feet_are_in_contact_about_half_the_time(motion):
     # the ankle (not the toe) stays low and slow in the middle of the stance phase only
     assert 0.15 < share < 0.4, share
     assert 0.05 < pm.foot_skating(inputs.world[:, :, pm.ANKLES], inputs.world[:, :, pm.ANKLES], 8.0)[0] < 0.2
+
+
+def _row(clip, views, frames, contacts, skate, mpjpe):
+    fields = {f.name: 0.0 for f in dataclasses.fields(pm.ClipMetrics)}
+    fields.update(clip=clip, action_class=action_class(clip), framing="medium", views=views, frames=frames,
+                  contacts=contacts, skate_fused=skate, mpjpe_fused=mpjpe)
+    return pm.ClipMetrics(**fields)
+
+
+def test_means_weight_skating_by_contacts_and_the_rest_by_frames():
+    rows = [_row("07_01", 4, 25, 30, 1.0, 100.0), _row("05_02", 4, 75, 10, 2.0, 200.0),
+            _row("08_01", 4, 25, 0, float("nan"), 300.0)]  # no contact: no skating
+    walk, dance, everything = pm.class_means(rows)
+    assert (walk.clip, dance.clip, everything.clip) == ("walk mean", "dance mean", "all clips")
+    assert walk.skate_fused == 1.0 and walk.mpjpe_fused == 200.0 and walk.contacts == 30 and walk.views == 8
+    assert everything.skate_fused == pytest.approx((30 * 1.0 + 10 * 2.0) / 40)
+    assert everything.mpjpe_fused == pytest.approx((100 * 100 + 300 * 200 + 100 * 300) / 500)
+    assert np.isnan(pm.mean_row(rows[2:]).skate_fused)
 
 
 # --- the command ------------------------------------------------------------------------------------
