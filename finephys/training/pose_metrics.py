@@ -369,8 +369,9 @@ def mean_row(results: list[ClipMetrics], name: str = "mean", action: str = "all"
     for key, value in results[0].to_dict().items():
         if isinstance(value, float):
             weight = c if key.startswith("skate_") else w
-            x = np.array([getattr(r, key) for r in results])
-            vals[key] = float(np.dot(weight[weight > 0], x[weight > 0]) / weight.sum()) if weight.sum() else float("nan")
+            used = weight > 0  # a clip without contact has no skating (NaN)
+            x = np.array([getattr(r, key) for r in results])[used]
+            vals[key] = float(np.dot(weight[used], x) / weight.sum()) if used.any() else float("nan")
     return ClipMetrics(clip=name, action_class=action, framing=results[0].framing,
                        views=sum(r.views for r in results), contacts=int(c.sum()),
                        frames=int(round(np.dot(w, [r.frames for r in results]) / w.sum())), **vals)
