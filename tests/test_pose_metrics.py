@@ -259,3 +259,9 @@ def test_eval_pose_refuses_bad_values_in_one_line_before_reading_motion(tmp_path
     # the motion does not exist: the option's refusal comes first, before any slow work
     result = _cli("eval-pose", "--motion", tmp_path / "none.bvh", *args)
     assert (result.exit_code, result.output) == (2, f"error: {expected}\n")
+
+
+def test_eval_pose_help_names_every_framing():
+    text = " ".join(CliRunner().invoke(main, ["eval-pose", "--help"], terminal_width=200).output.split())
+    for name in pm.FRAMINGS:
+        assert f"{name} (" in text, name
