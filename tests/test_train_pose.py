@@ -219,6 +219,7 @@ def test_eval_pose_reports_known_accelerations(tmp_path):
     assert "MPJPE" in result.output and "windmill.npz" in result.output
     (clip,) = json.loads(out.read_text())["clips"]
     assert clip["views"] == 2 and clip["frames"] == 40
+    assert (clip["framing"], clip["noise_px"], clip["action_class"]) == ("medium", 2.0, "other")  # the defaults
     assert clip["accel_true"] == pytest.approx((elbow + wrist) / 17, rel=1e-5)
     assert clip["accel_p95_true"] == pytest.approx(wrist, rel=1e-5)
     assert clip["bone_std_true"] < 1e-3
