@@ -224,21 +224,26 @@ def _turn_towards(directions: np.ndarray) -> np.ndarray:
 def framed_cameras(world, yaw, elevation, roll, image_wh, focal, person_px, centre_uv, min_depth=1.0) -> Cameras:
     """Cameras that frame each window's person at a given size and place: ``image_wh`` (N,2)
     pixels, ``focal`` (N,) pixels, ``person_px`` (N,) the person's height in the image (the
-    window's tallest vertical extent, at the distance that gives it), ``centre_uv`` (N,2) where
-    the centre of the pelvis path lands. The camera first looks at the person from ``yaw`` /
-    ``elevation`` / ``roll`` (as ``place_cameras``), then turns so the person is off-centre as
-    asked: an off-centre person is seen obliquely, as through a real lens."""
+    window's tallest vertical extent in pixels), ``centre_uv`` (N,2) where the centre of the
+    pelvis path lands. The camera first looks at the person from ``yaw`` / ``elevation`` /
+    ``roll`` (as ``place_cameras``), then turns so the person is off-centre as asked: an
+    off-centre person is seen obliquely, as through a real lens. The distance is then set so
+    the person is ``person_px`` tall as seen (an oblique view stretches the image)."""
     world = np.asarray(world, np.float64)
     image_wh = np.asarray(image_wh, np.float64)
     focal = np.asarray(focal, np.float64)
-    height_m = (world[..., 1].max(-1) - world[..., 1].min(-1)).max(-1)  # (N,)
-    distance = focal * height_m / np.asarray(person_px, np.float64)
-    cams = place_cameras(world, yaw, elevation, roll, distance, image_wh[:, 0], focal, min_depth)
+    person_px = np.asarray(person_px, np.float64)
     c = image_wh / 2
     d = np.concatenate([(np.asarray(centre_uv, np.float64) - c) / focal[:, None], np.ones((len(c), 1))], -1)
     turn = _turn_towards(d / np.linalg.norm(d, axis=-1, keepdims=True))
-    # world -> camera becomes turn^T @ R: the old optical axis (the person) now points along d.
-    return Cameras(turn.transpose(0, 2, 1) @ cams.R, cams.C, focal, c, image_wh[:, 0])
+    height_m = (world[..., 1].max(-1) - world[..., 1].min(-1)).max(-1)  # (N,)
+    distance = focal * height_m / person_px
+    for _ in range(3):  # the seen height goes as 1 / distance, nearly: a few corrections
+        cams = place_cameras(world, yaw, elevation, roll, distance, image_wh[:, 0], focal, min_depth)
+        # world -> camera becomes turn @ R: the old optical axis (the person) now points along d.
+        cams = Cameras(turn @ cams.R, cams.C, focal, c, image_wh[:, 0])
+        distance = distance * person_height_px(project(world, cams)[0]) / person_px
+    return cams
 
 
 def random_cameras(rng: np.random.Generator, world: np.ndarray) -> Cameras:

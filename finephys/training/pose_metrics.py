@@ -100,19 +100,7 @@ def framing_cameras(world: np.ndarray, framing: str, cameras: int) -> Cameras:
                              np.full(n, spec.focal * width))
     wh = np.tile(np.asarray(spec.image_wh, np.float64), (n, 1))
     focal, person = np.full(n, spec.focal * width), np.full(n, float(spec.person_px))
-    if spec.centre == (0.5, 0.5):
-        return framed_cameras(world, yaw, elevation, roll, wh, focal, person, wh / 2)
-    # framed_cameras (pose_data, 20bcc5f) puts the pelvis-path centre at the mirror image of
-    # centre_uv about the image centre (it turns the camera by turn^T, not turn), and an
-    # off-centre person, seen obliquely at the centred distance, comes out taller than
-    # person_px: ask for the mirror image, and for a person smaller by that stretch (the same
-    # views' person height off-centre / centred). test_pose_metrics measures both.
-    mirror = wh - wh * np.asarray(spec.centre)
-    centred = person_height_px(project(world, framed_cameras(world, yaw, elevation, roll, wh, focal, person,
-                                                             wh / 2))[0])
-    oblique = person_height_px(project(world, framed_cameras(world, yaw, elevation, roll, wh, focal, person,
-                                                             mirror))[0])
-    return framed_cameras(world, yaw, elevation, roll, wh, focal, person * centred / oblique, mirror)
+    return framed_cameras(world, yaw, elevation, roll, wh, focal, person, wh * np.asarray(spec.centre))
 
 
 def noise_sigma_px(uv: np.ndarray, noise_px: float, framing: str) -> np.ndarray:
