@@ -31,13 +31,14 @@ Metrics (pooled over every phase and camera of the clip):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from finephys.errors import InputError
-from finephys.model.lifter import normalise_2d
 from finephys.poses.camera import fit_pinhole_translation, project_pinhole
+from finephys.sampler.poses import pose_stack
 from finephys.training.motion_classes import CLASSES, action_class
 from finephys.training.pose_data import (BONES, Cameras, Motion, framed_cameras, frames_in, person_height_px,
                                          place_cameras, project, sample_at)
@@ -212,12 +213,12 @@ def eval_inputs(motion: Motion, t0: float, t1: float, fps: float, phases: int = 
 
 @torch.no_grad()
 def run_stack(lifter, physnet, inputs: EvalInputs, fps: float, fuse_weight: float):
-    """-> (s_dd, s_pp, s_fused) numpy (N,T,J,3), as at inference (prior prompt, no noise)."""
+    """-> (s_dd, s_pp, s_fused) numpy (N,T,J,3), exactly as at inference (``pose_stack``: the
+    mean-pose prompt, long clips lifted in windows of the trained length, no M^-1 noise)."""
     kp = torch.as_tensor(inputs.keypoints, dtype=torch.float32)
     sc = torch.as_tensor(inputs.scores, dtype=torch.float32)
-    s_dd = lifter(normalise_2d(kp, sc), sc)
-    s_pp, s_fused, _ = physnet(s_dd, dt=1.0 / fps, fuse_weight=fuse_weight)
-    return tuple(x.double().numpy() for x in (s_dd, s_pp, s_fused))
+    stages = pose_stack(SimpleNamespace(lifter=lifter, physnet=physnet), kp, sc, fps, fuse_weight)
+    return tuple(x.double().numpy() for x in stages[:3])
 
 
 def _torch(x, i: int) -> torch.Tensor:
