@@ -265,3 +265,17 @@ def test_eval_pose_help_names_every_framing():
     text = " ".join(CliRunner().invoke(main, ["eval-pose", "--help"], terminal_width=200).output.split())
     for name in pm.FRAMINGS:
         assert f"{name} (" in text, name
+
+
+def test_eval_pose_leaves_out_motions_too_short_for_the_tail(tmp_path):
+    """Of several motions, one whose tail holds fewer than 3 frames (a 1 s run at --tail 0.2) is
+    left out with one line; alone, it is an error."""
+    motions = _motions(tmp_path)
+    np.savez(tmp_path / "09_01.npz", joints3d=_stepping(frames=9), fps=np.array(8.0))
+    result = _cli("eval-pose", *motions, "--motion", tmp_path / "09_01.npz", "--tail", 0.2, "--phases", 1,
+                  "--cameras", 1, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("skipped ") == 1 and "09_01.npz: its last 0.2 spans" in result.output
+    assert "class run" not in result.output and "class walk" in result.output
+    alone = _cli("eval-pose", "--motion", tmp_path / "09_01.npz", "--tail", 0.2, "--phases", 1, "--threads", 1)
+    assert alone.exit_code == 2 and "fewer than 3 frames" in alone.output and "Traceback" not in alone.output

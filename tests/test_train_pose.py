@@ -300,7 +300,7 @@ def test_the_shipped_stack_sees_one_person_whatever_the_lens(motion):
         cams = type(cams)(cams.R, cams.C, cams.f, cams.c + np.array([300.0, -100.0]), cams.width)
         uv, _ = project(world, cams)
         kp = torch.as_tensor(uv, dtype=torch.float32)
-        out = pose_stack(SimpleNamespace(lifter=lifter, physnet=physnet), kp, torch.ones(kp.shape[:-1]), cfg.fps,
-                         cfg.pose.fuse_weight)
+        out = pose_stack(SimpleNamespace(lifter=lifter, physnet=physnet), kp, torch.ones(kp.shape[:-1]),
+                         (1080, 1920), cfg.fps, cfg.pose.fuse_weight, K=torch.as_tensor(cams.K(0)))
         fused.append(out[2].double().numpy())
     assert np.abs(fused[0] - fused[1]).max() * 1000 < 5.0

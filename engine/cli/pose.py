@@ -124,7 +124,7 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
     ground penetration."""
     from finephys.training.pose_data import find_motion
     from finephys.training.pose_metrics import (FRAMINGS, check_lengths, check_tail, class_means, evaluate,
-                                                format_report, get_framing)
+                                                format_report, get_framing, too_short)
     from finephys.model.pose_weights import DEMO_WEIGHTS, load_pose_stack
 
     from engine.outputs import check_output
@@ -148,6 +148,12 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
     _threads(threads)
     motions = find_motion(motion)
     lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS if weights is None else weights)
+    short = {id(m): too_short(m, meta["fps"], tail, phases) for m in motions}
+    if len(motions) > 1 and not all(short.values()):  # of several, the ones too short are left out
+        for m in motions:
+            if short[id(m)]:
+                click.echo(f"skipped {short[id(m)]}", err=True)
+        motions = [m for m in motions if not short[id(m)]]
     check_lengths(motions, meta["fps"], tail, phases)
     runs = []
     for framing in framings:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from finephys.model.config import LifterConfig
+from finephys.poses.camera import root_2d
 
 # A standing H36M-17 skeleton in metres, camera axes (y down), root at the origin: the prior
 # before any training replaces it.
@@ -58,10 +59,7 @@ def normalise_2d(keypoints: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     the confidence-weighted centroid of the frame's visible joints. One scale per clip: a
     person walking towards the camera still grows.
     """
-    w = scores.clamp(min=0)
-    centroid = (keypoints * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1e-6)
-    pelvis_seen = (scores[..., 0] > 0)[..., None]
-    root = torch.where(pelvis_seen, keypoints[..., 0, :], centroid)
+    root = root_2d(keypoints, scores)
     out = (keypoints - root[..., None, :]) / body_scale(keypoints, scores)[:, None, None, None]
     return out * (scores > 0)[..., None].to(out.dtype)
 

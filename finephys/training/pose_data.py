@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from finephys.poses.bvh import bvh_to_h36m, load_motion, read_bvh
+from finephys.poses.camera import turn_towards
 from finephys.errors import InputError
 from finephys.poses.layouts import H36M17, convert_keypoints
 
@@ -208,19 +210,6 @@ def place_cameras(world, yaw, elevation, roll, distance, width, focal, min_depth
     return Cameras(rot, centre, np.asarray(focal, np.float64), c, width)
 
 
-def _turn_towards(directions: np.ndarray) -> np.ndarray:
-    """(N,3) unit vectors d -> (N,3,3) rotations Q with Q @ (0, 0, 1) = d (the shortest turn)."""
-    z = np.array([0.0, 0.0, 1.0])
-    axis = np.cross(z, directions)
-    sin = np.linalg.norm(axis, axis=-1)
-    cos = directions[:, 2]
-    k = axis / np.maximum(sin, 1e-12)[:, None]
-    kx = np.zeros((len(directions), 3, 3))
-    kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
-    kx = kx - kx.transpose(0, 2, 1)
-    return np.eye(3) + sin[:, None, None] * kx + (1 - cos)[:, None, None] * (kx @ kx)
-
-
 def framed_cameras(world, yaw, elevation, roll, image_wh, focal, person_px, centre_uv, min_depth=1.0) -> Cameras:
     """Cameras that frame each window's person at a given size and place: ``image_wh`` (N,2)
     pixels, ``focal`` (N,) pixels, ``person_px`` (N,) the person's height in the image (the
@@ -235,7 +224,7 @@ def framed_cameras(world, yaw, elevation, roll, image_wh, focal, person_px, cent
     person_px = np.asarray(person_px, np.float64)
     c = image_wh / 2
     d = np.concatenate([(np.asarray(centre_uv, np.float64) - c) / focal[:, None], np.ones((len(c), 1))], -1)
-    turn = _turn_towards(d / np.linalg.norm(d, axis=-1, keepdims=True))
+    turn = turn_towards(torch.as_tensor(d / np.linalg.norm(d, axis=-1, keepdims=True))).numpy()
     height_m = (world[..., 1].max(-1) - world[..., 1].min(-1)).max(-1)  # (N,)
     distance = focal * height_m / person_px
     for _ in range(3):  # the seen height goes as 1 / distance, nearly: a few corrections

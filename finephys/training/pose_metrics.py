@@ -38,7 +38,7 @@ import torch
 
 from finephys.errors import InputError
 from finephys.poses.camera import fit_pinhole_translation, project_pinhole
-from finephys.sampler.poses import pose_stack
+from finephys.sampler.poses import lift_and_fuse
 from finephys.training.motion_classes import CLASSES, action_class
 from finephys.training.pose_data import (BONES, Cameras, Motion, framed_cameras, frames_in, person_height_px,
                                          place_cameras, project, sample_at)
@@ -213,12 +213,14 @@ def eval_inputs(motion: Motion, t0: float, t1: float, fps: float, phases: int = 
 
 @torch.no_grad()
 def run_stack(lifter, physnet, inputs: EvalInputs, fps: float, fuse_weight: float):
-    """-> (s_dd, s_pp, s_fused) numpy (N,T,J,3), exactly as at inference (``pose_stack``: the
-    mean-pose prompt, long clips lifted in windows of the trained length, no M^-1 noise)."""
+    """-> (s_dd, s_pp, s_fused) numpy (N,T,J,3), exactly as at inference (``lift_and_fuse``: the
+    virtual camera of each view's known K, the mean-pose prompt, long clips lifted in windows of
+    the trained length, no M^-1 noise)."""
     kp = torch.as_tensor(inputs.keypoints, dtype=torch.float32)
     sc = torch.as_tensor(inputs.scores, dtype=torch.float32)
-    stages = pose_stack(SimpleNamespace(lifter=lifter, physnet=physnet), kp, sc, fps, fuse_weight)
-    return tuple(x.double().numpy() for x in stages[:3])
+    K = torch.as_tensor(np.stack([inputs.K(i) for i in range(len(kp))]), dtype=torch.float32)
+    stages = lift_and_fuse(SimpleNamespace(lifter=lifter, physnet=physnet), kp, sc, K, fps, fuse_weight)
+    return tuple(x.double().numpy() for x in stages)
 
 
 def _torch(x, i: int) -> torch.Tensor:
@@ -324,14 +326,22 @@ def check_tail(tail: float) -> None:
         raise InputError(f"--tail: {tail:g}, expected a fraction in (0, 1]")
 
 
+def too_short(motion: Motion, fps: float, tail: float, phases: int) -> str | None:
+    """Why ``motion``'s last ``tail`` cannot be evaluated (fewer than 3 frames at ``fps`` at
+    every phase), or None."""
+    span = motion.duration * tail
+    if eval_frames(span, fps, phases) >= 3:
+        return None
+    part = f"its last {tail:g}" if tail < 1 else "it"
+    return f"{motion.name}: {part} spans {span:.3f} s, fewer than 3 frames at {fps:g} fps ({phases} phases)"
+
+
 def check_lengths(motions: list[Motion], fps: float, tail: float, phases: int) -> None:
     """Every motion's last ``tail`` holds >= 3 frames at ``fps`` at every phase, else InputError."""
     for m in motions:
-        span = m.duration * tail
-        if eval_frames(span, fps, phases) < 3:
-            part = f"its last {tail:g}" if tail < 1 else "it"
-            raise InputError(f"{m.name}: {part} spans {span:.3f} s, fewer than 3 frames "
-                             f"at {fps:g} fps ({phases} phases), expected a longer motion")
+        problem = too_short(m, fps, tail, phases)
+        if problem is not None:
+            raise InputError(f"{problem}, expected a longer motion")
 
 
 def evaluate(lifter, physnet, motions: list[Motion], fps: float, fuse_weight: float, tail: float = 1.0,

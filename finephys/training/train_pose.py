@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from finephys.model.config import PoseConfig
 from finephys.errors import InputError
 from finephys.model.lifter import Lifter, normalise_2d
+from finephys.poses.camera import to_camera_axes, virtual_camera
 from finephys.model.physnet import PhysNet
 from finephys.training.pose_data import Motion, WindowSampler, detector_noise, project, random_cameras, split_ranges
 from finephys.training.pose_metrics import eval_inputs, mpjpe_mm, run_stack
@@ -144,13 +145,17 @@ class _Batcher:
         self.sampler, self.opts = sampler, opts
 
     def views(self, rng, world, noisy=True):
-        uv, true = project(world, random_cameras(rng, world))
+        cams = random_cameras(rng, world)
+        uv, true = project(world, cams)
         if noisy:
             kp, sc = detector_noise(rng, uv, self.opts.noise_px, self.opts.drop)
         else:
             kp, sc = uv, np.ones(uv.shape[:-1])
         kp, sc = torch.as_tensor(kp, dtype=torch.float32), torch.as_tensor(sc, dtype=torch.float32)
-        return normalise_2d(kp, sc), sc, torch.as_tensor(true, dtype=torch.float32)
+        K = torch.as_tensor(np.stack([cams.K(i) for i in range(len(kp))]), dtype=torch.float32)
+        view, turn = virtual_camera(kp, sc, K)  # as at inference; the targets in the same axes
+        true = to_camera_axes(torch.as_tensor(true, dtype=torch.float32), turn.transpose(1, 2))
+        return normalise_2d(view, sc), sc, true
 
     def batch(self, rng, frames):
         return self.views(rng, self.sampler.sample(rng, self.opts.batch_size, frames))
