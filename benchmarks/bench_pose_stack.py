@@ -67,7 +67,7 @@ def main():
     cfg, lifter, physnet = load_demo_pose_parts()
     parts = SimpleNamespace(lifter=lifter, physnet=physnet)
     params = sum(p.numel() for m in (lifter, physnet) for p in m.parameters())
-    eager = torch.no_grad()(lambda kp, sc: pose_stack(parts, kp, sc, (1080, 1920), cfg.fps, cfg.pose.fuse_weight))
+    eager = torch.no_grad()(lambda kp, sc: pose_stack(parts, kp, sc, cfg.fps, cfg.pose.fuse_weight))
     compiled = torch.compile(eager)
     rows = []
     for frames in a.frames:

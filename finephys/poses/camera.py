@@ -9,8 +9,9 @@ equations in undistorted normalised coordinates; projection applies OpenCV's k1,
 Virtual camera (``virtual_camera``): before lifting, the 2D is seen by a camera turned to look
 straight at the person (one turn per clip, towards the mean ray of its root), so a person at
 the edge of a wide shot looks to the lifter as one in the middle; its 3D comes back to the real
-camera's axes with the same turn (``to_camera_axes``). Clips without a camera matrix assume
-``default_camera_matrix``.
+camera's axes with the same turn (``to_camera_axes``). A clip without a camera matrix is not
+turned: with its focal length unknown, any turn would bend the 2D differently for a wide and a
+long lens, and the lifter's input would no longer be the same for every framing.
 """
 from __future__ import annotations
 
@@ -127,13 +128,6 @@ def root_2d(keypoints, scores):
     return torch.where((scores[..., 0] > 0)[..., None], keypoints[..., 0, :], centroid)
 
 
-def default_camera_matrix(height: int, width: int) -> torch.Tensor:
-    """The camera assumed for a clip that carries none: principal point at the image centre,
-    focal length the longer image side (a 53 degree view across a 16:9 frame)."""
-    f = float(max(height, width))
-    return torch.tensor([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
-
-
 def turn_towards(directions: torch.Tensor) -> torch.Tensor:
     """(N,3) unit vectors d -> (N,3,3) rotations Q with Q @ (0, 0, 1) = d (the shortest turn)."""
     d = directions.double()
@@ -152,7 +146,11 @@ def turn_towards(directions: torch.Tensor) -> torch.Tensor:
 def virtual_camera(keypoints, scores, K, dist=None):
     """keypoints (B,T,J,2) pixels of a camera K (3,3) or (B,3,3) -> (the joints as a camera turned
     towards the clip's mean root ray sees them (B,T,J,2), focal 1 and principal point 0; the turn
-    Q (B,3,3): real camera axes = Q @ virtual camera axes). Joints with score 0 give 0."""
+    Q (B,3,3): real camera axes = Q @ virtual camera axes). Joints with score 0 give 0. K None:
+    the pixels as they are, no turn."""
+    if K is None:
+        eye = torch.eye(3, dtype=keypoints.dtype, device=keypoints.device).expand(keypoints.shape[0], 3, 3)
+        return keypoints * (scores > 0)[..., None].to(keypoints.dtype), eye
     K = torch.as_tensor(K, dtype=keypoints.dtype, device=keypoints.device)
     K = K.expand(keypoints.shape[0], 3, 3) if K.dim() == 2 else K
     fx, fy, cx, cy = (K[:, i, j][:, None, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
