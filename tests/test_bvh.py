@@ -168,3 +168,19 @@ def test_truncated_and_malformed(tmp_path, text):
     assert "second OFFSET" in _broken(tmp_path, SMALL.replace("OFFSET 0 2 0", "OFFSET 0 2 0 OFFSET 0 1 0"))
     with pytest.raises(InputError, match="file not found"):
         read_bvh(tmp_path / "none.bvh")
+
+
+def test_shoulders_are_the_arm_joints_in_both_cmu_releases(motion):
+    """The 3dsMax release (131_01) names the arm joint LeftShoulder; the MotionBuilder release
+    (cmu/) names the clavicle so and the arm joint LeftArm. Either way the H36M shoulders (11, 14)
+    must lie a human shoulder width apart (clavicles at the thorax would be a few cm apart), and
+    the MotionBuilder files lose their converter T-pose frame 0."""
+    for path in (motion / "131_01.bvh", motion / "cmu" / "07_01.bvh", motion / "cmu" / "05_06.bvh"):
+        bvh = _parsed(path)
+        joints = bvh_to_h36m(bvh)
+        width = np.linalg.norm(joints[:, 11] - joints[:, 14], axis=-1)
+        assert 0.30 < np.median(width) < 0.45, (path.name, np.median(width))
+        upper_arm = np.linalg.norm(joints[:, 12] - joints[:, 11], axis=-1)
+        assert 0.22 < np.median(upper_arm) < 0.35, (path.name, np.median(upper_arm))
+        motionbuilder = path.parent.name == "cmu"
+        assert len(joints) == bvh.num_frames - motionbuilder

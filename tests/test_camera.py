@@ -67,3 +67,27 @@ def test_pinhole_projection_matches_a_hand_derived_case():
     uv = project_pinhole(point, torch.zeros(1, 1, 3, dtype=torch.float64), K)
     torch.testing.assert_close(uv.flatten().double(), torch.tensor([820.0, 272.0], dtype=torch.float64),
                                rtol=0, atol=1e-3)
+
+
+def test_virtual_camera_sees_the_person_straight_on():
+    """A person at the edge of a wide shot: the virtual camera's 2D is the projection (focal 1)
+    of the camera-axes 3D turned by Q^T, the clip's mean root lands at its centre, Q is a
+    rotation taking the optical axis to that root ray, and ``to_camera_axes`` turns back."""
+    from finephys.poses.camera import to_camera_axes, virtual_camera
+
+    g = torch.Generator().manual_seed(0)
+    cam = torch.randn(1, 6, 17, 3, generator=g) * 0.3 + torch.tensor([-2.5, -0.8, 4.0])  # left of the axis
+    K = torch.tensor([[700.0, 0, 960], [0, 700.0, 540], [0, 0, 1]])
+    kp = (cam[..., :2] / cam[..., 2:]) * 700 + torch.tensor([960.0, 540.0])
+    sc = torch.ones(kp.shape[:-1])
+    sc[0, 2, 5] = 0
+    view, turn = virtual_camera(kp, sc, K)
+    turned = torch.einsum("bji,btkj->btki", turn, cam)  # Q^T X, written out
+    expect = turned[..., :2] / turned[..., 2:]
+    torch.testing.assert_close(view[sc > 0], expect[sc > 0], atol=1e-5, rtol=1e-5)
+    assert float(view[0, 2, 5].abs().sum()) == 0
+    assert float(view[0, :, 0].mean(0).abs().max()) < 5e-3  # near the centre (exactly: the mean ray, below)
+    torch.testing.assert_close(turn[0] @ turn[0].T, torch.eye(3), atol=1e-6, rtol=0)
+    ray = torch.cat([(kp[0, :, 0] - torch.tensor([960.0, 540.0])) / 700, torch.ones(6, 1)], -1).mean(0)
+    assert float(torch.dot(turn[0][:, 2], ray / ray.norm())) > 1 - 1e-6
+    torch.testing.assert_close(to_camera_axes(turned, turn), cam, atol=1e-5, rtol=1e-5)

@@ -13,8 +13,7 @@ from finephys.poses.camera import project_pinhole
 from finephys.poses.clip import PoseClip, save_clip
 from finephys.poses.layout_check import layout_warning, misfits
 from finephys.poses.layouts import convert_keypoints, get_layout
-from finephys.training.pose_data import (COCO19_TO_COCO17, find_motion, place_cameras, project, random_cameras,
-                                         sample_at)
+from finephys.training.pose_data import COCO19_TO_COCO17, find_motion, place_cameras, project, sample_at
 from tests.conftest import made_walk, shared_motion
 
 
@@ -95,13 +94,18 @@ def test_the_example_clip_fits_its_layout():
 
 def cmu_views(motions, frames=48, fps=30.0, every=4.0, cameras=4, joints=lambda world: world):
     """Windows of every motion (``frames`` at ``fps``, one every ``every`` seconds), each seen by
-    ``cameras`` random cameras (pose_data.random_cameras: any yaw, elevation -5..35 deg): (T,17,2)
-    H36M-17, or what ``joints`` makes of the (T,17,3) H36M-17 world joints."""
+    ``cameras`` random cameras looking at the person (any yaw, elevation -5..35 deg, 3-6 m, focal
+    0.8-1.3 x the width): (T,17,2) H36M-17, or what ``joints`` makes of the (T,17,3) H36M-17 world
+    joints."""
     rng = np.random.default_rng(0)
     for m in motions:
         for t0 in np.arange(0, m.duration - frames / fps, every):
             world = np.repeat(joints(sample_at(m, t0 + np.arange(frames) / fps))[None], cameras, 0)
-            for uv in project(world, random_cameras(rng, world))[0]:
+            n, width = len(world), rng.uniform(480, 1920, len(world))
+            cams = place_cameras(world, rng.uniform(0, 2 * np.pi, n), np.deg2rad(rng.uniform(-5, 35, n)),
+                                 np.deg2rad(rng.normal(0, 3, n)), rng.uniform(3, 6, n), width,
+                                 width * rng.uniform(0.8, 1.3, n))
+            for uv in project(world, cams)[0]:
                 yield f"{m.name}@{t0:g}s", uv
 
 

@@ -79,3 +79,23 @@ def test_heads_read_direction_windows_and_noise_only_when_asked():
     # the reverse head reads (q[t+1], q[t], q[t-1])
     rev = net.heads[1].body(torch.cat([s.reshape(1, 6, 12)[:, 3], s.reshape(1, 6, 12)[:, 2], s.reshape(1, 6, 12)[:, 1]], -1))
     torch.testing.assert_close(net.heads[1].jtau(rev), jtau[:, 2, 1])
+
+
+def test_keep_bone_lengths_makes_bones_rigid():
+    """Every bone takes its median length over the clip along its own direction, from the root
+    out: a forearm stretched in one frame comes back to its usual length, the hand follows it,
+    and a skeleton that is already rigid is unchanged."""
+    from finephys.model.physnet import keep_bone_lengths
+    from finephys.poses.layouts import H36M17
+    from tests.conftest import made_walk
+
+    rigid = torch.as_tensor(made_walk(9), dtype=torch.float64)[None]
+    torch.testing.assert_close(keep_bone_lengths(rigid, H36M17.edges), rigid)
+    s = rigid.clone()
+    s[0, 4, 12] += (s[0, 4, 12] - s[0, 4, 11]) * 0.5  # l_elbow pushed out along the upper arm: it stretches
+    s[0, 4, 13] += (s[0, 4, 12] - rigid[0, 4, 12])  # the wrist moved with it: the forearm keeps its length
+    out = keep_bone_lengths(s, H36M17.edges)
+    torch.testing.assert_close(out, rigid)
+    edges = torch.tensor(H36M17.edges)
+    lengths = (out[..., edges[:, 1], :] - out[..., edges[:, 0], :]).norm(dim=-1)
+    assert float(lengths.std(dim=1).max()) < 1e-9

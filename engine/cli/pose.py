@@ -2,6 +2,7 @@
 on 3D motion and measure it on motion it did not see (registered on ``engine.cli.app.main``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -43,6 +44,9 @@ def _threads(n: int) -> None:
                    "Panoptic hdPose3d_stage1_coco19 folder, or a folder of these. Repeatable.")
 @click.option("--val-motion", type=PATH, multiple=True,
               help="Motion held out entirely (validation only). Repeatable.")
+@click.option("--hold-out", "hold_out", multiple=True, metavar="PATTERN",
+              help="Hold out whole --motion sequences whose file name (without extension) matches this "
+                   "glob pattern, e.g. '09_11' or '05_0[6-7]'. Repeatable.")
 @click.option("--out", type=PATH, required=True, help="Weights file to write (.safetensors).")
 @click.option("--curve", type=PATH, default=None, help="Loss curve PNG (default: OUT with .png).")
 @click.option("--ckpt", type=PATH, default=None,
@@ -59,11 +63,11 @@ def _threads(n: int) -> None:
               help="torch CPU threads (results are reproducible for a fixed seed and thread count).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch, batch_size,
-                   val_fraction, seed, threads, overwrite, quiet):
+def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch,
+                   batch_size, val_fraction, seed, threads, overwrite, quiet):
     """Train the pose stack (lifter + PhysNet) on 3D motion; write its weights."""
     from finephys.training.loss_plot import plot_history
-    from finephys.training.pose_data import find_motion
+    from finephys.training.pose_data import find_motion, split_held_out
     from finephys.training.train_pose import TrainOptions, save_trained, train_pose
 
     from engine.outputs import check_distinct, check_output
@@ -75,7 +79,8 @@ def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs,
     _threads(threads)
     pose_cfg, fps = _pose_config(ckpt)
     motions = find_motion(motion)
-    held_out = find_motion(val_motion)
+    motions, whole = split_held_out(motions, hold_out)
+    held_out = find_motion(val_motion) + whole
     opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
                         batch_size=batch_size,
                         seed=seed, val_fraction=val_fraction)
@@ -97,40 +102,70 @@ def train_pose_cmd(motion, val_motion, out, curve, ckpt, epochs, physnet_epochs,
 @click.option("--tail", type=float, default=1.0, show_default=True,
               help="Evaluate only the last fraction of every sequence (what train-pose "
                    "--val-fraction held out).")
+@click.option("--framing", "framings", multiple=True, default=("medium",), show_default=True,
+              help="Camera framing: medium (person 500 px tall, centred, 1920x1080, focal 1 x width), "
+                   "small (240 px), tiny (100 px), large (1000 px in 3840x2160, focal 1.5 x width), "
+                   "off-centre (400 px, focal 0.6 x width, pelvis path at 15%/30% of the width/height) "
+                   "or legacy (the old protocol: 1000 px image and focal, 4 m). Repeatable.")
 @click.option("--phases", type=int, default=4, show_default=True, help="Temporal phase offsets per clip.")
 @click.option("--cameras", type=int, default=4, show_default=True, help="Camera views per clip.")
-@click.option("--noise-px", type=float, default=2.0, show_default=True, help="2D noise sigma, pixels (1000 px image).")
+@click.option("--noise-px", "noises", type=float, multiple=True, default=(2.0,), show_default=True,
+              help="2D noise sigma, pixels per 1000 px of person height (legacy framing: pixels). "
+                   "Repeatable.")
 @click.option("--drop", type=float, default=0.0, show_default=True, help="Fraction of joints given score 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--json", "json_out", type=PATH, default=None, help="Also write the numbers as JSON.")
 @click.option("--overwrite", is_flag=True)
-def eval_pose_cmd(motion, weights, tail, phases, cameras, noise_px, drop, seed, threads, json_out, overwrite):
-    """Per clip: MPJPE of S_dd / S_pp / S_fused, jitter, bone-length std, 2D reprojection error."""
+def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop, seed, threads, json_out,
+                  overwrite):
+    """Per clip, grouped by action class, in every framing and at every noise level: MPJPE of
+    S_dd / S_pp / S_fused, jitter, bone-length std, 2D reprojection error, foot skating and
+    ground penetration."""
     from finephys.training.pose_data import find_motion
-    from finephys.training.pose_metrics import evaluate, format_table, mean_row
+    from finephys.training.pose_metrics import (FRAMINGS, check_lengths, check_tail, class_means, evaluate,
+                                                format_report, get_framing, too_short)
     from finephys.model.pose_weights import DEMO_WEIGHTS, load_pose_stack
 
     from engine.outputs import check_output
 
     if json_out is not None:
         check_output(json_out, overwrite, "--json", (".json",))
+    framings = tuple(dict.fromkeys(framings))
+    noises = tuple(dict.fromkeys(noises))
+    for name in framings:
+        get_framing(name)
     for name, value, lo in (("--phases", phases, 1), ("--cameras", cameras, 1)):
         if value < lo:
             raise InputError(f"{name}: {value}, expected >= {lo}")
-    if not (0 <= noise_px < 1e4) or not (0 <= drop < 1):
-        raise InputError(f"--noise-px {noise_px} / --drop {drop}: expected >= 0 pixels and a "
-                         f"fraction in [0, 1)")
+    for noise in noises:
+        if not (math.isfinite(noise) and noise >= 0):
+            raise InputError(f"--noise-px: {noise:g}, expected a finite sigma >= 0 (pixels per 1000 px of "
+                             f"person height)")
+    if not 0 <= drop < 1:
+        raise InputError(f"--drop: {drop:g}, expected a fraction in [0, 1)")
+    check_tail(tail)
     _threads(threads)
     motions = find_motion(motion)
     lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS if weights is None else weights)
-    results = evaluate(lifter, physnet, motions, meta["fps"], meta["fuse_weight"], tail, phases,
-                       cameras, noise_px, drop, seed)
-    if len(results) > 1:
-        results.append(mean_row(results))
-    click.echo(format_table(results))
+    short = {id(m): too_short(m, meta["fps"], tail, phases) for m in motions}
+    if len(motions) > 1 and not all(short.values()):  # of several, the ones too short are left out
+        for m in motions:
+            if short[id(m)]:
+                click.echo(f"skipped {short[id(m)]}", err=True)
+        motions = [m for m in motions if not short[id(m)]]
+    check_lengths(motions, meta["fps"], tail, phases)
+    runs = []
+    for framing in framings:
+        for noise in noises:
+            results = evaluate(lifter, physnet, motions, meta["fps"], meta["fuse_weight"], tail, phases,
+                               cameras, noise, drop, seed, framing)
+            click.echo(("\n\n" if runs else "") + format_report(results))
+            runs.append((results, class_means(results)))
     if json_out is not None:
         write_json(json_out, {"weights": str(weights or DEMO_WEIGHTS), "fps": meta["fps"],
-                             "tail": tail, "phases": phases, "cameras": cameras,
-                             "noise_px": noise_px, "drop": drop, "seed": seed,
-                             "clips": [r.to_dict() for r in results]})
+                             "tail": tail, "phases": phases, "cameras": cameras, "framings":
+                             {f: FRAMINGS[f].describe() for f in framings}, "noise_px": list(noises),
+                             "drop": drop, "seed": seed,
+                             "clips": [r.to_dict() for results, _ in runs for r in results],
+                             "means": [r.to_dict() for _, means in runs for r in means]})

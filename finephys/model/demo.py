@@ -86,7 +86,7 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
         "pad_token_id": 49407,
     }
     return FinePhysConfig(
-        pose=PoseConfig(lifter=LifterConfig(dim=32, depth=2, heads=4), physnet=PhysNetConfig(hidden=64)),
+        pose=PoseConfig(lifter=LifterConfig(dim=64, depth=3, heads=4), physnet=PhysNetConfig(hidden=128)),
         encoder=EncoderConfig(channels=CHANNELS, num_res_blocks=1),
         unet=unet,
         vae=vae,

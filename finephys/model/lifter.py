@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from finephys.model.config import LifterConfig
+from finephys.poses.camera import root_2d
 
 # A standing H36M-17 skeleton in metres, camera axes (y down), root at the origin: the prior
 # before any training replaces it.
@@ -26,17 +27,40 @@ _STANDING_POSE = [
 ]
 
 
-def normalise_2d(keypoints: torch.Tensor, scores: torch.Tensor, width: float) -> torch.Tensor:
-    """Pixels -> root-centred, divided by the image width; missing joints -> 0.
+# Body segments whose length changes little between people and between 3D sources (mocap
+# skeletons, skeletons derived from COCO keypoints), with their typical length in metres (the
+# CMU subjects' and Panoptic's means, rounded): thighs, shins, upper arms, forearms, the shoulder
+# width and the torso sides (hip to shoulder). ``body_scale`` divides each one's 2D length by it.
+SCALE_SEGMENTS = ((1, 2), (4, 5), (2, 3), (5, 6), (11, 12), (14, 15), (12, 13), (15, 16), (11, 14), (1, 11),
+                  (4, 14))
+SEGMENT_METRES = (0.40, 0.40, 0.42, 0.42, 0.28, 0.28, 0.20, 0.20, 0.35, 0.48, 0.48)
+SCALE_QUANTILE = 0.75  # foreshortening only shortens a segment in 2D: an upper quantile of the ratios
+
+
+def body_scale(keypoints: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(B,T,J,2) pixels, (B,T,J) scores -> (B,) the person's pixels per metre, one per clip:
+    every ``SCALE_SEGMENTS`` segment seen in any frame (both ends with score > 0) gives its 2D
+    length / its typical length, and the clip's scale is their ``SCALE_QUANTILE`` quantile, so it
+    holds with joints missing and limbs pointing at the camera; 1 where no segment is seen."""
+    a, b = (torch.tensor(x, device=keypoints.device) for x in zip(*SCALE_SEGMENTS))
+    ref = torch.tensor(SEGMENT_METRES, device=keypoints.device, dtype=keypoints.dtype)
+    ratio = (keypoints[..., b, :] - keypoints[..., a, :]).norm(dim=-1) / ref  # (B,T,S)
+    seen = (scores[..., a] > 0) & (scores[..., b] > 0)
+    ratio = torch.where(seen, ratio, torch.full_like(ratio, float("nan"))).flatten(1)
+    scale = torch.nanquantile(ratio, SCALE_QUANTILE, dim=1)
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+
+
+def normalise_2d(keypoints: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Pixels -> root-centred and divided by the person's ``body_scale`` (so roughly metres at
+    the person's depth, whatever the image size, lens or framing); missing joints -> 0.
 
     keypoints (B,T,J,2), scores (B,T,J). The root is the pelvis (joint 0) where seen, else
-    the confidence-weighted centroid of the frame's visible joints.
+    the confidence-weighted centroid of the frame's visible joints. One scale per clip: a
+    person walking towards the camera still grows.
     """
-    w = scores.clamp(min=0)
-    centroid = (keypoints * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1e-6)
-    pelvis_seen = (scores[..., 0] > 0)[..., None]
-    root = torch.where(pelvis_seen, keypoints[..., 0, :], centroid)
-    out = (keypoints - root[..., None, :]) / float(width)
+    root = root_2d(keypoints, scores)
+    out = (keypoints - root[..., None, :]) / body_scale(keypoints, scores)[:, None, None, None]
     return out * (scores > 0)[..., None].to(out.dtype)
 
 
@@ -81,7 +105,7 @@ class Lifter(nn.Module):
         if j == len(_STANDING_POSE):
             prior = torch.tensor(_STANDING_POSE)
         self.register_buffer("mean_pose_3d", prior)
-        self.register_buffer("mean_pose_2d", prior[:, :2] * 0.3)
+        self.register_buffer("mean_pose_2d", prior[:, :2])
 
     def prior_prompt(self, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         p2 = self.mean_pose_2d.expand(batch, frames, -1, -1)

@@ -40,6 +40,22 @@ def tril_to_full(tril: torch.Tensor, d: int) -> torch.Tensor:
 integrate = physnet_fused_ref
 
 
+def keep_bone_lengths(s: torch.Tensor, edges) -> torch.Tensor:
+    """(B,T,J,3) -> the same skeleton with rigid bones: every bone of ``edges`` ((parent, child)
+    pairs, parents first) gets its median length over the clip, along its own direction in each
+    frame, built outwards from the root. A body's segments do not stretch; the lifter's do."""
+    parent, child = (list(x) for x in zip(*edges))
+    vec = s[..., child, :] - s[..., parent, :]
+    length = vec.norm(dim=-1)
+    unit = vec / length.clamp(min=1e-9)[..., None]
+    bone = unit * length.median(dim=1, keepdim=True).values[..., None]  # (B,T,E,3)
+    out = [None] * s.shape[-2]
+    out[parent[0]] = s[..., parent[0], :]
+    for e, (p, c) in enumerate(zip(parent, child)):
+        out[c] = out[p] + bone[..., e, :]
+    return torch.stack([o if o is not None else s[..., j, :] for j, o in enumerate(out)], dim=-2)
+
+
 class _Head(nn.Module):
     def __init__(self, d: int, hidden: int, layers: int):
         super().__init__()

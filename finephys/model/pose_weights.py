@@ -23,7 +23,7 @@ from finephys.model.physnet import PhysNet
 from finephys.model.weights import check_state_dict
 
 FORMAT = "fpengine-pose"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the lifter reads 2D normalised by the person (1: by the image width)
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "demo_pose.safetensors"
 
 
@@ -72,6 +72,10 @@ def read_pose_weights(path) -> tuple[dict, dict]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable safetensors file "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if meta.get("format") == FORMAT and meta.get("format_version") == "1":
+        raise InputError(f"{path}: pose weights of format version 1, whose lifter reads 2D divided by the image "
+                         f"width; this version normalises by the person (format {FORMAT_VERSION}): retrain them "
+                         f"with fpengine train-pose")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path}: metadata format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r}, expected {FORMAT!r} version "

@@ -5,6 +5,13 @@ frame (the subject moves), fitted in closed form by confidence-weighted least sq
 Pinhole with distortion (when the clip carries a camera matrix): the per-frame translation of
 the root-relative skeleton is the weighted least-squares solution of the linear projection
 equations in undistorted normalised coordinates; projection applies OpenCV's k1,k2,p1,p2,k3.
+
+Virtual camera (``virtual_camera``): before lifting, the 2D is seen by a camera turned to look
+straight at the person (one turn per clip, towards the mean ray of its root), so a person at
+the edge of a wide shot looks to the lifter as one in the middle; its 3D comes back to the real
+camera's axes with the same turn (``to_camera_axes``). A clip without a camera matrix is not
+turned: with its focal length unknown, any turn would bend the 2D differently for a wide and a
+long lens, and the lifter's input would no longer be the same for every framing.
 """
 from __future__ import annotations
 
@@ -111,3 +118,54 @@ def fit_and_project(s3d, kp2d, weights, K=None, dist=None):
         return project_weak_perspective(s3d, scale, offset)
     trans = fit_pinhole_translation(s3d, kp2d, weights, K, dist)
     return project_pinhole(s3d, trans, K, dist)
+
+
+def root_2d(keypoints, scores):
+    """(B,T,J,2), (B,T,J) -> (B,T,2): the pelvis (joint 0) where seen, else the confidence-weighted
+    centroid of the frame's visible joints."""
+    w = scores.clamp(min=0)
+    centroid = (keypoints * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1e-6)
+    return torch.where((scores[..., 0] > 0)[..., None], keypoints[..., 0, :], centroid)
+
+
+def turn_towards(directions: torch.Tensor) -> torch.Tensor:
+    """(N,3) unit vectors d -> (N,3,3) rotations Q with Q @ (0, 0, 1) = d (the shortest turn)."""
+    d = directions.double()
+    z = torch.zeros_like(d)
+    z[:, 2] = 1.0
+    axis = torch.linalg.cross(z, d)
+    sin = axis.norm(dim=-1)
+    k = axis / sin.clamp(min=1e-12)[:, None]
+    kx = torch.zeros(len(d), 3, 3, dtype=d.dtype)
+    kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
+    kx = kx - kx.transpose(1, 2)
+    eye = torch.eye(3, dtype=d.dtype)
+    return (eye + sin[:, None, None] * kx + (1 - d[:, 2])[:, None, None] * (kx @ kx)).to(directions.dtype)
+
+
+def virtual_camera(keypoints, scores, K, dist=None):
+    """keypoints (B,T,J,2) pixels of a camera K (3,3) or (B,3,3) -> (the joints as a camera turned
+    towards the clip's mean root ray sees them (B,T,J,2), focal 1 and principal point 0; the turn
+    Q (B,3,3): real camera axes = Q @ virtual camera axes). Joints with score 0 give 0. K None:
+    the pixels as they are, no turn."""
+    if K is None:
+        eye = torch.eye(3, dtype=keypoints.dtype, device=keypoints.device).expand(keypoints.shape[0], 3, 3)
+        return keypoints * (scores > 0)[..., None].to(keypoints.dtype), eye
+    K = torch.as_tensor(K, dtype=keypoints.dtype, device=keypoints.device)
+    K = K.expand(keypoints.shape[0], 3, 3) if K.dim() == 2 else K
+    fx, fy, cx, cy = (K[:, i, j][:, None, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
+    xn = torch.stack([(keypoints[..., 0] - cx) / fx, (keypoints[..., 1] - cy) / fy], dim=-1)
+    xn = undistort(xn, dist)
+    seen = (scores.sum(-1) > 0).to(xn.dtype)  # (B,T)
+    root = (root_2d(xn, scores) * seen[..., None]).sum(1) / seen.sum(1).clamp(min=1)[:, None]  # (B,2)
+    ray = torch.cat([root, torch.ones_like(root[:, :1])], dim=-1)
+    turn = turn_towards(ray / ray.norm(dim=-1, keepdim=True))
+    rays = torch.cat([xn, torch.ones_like(xn[..., :1])], dim=-1)
+    v = torch.einsum("bji,btkj->btki", turn, rays)  # Q^T r
+    view = v[..., :2] / v[..., 2:3].clamp(min=1e-6)
+    return view * (scores > 0)[..., None].to(view.dtype), turn
+
+
+def to_camera_axes(s, turn):
+    """(B,T,J,3) in the virtual camera's axes -> the real camera's (Q @ x)."""
+    return torch.einsum("bij,btkj->btki", turn.to(s.dtype), s)

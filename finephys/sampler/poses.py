@@ -10,9 +10,10 @@ import torch
 from finephys.errors import InputError
 from finephys.model.backend import Capabilities
 from finephys.model.lifter import lift_windows, normalise_2d
-from finephys.model.physnet import integrate
-from finephys.poses.camera import fit_and_project
+from finephys.model.physnet import integrate, keep_bone_lengths
+from finephys.poses.camera import fit_and_project, to_camera_axes, virtual_camera
 from finephys.poses.clip import PoseClip, resample, to_layout
+from finephys.poses.layouts import H36M17
 from finephys.poses.layout_check import layout_warning
 from finephys.sampler.options import GenerateOptions, Plan, plan
 from kernels.heatmap import render_heatmaps
@@ -85,15 +86,28 @@ def prepare(model, clip: PoseClip, opts: GenerateOptions) -> tuple[Plan, PoseSta
     return checked, run_pose_stack(model, clip), notes
 
 
-@torch.no_grad()
-def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, width: float, fps: float, fuse_weight: float,
-               use_kernels: bool = False, K=None, dist=None):
-    """Batched pose stack: 2D (B,T,J,2) pixels + scores (B,T,J) -> (S_dd, S_pp, S_fused, projected 2D)."""
-    s_dd = lift_windows(parts.lifter, normalise_2d(kp, sc, width), sc)
+def lift_and_fuse(parts, kp: torch.Tensor, sc: torch.Tensor, K, fps: float, fuse_weight: float,
+                  use_kernels: bool = False, dist=None):
+    """2D (B,T,J,2) pixels of camera K ((3,3), (B,3,3) or None) + scores (B,T,J) -> (S_dd, S_pp, S_fused),
+    root-relative metres in the camera's axes. The lifter and PhysNet work in the virtual camera
+    that looks straight at the person (``virtual_camera``); the results are turned back."""
+    view, turn = virtual_camera(kp, sc, K, dist)
+    s_dd = lift_windows(parts.lifter, normalise_2d(view, sc), sc)
     minv, jtau, coriolis = parts.physnet.predict(s_dd)
     # The reference integrates in plain torch; backends with kernels take the fused Triton kernel.
     step = physnet_fused if use_kernels else integrate
     s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / fps, fuse_weight)
+    s_fused = keep_bone_lengths(s_fused, H36M17.edges)
+    return tuple(to_camera_axes(s, turn) for s in (s_dd, s_pp, s_fused))
+
+
+@torch.no_grad()
+def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, fps: float, fuse_weight: float,
+               use_kernels: bool = False, K=None, dist=None):
+    """Batched pose stack: 2D (B,T,J,2) pixels + scores (B,T,J) -> (S_dd, S_pp, S_fused, projected
+    2D). With the clip's camera matrix K the lifter sees the person through the virtual camera
+    and the projection is pinhole; without, neither turn nor perspective: weak perspective."""
+    s_dd, s_pp, s_fused = lift_and_fuse(parts, kp, sc, K, fps, fuse_weight, use_kernels, dist)
     return s_dd, s_pp, s_fused, fit_and_project(s_fused, kp, sc, K, dist)
 
 
@@ -106,7 +120,7 @@ def run_pose_stack(model, clip: PoseClip) -> PoseStages:
     K = None if clip.camera_matrix is None else torch.as_tensor(clip.camera_matrix, dtype=torch.float32)
     dist = None if clip.dist_coeffs is None else torch.as_tensor(clip.dist_coeffs, dtype=torch.float32)
     s_dd, s_pp, s_fused, projected = pose_stack(
-        model.parts, kp, sc, clip.image_size[1], model.config.fps, model.config.pose.fuse_weight,
+        model.parts, kp, sc, model.config.fps, model.config.pose.fuse_weight,
         model.capabilities.kernels, K, dist)
     f = lambda x: x[0].float().cpu().numpy()  # noqa: E731
     return PoseStages(

@@ -12,14 +12,17 @@ the projected pixels with detector-like noise and dropped joints (score 0).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from finephys.poses.bvh import bvh_to_h36m, load_motion, read_bvh
+from finephys.poses.camera import turn_towards
 from finephys.errors import InputError
 from finephys.poses.layouts import H36M17, convert_keypoints
 
@@ -207,13 +210,45 @@ def place_cameras(world, yaw, elevation, roll, distance, width, focal, min_depth
     return Cameras(rot, centre, np.asarray(focal, np.float64), c, width)
 
 
+def framed_cameras(world, yaw, elevation, roll, image_wh, focal, person_px, centre_uv, min_depth=1.0) -> Cameras:
+    """Cameras that frame each window's person at a given size and place: ``image_wh`` (N,2)
+    pixels, ``focal`` (N,) pixels, ``person_px`` (N,) the person's height in the image (the
+    window's tallest vertical extent in pixels), ``centre_uv`` (N,2) where the centre of the
+    pelvis path lands. The camera first looks at the person from ``yaw`` / ``elevation`` /
+    ``roll`` (as ``place_cameras``), then turns so the person is off-centre as asked: an
+    off-centre person is seen obliquely, as through a real lens. The distance is then set so
+    the person is ``person_px`` tall as seen (an oblique view stretches the image)."""
+    world = np.asarray(world, np.float64)
+    image_wh = np.asarray(image_wh, np.float64)
+    focal = np.asarray(focal, np.float64)
+    person_px = np.asarray(person_px, np.float64)
+    c = image_wh / 2
+    d = np.concatenate([(np.asarray(centre_uv, np.float64) - c) / focal[:, None], np.ones((len(c), 1))], -1)
+    turn = turn_towards(torch.as_tensor(d / np.linalg.norm(d, axis=-1, keepdims=True))).numpy()
+    height_m = (world[..., 1].max(-1) - world[..., 1].min(-1)).max(-1)  # (N,)
+    distance = focal * height_m / person_px
+    for _ in range(3):  # the seen height goes as 1 / distance, nearly: a few corrections
+        cams = place_cameras(world, yaw, elevation, roll, distance, image_wh[:, 0], focal, min_depth)
+        # world -> camera becomes turn @ R: the old optical axis (the person) now points along d.
+        cams = Cameras(turn @ cams.R, cams.C, focal, c, image_wh[:, 0])
+        distance = distance * person_height_px(project(world, cams)[0]) / person_px
+    return cams
+
+
 def random_cameras(rng: np.random.Generator, world: np.ndarray) -> Cameras:
-    """Random yaw, elevation -5..35 deg, roll ~3 deg, distance 3-6 m, focal 0.8-1.3 x width."""
+    """Any framing: image width 256-3840 px (log-uniform; 16:9, 4:3, 1:1 or 9:16), focal
+    0.5-3 x the width (wide to tele), the person 80-1000 px tall (at most 95% of the image
+    height), anywhere in the frame; any yaw, elevation -5..35 deg, roll ~3 deg."""
     n = len(world)
-    width = rng.uniform(480, 1920, n)
-    return place_cameras(world, rng.uniform(0, 2 * np.pi, n), np.deg2rad(rng.uniform(-5, 35, n)),
-                         np.deg2rad(rng.normal(0, 3, n)), rng.uniform(3, 6, n), width,
-                         width * rng.uniform(0.8, 1.3, n))
+    width = np.exp(rng.uniform(np.log(256), np.log(3840), n))
+    aspect = rng.choice(np.array([16 / 9, 4 / 3, 1.0, 9 / 16]), n)
+    wh = np.stack([width, width / aspect], -1)
+    focal = width * np.exp(rng.uniform(np.log(0.5), np.log(3.0), n))
+    person = np.minimum(np.exp(rng.uniform(np.log(80), np.log(1000), n)), 0.95 * wh[:, 1])
+    margin = np.stack([np.minimum(person / 3, wh[:, 0] / 2), person / 2], -1)  # keep the body mostly inside
+    centre = rng.uniform(margin, np.maximum(wh - margin, margin))
+    return framed_cameras(world, rng.uniform(0, 2 * np.pi, n), np.deg2rad(rng.uniform(-5, 35, n)),
+                          np.deg2rad(rng.normal(0, 3, n)), wh, focal, person, centre)
 
 
 def project(world: np.ndarray, cams: Cameras):
@@ -223,11 +258,17 @@ def project(world: np.ndarray, cams: Cameras):
     return uv, cam - cam[:, :, :1]
 
 
-def detector_noise(rng, uv, width, noise_px: float, drop: float):
-    """Gaussian pixel noise (sigma up to ``noise_px`` at 1000 px width, 1% outliers at 5x),
-    scores in 0.4-1, joints dropped with a per-clip rate up to ``drop`` (sometimes the legs)."""
+def person_height_px(uv: np.ndarray) -> np.ndarray:
+    """(N,T,J,2) pixels -> (N,) the person's height in the image: the tallest vertical extent."""
+    return (uv[..., 1].max(-1) - uv[..., 1].min(-1)).max(-1)
+
+
+def detector_noise(rng, uv, noise_px: float, drop: float):
+    """Gaussian pixel noise (sigma up to ``noise_px`` at 1000 px person height, so in proportion
+    to the person; 1% outliers at 5x), scores in 0.4-1, joints dropped with a per-clip rate up
+    to ``drop`` (sometimes the legs)."""
     n, t, j, _ = uv.shape
-    scale = (width / 1000.0)[:, None, None, None]
+    scale = (person_height_px(uv) / 1000.0)[:, None, None, None]
     sigma = rng.uniform(0, noise_px, (n, 1, 1, 1)) * scale
     sigma = sigma * np.where(rng.random((n, t, j, 1)) < 0.01, 5.0, 1.0)
     kp = uv + rng.normal(size=uv.shape) * sigma
@@ -291,3 +332,22 @@ def split_ranges(motions: list[Motion], val_fraction: float):
         if val_fraction > 0:
             val.append((m, cut, m.duration))
     return train, val
+
+
+def motion_stem(motion: Motion) -> str:
+    """The file name of a motion without extension ('07_01'); a Panoptic body's is its folder's."""
+    return Path(motion.name.split(":")[0]).stem
+
+
+def split_held_out(motions: list[Motion], patterns) -> tuple[list[Motion], list[Motion]]:
+    """(kept, held out): motions whose ``motion_stem`` matches any glob pattern are held out."""
+    patterns = list(patterns)
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(motion_stem(m), pat) for m in motions):
+            raise InputError(f"--hold-out {pat!r}: matches none of the {len(motions)} motion sequences, expected "
+                             f"a file name pattern such as '09_11' or '05_0*'")
+    held = [m for m in motions if any(fnmatch.fnmatchcase(motion_stem(m), p) for p in patterns)]
+    if len(held) == len(motions) and motions:
+        raise InputError(f"--hold-out {' '.join(patterns)}: holds out every motion sequence, expected some left "
+                         f"to train on")
+    return [m for m in motions if m not in held], held

@@ -282,7 +282,7 @@ class Trainer:
         h, w = self.size
         if self.opts.pose_stack:
             cfg = self.parts.config
-            kp = pose_stack(self.parts, kp, sc, w, cfg.fps, cfg.pose.fuse_weight)[3]
+            kp = pose_stack(self.parts, kp, sc, cfg.fps, cfg.pose.fuse_weight)[3]
             sc = torch.ones_like(sc)
         return guidance_heatmaps(self.parts.config, kp, (sc > 0).float(), h, w).flatten(0, 1)
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from finephys.model.config import PoseConfig
 from finephys.errors import InputError
 from finephys.model.lifter import Lifter, normalise_2d
+from finephys.poses.camera import to_camera_axes, virtual_camera
 from finephys.model.physnet import PhysNet
 from finephys.training.pose_data import Motion, WindowSampler, detector_noise, project, random_cameras, split_ranges
 from finephys.training.pose_metrics import eval_inputs, mpjpe_mm, run_stack
@@ -46,7 +47,7 @@ class TrainOptions:
     physnet_lr: float = 3e-4
     weight_decay: float = 1e-4
     minv_noise: float = 0.01  # std of the M^-1 perturbation, relative to its initial scale fps^2
-    noise_px: float = 4.0  # detector noise sigma (up to), pixels at 1000 px width
+    noise_px: float = 10.0  # detector noise sigma (up to), pixels at 1000 px person height
     drop: float = 0.15  # dropped-joint rate (up to)
     prompt_prob: float = 0.25
     phys_offset_m: float = 0.08  # PhysNet's noisy-truth input: per-joint offsets (up to), kept
@@ -147,12 +148,14 @@ class _Batcher:
         cams = random_cameras(rng, world)
         uv, true = project(world, cams)
         if noisy:
-            kp, sc = detector_noise(rng, uv, cams.width, self.opts.noise_px, self.opts.drop)
+            kp, sc = detector_noise(rng, uv, self.opts.noise_px, self.opts.drop)
         else:
             kp, sc = uv, np.ones(uv.shape[:-1])
-        kp = torch.as_tensor(kp / cams.width[:, None, None, None], dtype=torch.float32)
-        sc = torch.as_tensor(sc, dtype=torch.float32)
-        return normalise_2d(kp, sc, 1.0), sc, torch.as_tensor(true, dtype=torch.float32)
+        kp, sc = torch.as_tensor(kp, dtype=torch.float32), torch.as_tensor(sc, dtype=torch.float32)
+        K = torch.as_tensor(np.stack([cams.K(i) for i in range(len(kp))]), dtype=torch.float32)
+        view, turn = virtual_camera(kp, sc, K)  # as at inference; the targets in the same axes
+        true = to_camera_axes(torch.as_tensor(true, dtype=torch.float32), turn.transpose(1, 2))
+        return normalise_2d(view, sc), sc, true
 
     def batch(self, rng, frames):
         return self.views(rng, self.sampler.sample(rng, self.opts.batch_size, frames))
@@ -250,7 +253,7 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
     mean3, mean2 = estimate_prior(batcher, np.random.default_rng(opts.seed + 1), longest)
     lifter.mean_pose_3d.copy_(mean3)
     lifter.mean_pose_2d.copy_(mean2)
-    val_sets = _val_sets(val_ranges, fps, None, opts.seed + 2)
+    val_sets = _val_sets(val_ranges, fps, opts.max_frames, opts.seed + 2)
     hist = History()
     start = time.perf_counter()
     n = opts.steps_per_epoch
