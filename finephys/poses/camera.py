@@ -79,8 +79,12 @@ def undistort(xd, dist, iterations: int = 20):
 
 
 def _to_normalised(kp2d, K):
+    """Pixels (B,T,J,2) -> normalised image coordinates of camera K, (3,3) or one per clip (B,3,3)."""
     K = torch.as_tensor(K, dtype=kp2d.dtype, device=kp2d.device)
-    return torch.stack([(kp2d[..., 0] - K[0, 2]) / K[0, 0], (kp2d[..., 1] - K[1, 2]) / K[1, 1]], dim=-1)
+    if K.dim() == 3:
+        K = K[:, None, None]  # (B,1,1,3,3) against (B,T,J)
+    return torch.stack([(kp2d[..., 0] - K[..., 0, 2]) / K[..., 0, 0], (kp2d[..., 1] - K[..., 1, 2]) / K[..., 1, 1]],
+                       dim=-1)
 
 
 def fit_pinhole_translation(s3d, kp2d, weights, K, dist=None):
@@ -151,11 +155,7 @@ def virtual_camera(keypoints, scores, K, dist=None):
     if K is None:
         eye = torch.eye(3, dtype=keypoints.dtype, device=keypoints.device).expand(keypoints.shape[0], 3, 3)
         return keypoints * (scores > 0)[..., None].to(keypoints.dtype), eye
-    K = torch.as_tensor(K, dtype=keypoints.dtype, device=keypoints.device)
-    K = K.expand(keypoints.shape[0], 3, 3) if K.dim() == 2 else K
-    fx, fy, cx, cy = (K[:, i, j][:, None, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
-    xn = torch.stack([(keypoints[..., 0] - cx) / fx, (keypoints[..., 1] - cy) / fy], dim=-1)
-    xn = undistort(xn, dist)
+    xn = undistort(_to_normalised(keypoints, K), dist)
     seen = (scores.sum(-1) > 0).to(xn.dtype)  # (B,T)
     root = (root_2d(xn, scores) * seen[..., None]).sum(1) / seen.sum(1).clamp(min=1)[:, None]  # (B,2)
     ray = torch.cat([root, torch.ones_like(root[:, :1])], dim=-1)

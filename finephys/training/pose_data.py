@@ -178,7 +178,15 @@ class Cameras:
     width: np.ndarray
 
     def K(self, i: int) -> np.ndarray:
-        return np.array([[self.f[i], 0, self.c[i, 0]], [0, self.f[i], self.c[i, 1]], [0, 0, 1.0]])
+        return self.matrices()[i]
+
+    def matrices(self) -> np.ndarray:
+        """(N,3,3) the camera matrices."""
+        K = np.zeros((len(self.f), 3, 3))
+        K[:, 0, 0] = K[:, 1, 1] = self.f
+        K[:, :2, 2] = self.c
+        K[:, 2, 2] = 1.0
+        return K
 
 
 def look_rotation(yaw, elevation, roll) -> np.ndarray:

@@ -218,7 +218,7 @@ def run_stack(lifter, physnet, inputs: EvalInputs, fps: float, fuse_weight: floa
     the trained length, no M^-1 noise)."""
     kp = torch.as_tensor(inputs.keypoints, dtype=torch.float32)
     sc = torch.as_tensor(inputs.scores, dtype=torch.float32)
-    K = torch.as_tensor(np.stack([inputs.K(i) for i in range(len(kp))]), dtype=torch.float32)
+    K = torch.as_tensor(inputs.cams.matrices(), dtype=torch.float32)
     stages = lift_and_fuse(SimpleNamespace(lifter=lifter, physnet=physnet), kp, sc, K, fps, fuse_weight)
     return tuple(x.double().numpy() for x in stages)
 

@@ -152,7 +152,7 @@ class _Batcher:
         else:
             kp, sc = uv, np.ones(uv.shape[:-1])
         kp, sc = torch.as_tensor(kp, dtype=torch.float32), torch.as_tensor(sc, dtype=torch.float32)
-        K = torch.as_tensor(np.stack([cams.K(i) for i in range(len(kp))]), dtype=torch.float32)
+        K = torch.as_tensor(cams.matrices(), dtype=torch.float32)
         view, turn = virtual_camera(kp, sc, K)  # as at inference; the targets in the same axes
         true = to_camera_axes(torch.as_tensor(true, dtype=torch.float32), turn.transpose(1, 2))
         return normalise_2d(view, sc), sc, true
