@@ -10,7 +10,8 @@ Cases (each a fresh process):
     jit_warm     the same engine again, with the Inductor cache the cold run left
     portable     the same engine, empty Inductor cache, the portable cache loaded first
                  (torch.compiler.load_cache_artifacts)
-    precompiled  engine exported with --compile, empty Inductor cache (run twice)
+    precompiled  engine exported with --compile, empty Inductor cache (run twice; the second run
+                 under cProfile, its 40 costliest calls by cumulative time in precompiled_again.log)
 The video goes to an mp4 where imageio-ffmpeg is installed, else to a folder of PNGs.
 Also: export time without and with --compile, compiled-step size on disk. Rows go to
 benchmarks/results/startup.jsonl with the card, versions and FPENGINE_COMMIT.
@@ -27,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+_t0 = time.perf_counter()
+import torch  # noqa: E402
 
+IMPORT_TORCH_S = time.perf_counter() - _t0
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -58,11 +61,22 @@ def run_cli(load: str, save: str, args: list[str]) -> None:
     ``load`` first and saved to ``save`` after (either may be '-')."""
     if load != "-":
         torch.compiler.load_cache_artifacts(Path(load).read_bytes())
+    profile = os.environ.get("BENCH_STARTUP_PROFILE") == "1"
+    if profile:
+        import cProfile
+        import pstats
+
+        print(f"bench_startup import_torch_s={IMPORT_TORCH_S:.2f}", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
     from engine.cli.app import main as cli
 
     try:
         cli(args, standalone_mode=False)
     finally:
+        if profile:
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
         if save != "-":
             saved = torch.compiler.save_cache_artifacts()
             if saved is not None:
@@ -122,8 +136,9 @@ def main():
         extra = ["--require-compiled"] if eng == comp else []
         target = a.work / f"{name}.mp4" if row["output"] == "mp4" else a.work / f"{name}_frames"
         out = ["--out" if row["output"] == "mp4" else "--frames-dir", str(target)]
+        env = {"TORCHINDUCTOR_CACHE_DIR": cdir, "BENCH_STARTUP_PROFILE": "1" if name == "precompiled_again" else "0"}
         row[f"{name}_s"] = round(run([sys.executable, __file__, "_run", load, save] + gen + out + ["--engine", str(eng)]
-                                     + extra, env={"TORCHINDUCTOR_CACHE_DIR": cdir}, log=a.work / f"{name}.log"), 1)
+                                     + extra, env=env, log=a.work / f"{name}.log"), 1)
         row[f"{name}_peak_gpu_mb"] = peak_mb(a.work / f"{name}.log")
         if name == "jit_cold":
             row["portable_cache_mb"] = round(portable.stat().st_size / 2**20, 1) if portable.exists() else None
