@@ -91,3 +91,22 @@ def test_virtual_camera_sees_the_person_straight_on():
     ray = torch.cat([(kp[0, :, 0] - torch.tensor([960.0, 540.0])) / 700, torch.ones(6, 1)], -1).mean(0)
     assert float(torch.dot(turn[0][:, 2], ray / ray.norm())) > 1 - 1e-6
     torch.testing.assert_close(to_camera_axes(turned, turn), cam, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_camera", [True, False])
+def test_pose_stack_keeps_every_tensor_on_the_clips_device(with_camera):
+    """The GPU path (model and clip on cuda, K and dist as the clip file gives them, on the CPU)
+    must make no tensor of its own on the CPU: on the meta device any such mix raises."""
+    from types import SimpleNamespace
+
+    from finephys.model.demo import load_demo_pose_parts
+    from finephys.sampler.poses import pose_stack
+
+    _, lifter, physnet = load_demo_pose_parts()
+    parts = SimpleNamespace(lifter=lifter.to("meta"), physnet=physnet.to("meta"))
+    kp, sc = torch.rand(1, 16, 17, 2, device="meta"), torch.ones(1, 16, 17, device="meta")
+    K = torch.tensor([[1000.0, 0, 960], [0, 1000, 540], [0, 0, 1]]) if with_camera else None
+    dist = torch.tensor([0.01, 0.0, 0.0, 0.0, 0.0]) if with_camera else None
+    out = pose_stack(parts, kp, sc, 30.0, 0.5, False, K, dist)
+    assert [o.device.type for o in out] == ["meta"] * 4
+    assert [tuple(o.shape) for o in out] == [(1, 16, 17, 3)] * 3 + [(1, 16, 17, 2)]

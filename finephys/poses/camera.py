@@ -140,10 +140,10 @@ def turn_towards(directions: torch.Tensor) -> torch.Tensor:
     axis = torch.linalg.cross(z, d)
     sin = axis.norm(dim=-1)
     k = axis / sin.clamp(min=1e-12)[:, None]
-    kx = torch.zeros(len(d), 3, 3, dtype=d.dtype)
+    kx = torch.zeros(len(d), 3, 3, dtype=d.dtype, device=d.device)
     kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
     kx = kx - kx.transpose(1, 2)
-    eye = torch.eye(3, dtype=d.dtype)
+    eye = torch.eye(3, dtype=d.dtype, device=d.device)
     return (eye + sin[:, None, None] * kx + (1 - d[:, 2])[:, None, None] * (kx @ kx)).to(directions.dtype)
 
 
