@@ -11,7 +11,7 @@ Cases (each a fresh process):
     portable     the same engine, empty Inductor cache, the portable cache loaded first
                  (torch.compiler.load_cache_artifacts)
     precompiled  engine exported with --compile, empty Inductor cache (run twice; the second run
-                 under cProfile, its 40 costliest calls by cumulative time in precompiled_again.log)
+                 under cProfile, its costliest calls by cumulative time in precompiled_again.log)
 The video goes to an mp4 where imageio-ffmpeg is installed, else to a folder of PNGs.
 Also: export time without and with --compile, compiled-step size on disk. Rows go to
 benchmarks/results/startup.jsonl with the card, versions and FPENGINE_COMMIT.
@@ -76,7 +76,9 @@ def run_cli(load: str, save: str, args: list[str]) -> None:
     finally:
         if profile:
             prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+            stats = pstats.Stats(prof).sort_stats("cumulative")
+            stats.print_stats(25)
+            stats.print_stats(r"/(engine|finephys|export|kernels)/", 50)  # the project's own calls
         if save != "-":
             saved = torch.compiler.save_cache_artifacts()
             if saved is not None:
@@ -129,9 +131,9 @@ def main():
     row["output"] = "mp4" if importlib.util.find_spec("imageio_ffmpeg") else "png"
     portable = a.work / "portable_cache.bin"
     cache = tempfile.mkdtemp()
-    cases = [("jit_cold", plain, cache, "-", str(portable)), ("jit_warm", plain, cache, "-", "-"),
-             ("portable", plain, tempfile.mkdtemp(), str(portable), "-"),
-             ("precompiled", comp, tempfile.mkdtemp(), "-", "-"), ("precompiled_again", comp, tempfile.mkdtemp(), "-", "-")]
+    cases = [("precompiled", comp, tempfile.mkdtemp(), "-", "-"), ("precompiled_again", comp, tempfile.mkdtemp(), "-", "-"),
+             ("jit_cold", plain, cache, "-", str(portable)), ("portable", plain, tempfile.mkdtemp(), str(portable), "-"),
+             ("jit_warm", plain, cache, "-", "-")]
     for name, eng, cdir, load, save in cases:
         extra = ["--require-compiled"] if eng == comp else []
         target = a.work / f"{name}.mp4" if row["output"] == "mp4" else a.work / f"{name}_frames"
