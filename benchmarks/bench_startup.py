@@ -13,6 +13,9 @@ Cases (each a fresh process):
     precompiled  engine exported with --compile, empty Inductor cache (run twice; the second run
                  under cProfile, its costliest calls by cumulative time in precompiled_again.log)
 The video goes to an mp4 where imageio-ffmpeg is installed, else to a folder of PNGs.
+Python must find cached bytecode, as on a pip-installed machine: where packages were installed
+with --no-compile (wheels carried to the lent GPU), run ``python -m compileall -q DIR`` over them
+first, without PYTHONPYCACHEPREFIX (with it, Python ignores the __pycache__ beside the sources).
 Also: export time without and with --compile, compiled-step size on disk. Rows go to
 benchmarks/results/startup.jsonl with the card, versions and FPENGINE_COMMIT.
 """
