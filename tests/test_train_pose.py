@@ -143,6 +143,7 @@ def test_short_training_lowers_the_loss_and_is_deterministic(motion, tmp_path):
     lifter, physnet, hist, info = train_pose(walk, TINY, 8.0, opts, progress=False, log=None)
     assert hist.lifter[-1] < hist.lifter[0] and hist.physnet[-1] < hist.physnet[0]
     assert len(hist.val_dd) == 6 and info["held_out"][0][1] == pytest.approx(0.8 * walk[0].duration, abs=1e-3)
+    assert "fuse_weight" not in info  # the config's weight is kept unless asked to fit
     # the prior buffers come from the training data: a standing person, head above the feet
     prior = lifter.mean_pose_3d
     assert prior[10, 1] < -0.4 < 0.6 < prior[3, 1] and prior[0].abs().max() < 1e-6
@@ -158,7 +159,8 @@ def test_short_training_lowers_the_loss_and_is_deterministic(motion, tmp_path):
 def test_train_pose_cli_writes_weights_and_curve(motion, tmp_path):
     out = tmp_path / "pose.safetensors"
     result = _cli("train-pose", "--motion", motion / "131_01.bvh", "--out", out, "--epochs", 2,
-                  "--physnet-epochs", 1, "--steps-per-epoch", 2, "--batch-size", 4, "--threads", 1, "--quiet")
+                  "--physnet-epochs", 1, "--steps-per-epoch", 2, "--batch-size", 4, "--threads", 1, "--quiet",
+                  "--fuse-weight", "fit")
     assert result.exit_code == 0, result.output
     assert out.is_file() and out.with_suffix(".png").is_file()
     from PIL import Image
@@ -166,8 +168,15 @@ def test_train_pose_cli_writes_weights_and_curve(motion, tmp_path):
     assert Image.open(out.with_suffix(".png")).size == (720, 440)
     lifter, physnet, meta = load_pose_stack(out)
     assert meta["fps"] == 8.0 and meta["info"]["options"]["seed"] == 0
+    w = meta["fuse_weight"]  # fitted per joint, stored in the file's pose config
+    assert isinstance(w, tuple) and len(w) == 17 and all(0 <= x <= 1 for x in w) and "fuse_weight" not in meta["info"]
     again = _cli("train-pose", "--motion", motion / "131_01.bvh", "--out", out)
     assert again.exit_code == 2 and "already exists" in again.output
+    for command, value in (("train-pose", "2"), ("train-pose", "half"), ("eval-pose", "fit"), ("eval-pose", "-0.1")):
+        extra = ["--out", tmp_path / "w2.safetensors"] if command == "train-pose" else []
+        bad = _cli(command, "--motion", motion / "131_01.bvh", "--fuse-weight", value, *extra)
+        assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "--fuse-weight" in bad.output, bad.output
+    assert not (tmp_path / "w2.safetensors").exists()
 
 
 def test_directional_predictions_match_integrate():

@@ -2,6 +2,7 @@
 on 3D motion and measure it on motion it did not see (registered on ``engine.cli.app.main``)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -28,6 +29,19 @@ def _pose_config(ckpt: Path | None):
         except (KeyError, TypeError) as exc:
             raise InputError(f"{ckpt}: bad config in finephys.json ({exc})") from None
     return cfg.pose, cfg.fps
+
+
+def _fuse_weight(text: str) -> float | str:
+    """``--fuse-weight``: 'fit' or one weight in [0, 1]."""
+    if text == "fit":
+        return text
+    try:
+        w = float(text)
+    except ValueError:
+        w = math.nan
+    if not 0.0 <= w <= 1.0:
+        raise InputError(f"--fuse-weight: {text!r}, expected 'fit' or a number in [0, 1]")
+    return w
 
 
 def _threads(n: int) -> None:
@@ -61,10 +75,14 @@ def _threads(n: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True,
               help="torch CPU threads (results are reproducible for a fixed seed and thread count).")
+@click.option("--fuse-weight", "fuse_weight", default=None, metavar="fit|W",
+              help="S_fused = w S_dd + (1 - w) S_pp: 'fit' fits one w per joint on training windows after "
+                   "training; a number in [0, 1] sets one w for every joint (default: the model's, 0.5 for "
+                   "the demo).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physnet_epochs, steps_per_epoch,
-                   batch_size, val_fraction, seed, threads, overwrite, quiet):
+                   batch_size, val_fraction, seed, threads, fuse_weight, overwrite, quiet):
     """Train the pose stack (lifter + PhysNet) on 3D motion; write its weights."""
     from finephys.training.loss_plot import plot_history
     from finephys.training.pose_data import find_motion, split_held_out
@@ -77,7 +95,10 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
     check_output(curve, overwrite, "--curve", (".png",))
     check_distinct({"--out": out, "--curve": curve})
     _threads(threads)
+    fuse = None if fuse_weight is None else _fuse_weight(fuse_weight)
     pose_cfg, fps = _pose_config(ckpt)
+    if fuse not in (None, "fit"):
+        pose_cfg = dataclasses.replace(pose_cfg, fuse_weight=fuse)
     motions = find_motion(motion)
     motions, whole = split_held_out(motions, hold_out)
     held_out = find_motion(val_motion) + whole
@@ -88,7 +109,7 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
     log(f"training on {len(motions)} sequences ({sum(m.duration for m in motions):.1f} s, last "
         f"{val_fraction:g} held out) + {len(held_out)} held-out sequences, {fps:g} fps")
     lifter, physnet, hist, info = train_pose(motions, pose_cfg, fps, opts, held_out,
-                                             progress=not quiet, log=log)
+                                             progress=not quiet, log=log, fit_fuse_weight=fuse == "fit")
     save_trained(out, lifter, physnet, pose_cfg, fps, info)
     plot_history(hist, curve)
     log(f"wrote {out} and {curve} ({info['seconds']:.0f} s)")
@@ -115,10 +136,12 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
 @click.option("--drop", type=float, default=0.0, show_default=True, help="Fraction of joints given score 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--fuse-weight", "fuse_weight", default=None, metavar="W",
+              help="Evaluate with one fusion weight w in [0, 1] for every joint instead of the weights file's.")
 @click.option("--json", "json_out", type=PATH, default=None, help="Also write the numbers as JSON.")
 @click.option("--overwrite", is_flag=True)
-def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop, seed, threads, json_out,
-                  overwrite):
+def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop, seed, threads, fuse_weight,
+                  json_out, overwrite):
     """Per clip, grouped by action class, in every framing and at every noise level: MPJPE of
     S_dd / S_pp / S_fused, jitter, bone-length std, 2D reprojection error, foot skating and
     ground penetration."""
@@ -145,9 +168,14 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
     if not 0 <= drop < 1:
         raise InputError(f"--drop: {drop:g}, expected a fraction in [0, 1)")
     check_tail(tail)
+    fixed = None if fuse_weight is None else _fuse_weight(fuse_weight)
+    if fixed == "fit":
+        raise InputError("--fuse-weight: 'fit' is for train-pose; eval-pose takes a number in [0, 1]")
     _threads(threads)
     motions = find_motion(motion)
     lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS if weights is None else weights)
+    if fixed is not None:
+        meta["fuse_weight"] = fixed
     short = {id(m): too_short(m, meta["fps"], tail, phases) for m in motions}
     if len(motions) > 1 and not all(short.values()):  # of several, the ones too short are left out
         for m in motions:
@@ -163,7 +191,9 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
             click.echo(("\n\n" if runs else "") + format_report(results))
             runs.append((results, class_means(results)))
     if json_out is not None:
+        fw = meta["fuse_weight"]
         write_json(json_out, {"weights": str(weights or DEMO_WEIGHTS), "fps": meta["fps"],
+                             "fuse_weight": list(fw) if isinstance(fw, tuple) else fw,
                              "tail": tail, "phases": phases, "cameras": cameras, "framings":
                              {f: FRAMINGS[f].describe() for f in framings}, "noise_px": list(noises),
                              "drop": drop, "seed": seed,

@@ -36,8 +36,21 @@ class EncoderConfig:
 class PoseConfig:
     lifter: LifterConfig = field(default_factory=LifterConfig)
     physnet: PhysNetConfig = field(default_factory=PhysNetConfig)
-    fuse_weight: float = 0.5
+    # S_fused = w S_dd + (1 - w) S_pp: one w, or one per joint (``fpengine train-pose`` fits them)
+    fuse_weight: float | tuple[float, ...] = 0.5
     heatmap_sigma: float = 6.0  # pixels at 512 px; scaled with the video size
+
+    def __post_init__(self):
+        w = self.fuse_weight
+        if isinstance(w, (list, tuple)):  # JSON gives a list
+            if len(w) != self.lifter.num_joints:
+                raise ValueError(f"fuse_weight: {len(w)} weights, expected one per joint ({self.lifter.num_joints})")
+            w = tuple(float(x) for x in w)
+        else:
+            w = float(w)
+        if not all(0.0 <= x <= 1.0 for x in (w if isinstance(w, tuple) else (w,))):
+            raise ValueError(f"fuse_weight: {self.fuse_weight!r}, expected weights in [0, 1]")
+        object.__setattr__(self, "fuse_weight", w)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from finephys.files import atomic_path
 from finephys.errors import InputError
 from finephys.model.weights import check_state_dict, read_safetensors
 
-from finephys.model.config import EncoderConfig, FinePhysConfig, LifterConfig, LoraConfig, PhysNetConfig, PoseConfig
+from finephys.model.config import EncoderConfig, FinePhysConfig, LoraConfig
 from finephys.model.assembly import FinePhysParts, new_lora, new_parts
-from finephys.model.pose_weights import DEMO_WEIGHTS, load_pose_weights_into
+from finephys.model.pose_weights import DEMO_WEIGHTS, load_pose_weights_into, read_pose_config
 from finephys.model.text import load_tokenizer, write_clip_tokenizer
 
 DEMO_SEED = 0
@@ -86,7 +86,7 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
         "pad_token_id": 49407,
     }
     return FinePhysConfig(
-        pose=PoseConfig(lifter=LifterConfig(dim=64, depth=3, heads=4), physnet=PhysNetConfig(hidden=128)),
+        pose=read_pose_config(DEMO_WEIGHTS),  # sizes and fusion weights as trained
         encoder=EncoderConfig(channels=CHANNELS, num_res_blocks=1),
         unet=unet,
         vae=vae,

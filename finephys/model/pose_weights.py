@@ -72,6 +72,17 @@ def read_pose_weights(path) -> tuple[dict, dict]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable safetensors file "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors, _parse_metadata(path, meta)
+
+
+def read_pose_config(path) -> PoseConfig:
+    """The pose config a weights file was trained with (sizes and fusion weights), header only."""
+    with safe_open(str(path), framework="pt") as f:
+        return _parse_metadata(Path(path), f.metadata() or {})["pose"]
+
+
+def _parse_metadata(path: Path, meta: dict) -> dict:
     if meta.get("format") == FORMAT and meta.get("format_version") == "1":
         raise InputError(f"{path}: pose weights of format version 1, whose lifter reads 2D divided by the image "
                          f"width; this version normalises by the person (format {FORMAT_VERSION}): retrain them "
@@ -85,11 +96,10 @@ def read_pose_weights(path) -> tuple[dict, dict]:
         pose = PoseConfig(**{**raw, "lifter": LifterConfig(**raw["lifter"]),
                              "physnet": PhysNetConfig(**raw["physnet"])})
         meta = dict(meta, pose=pose, lifter=pose.lifter, physnet=pose.physnet, fps=float(meta["fps"]),
-                    fuse_weight=float(pose.fuse_weight), info=json.loads(meta.get("info", "{}")))
+                    fuse_weight=pose.fuse_weight, info=json.loads(meta.get("info", "{}")))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: bad pose-stack metadata ({type(exc).__name__}: {exc})") from None
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    return tensors, meta
+    return meta
 
 
 def load_pose_weights_into(path, lifter: Lifter, physnet: PhysNet) -> dict:

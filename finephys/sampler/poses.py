@@ -86,23 +86,28 @@ def prepare(model, clip: PoseClip, opts: GenerateOptions) -> tuple[Plan, PoseSta
     return checked, run_pose_stack(model, clip), notes
 
 
-def lift_and_fuse(parts, kp: torch.Tensor, sc: torch.Tensor, K, fps: float, fuse_weight: float,
+def lift_and_fuse(parts, kp: torch.Tensor, sc: torch.Tensor, K, fps: float, fuse_weight,
                   use_kernels: bool = False, dist=None):
     """2D (B,T,J,2) pixels of camera K ((3,3), (B,3,3) or None) + scores (B,T,J) -> (S_dd, S_pp, S_fused),
     root-relative metres in the camera's axes. The lifter and PhysNet work in the virtual camera
-    that looks straight at the person (``virtual_camera``); the results are turned back."""
+    that looks straight at the person (``virtual_camera``); the results are turned back.
+    ``fuse_weight``: w of S_fused = w S_dd + (1 - w) S_pp, one number or one per joint."""
     view, turn = virtual_camera(kp, sc, K, dist)
     s_dd = lift_windows(parts.lifter, normalise_2d(view, sc), sc)
     minv, jtau, coriolis = parts.physnet.predict(s_dd)
     # The reference integrates in plain torch; backends with kernels take the fused Triton kernel.
     step = physnet_fused if use_kernels else integrate
-    s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / fps, fuse_weight)
+    per_joint = isinstance(fuse_weight, (list, tuple))
+    s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / fps, 0.0 if per_joint else fuse_weight)
+    if per_joint:  # the kernel takes one weight: it gives S_pp, the blend is done here
+        w = torch.as_tensor(fuse_weight, dtype=s_dd.dtype, device=s_dd.device)[:, None]  # (J,1)
+        s_fused = w * s_dd + (1 - w) * s_pp
     s_fused = keep_bone_lengths(s_fused, H36M17.edges)
     return tuple(to_camera_axes(s, turn) for s in (s_dd, s_pp, s_fused))
 
 
 @torch.no_grad()
-def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, fps: float, fuse_weight: float,
+def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, fps: float, fuse_weight,
                use_kernels: bool = False, K=None, dist=None):
     """Batched pose stack: 2D (B,T,J,2) pixels + scores (B,T,J) -> (S_dd, S_pp, S_fused, projected
     2D). With the clip's camera matrix K the lifter sees the person through the virtual camera

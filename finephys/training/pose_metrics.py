@@ -212,7 +212,7 @@ def eval_inputs(motion: Motion, t0: float, t1: float, fps: float, phases: int = 
 
 
 @torch.no_grad()
-def run_stack(lifter, physnet, inputs: EvalInputs, fps: float, fuse_weight: float):
+def run_stack(lifter, physnet, inputs: EvalInputs, fps: float, fuse_weight):
     """-> (s_dd, s_pp, s_fused) numpy (N,T,J,3), exactly as at inference (``lift_and_fuse``: the
     virtual camera of each view's known K, the mean-pose prompt, long clips lifted in windows of
     the trained length, no M^-1 noise)."""
@@ -344,7 +344,7 @@ def check_lengths(motions: list[Motion], fps: float, tail: float, phases: int) -
             raise InputError(f"{problem}, expected a longer motion")
 
 
-def evaluate(lifter, physnet, motions: list[Motion], fps: float, fuse_weight: float, tail: float = 1.0,
+def evaluate(lifter, physnet, motions: list[Motion], fps: float, fuse_weight, tail: float = 1.0,
              phases: int = 4, cameras: int = 4, noise_px: float = 2.0, drop: float = 0.0,
              seed: int = 0, framing: str = "medium") -> list[ClipMetrics]:
     """Metrics of every motion (its last ``tail`` fraction) in one framing at one noise level."""

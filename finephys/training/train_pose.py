@@ -27,7 +27,7 @@ from finephys.model.config import PoseConfig
 from finephys.errors import InputError
 from finephys.model.lifter import Lifter, normalise_2d
 from finephys.poses.camera import to_camera_axes, virtual_camera
-from finephys.model.physnet import PhysNet
+from finephys.model.physnet import PhysNet, integrate
 from finephys.training.pose_data import Motion, WindowSampler, detector_noise, project, random_cameras, split_ranges
 from finephys.training.pose_metrics import eval_inputs, mpjpe_mm, run_stack
 from finephys.model.pose_weights import save_pose_weights
@@ -76,6 +76,7 @@ class History:
     val_step: list = field(default_factory=list)
     val_dd: list = field(default_factory=list)  # held-out MPJPE, mm
     val_fused: list = field(default_factory=list)
+    val_fused_fitted: float | None = None  # held-out MPJPE with the fitted per-joint fusion weights, mm
 
 
 _FULL_INDEX: dict[int, torch.Tensor] = {}
@@ -230,12 +231,40 @@ def _physnet_step(lifter, physnet, batcher, rng, frames, fps, opts):
     return 0.5 * (_mpjpe(fwd, target[:, 2:]) + _mpjpe(rev, target[:, :-2]))
 
 
+@torch.no_grad()
+def fit_fuse_weights(lifter, physnet, batcher: _Batcher, rng, fps: float, frames: int,
+                     windows: int = 640) -> tuple[float, ...]:
+    """Per joint, the w that minimises |w S_dd + (1 - w) S_pp - truth|^2 over noisy training
+    windows, in closed form, clipped to [0, 1], rounded to 4 places. The root (root-relative,
+    always 0) keeps 0.5."""
+    terms = []
+    for _ in range(max(1, windows // batcher.opts.batch_size)):
+        x2, sc, y3 = batcher.batch(rng, frames)
+        s_dd = lifter(x2, sc)
+        minv, jtau, cor = physnet.predict(s_dd)
+        terms.append((s_dd, integrate(s_dd, minv, jtau, cor, 1.0 / fps, 0.0)[0], y3))
+    return best_blend(terms)
+
+
+def best_blend(terms) -> tuple[float, ...]:
+    """[(S_dd, S_pp, truth) (B,T,J,3), ...] -> per joint the least-squares w of
+    w S_dd + (1 - w) S_pp ~ truth, clipped to [0, 1], rounded to 4 places; 0.5 where S_dd = S_pp."""
+    num = den = 0.0
+    for s_dd, s_pp, truth in terms:
+        a, b = (s_dd - s_pp).double(), (truth - s_pp).double()
+        num, den = num + (a * b).sum(dim=(0, 1, 3)), den + (a * a).sum(dim=(0, 1, 3))
+    w = torch.where(den > 1e-12, num / den.clamp(min=1e-12), torch.full_like(den, 0.5)).clamp(0, 1)
+    return tuple(round(float(x), 4) for x in w)
+
+
 def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: TrainOptions,
-               val_motions: list[Motion] = (), progress: bool = True, log=print):
+               val_motions: list[Motion] = (), progress: bool = True, log=print, fit_fuse_weight: bool = False):
     """Train a lifter and PhysNet of ``pose_cfg`` at ``fps``; -> (lifter, physnet, History, info).
 
     Stage 1 (``epochs``) trains the lifter; stage 2 (``physnet_epochs``) trains PhysNet on the
-    frozen lifter, starting from the pass-through physics (``init_physnet_passthrough``)."""
+    frozen lifter, starting from the pass-through physics (``init_physnet_passthrough``). With
+    ``fit_fuse_weight``, one fusion weight per joint is then fitted (``fit_fuse_weights``) and
+    returned as ``info["fuse_weight"]`` (``save_trained`` puts it into the file's pose config)."""
     opts.check()
     train_ranges, val_ranges = split_ranges(motions, opts.val_fraction)
     val_ranges += [(m, 0.0, m.duration) for m in val_motions]
@@ -298,6 +327,18 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
                 log(msg)
         module.eval()
     bar.close()
+    fuse_weight = None
+    if fit_fuse_weight:
+        fuse_weight = fit_fuse_weights(lifter, physnet, batcher, np.random.default_rng(opts.seed + 3), fps,
+                                       min(16, longest))
+        val = _validate(lifter, physnet, val_sets, fps, fuse_weight)
+        if val is not None:
+            hist.val_fused_fitted = val["fused"]
+        if log is not None:
+            msg = f"fitted one fusion weight per joint: {', '.join(f'{w:.2f}' for w in fuse_weight)}"
+            if val is not None and hist.val_fused:
+                msg += f"; held-out MPJPE S_fused {val['fused']:.1f} mm (fixed {pose_cfg.fuse_weight}: {hist.val_fused[-1]:.1f})"
+            log(msg)
     info = {
         "options": dataclasses.asdict(opts), "fps": fps,
         "train": [[m.name, round(t0, 4), round(t1, 4)] for m, t0, t1 in train_ranges],
@@ -308,6 +349,9 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
                   "val_dd_mm": hist.val_dd[-1] if hist.val_dd else None,
                   "val_fused_mm": hist.val_fused[-1] if hist.val_fused else None},
     }
+    if fuse_weight is not None:
+        info["final"]["val_fused_fitted_mm"] = hist.val_fused_fitted
+        info["fuse_weight"] = list(fuse_weight)
     return lifter, physnet, hist, info
 
 
@@ -315,4 +359,6 @@ def save_trained(path, lifter, physnet, pose_cfg: PoseConfig, fps: float, info: 
     """Write the weights (fp16; ``load_pose_stack`` reads them back as fp32)."""
     info = dict(info)
     info.pop("seconds", None)  # keep the file identical across runs of one seed
+    if "fuse_weight" in info:  # the fitted weights go into the file's pose config
+        pose_cfg = dataclasses.replace(pose_cfg, fuse_weight=info.pop("fuse_weight"))
     return save_pose_weights(Path(path), lifter, physnet, pose_cfg, fps, info)
