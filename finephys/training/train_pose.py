@@ -76,7 +76,6 @@ class History:
     val_step: list = field(default_factory=list)
     val_dd: list = field(default_factory=list)  # held-out MPJPE, mm
     val_fused: list = field(default_factory=list)
-    val_fused_fitted: float | None = None  # held-out MPJPE with the fitted per-joint fusion weights, mm
 
 
 _FULL_INDEX: dict[int, torch.Tensor] = {}
@@ -235,8 +234,8 @@ def _physnet_step(lifter, physnet, batcher, rng, frames, fps, opts):
 def fit_fuse_weights(lifter, physnet, batcher: _Batcher, rng, fps: float, frames: int,
                      windows: int = 640) -> tuple[float, ...]:
     """Per joint, the w that minimises |w S_dd + (1 - w) S_pp - truth|^2 over noisy training
-    windows, in closed form, clipped to [0, 1], rounded to 4 places. The root (root-relative,
-    always 0) keeps 0.5."""
+    windows, in closed form (``best_blend``). The root gets 1: S_dd's root is 0, as the truth's
+    (root-relative), while S_pp's is not quite."""
     terms = []
     for _ in range(max(1, windows // batcher.opts.batch_size)):
         x2, sc, y3 = batcher.batch(rng, frames)
@@ -327,13 +326,12 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
                 log(msg)
         module.eval()
     bar.close()
-    fuse_weight = None
+    fuse_weight = fitted_val = None
     if fit_fuse_weight:
         fuse_weight = fit_fuse_weights(lifter, physnet, batcher, np.random.default_rng(opts.seed + 3), fps,
                                        min(16, longest))
         val = _validate(lifter, physnet, val_sets, fps, fuse_weight)
-        if val is not None:
-            hist.val_fused_fitted = val["fused"]
+        fitted_val = None if val is None else val["fused"]
         if log is not None:
             msg = f"fitted one fusion weight per joint: {', '.join(f'{w:.2f}' for w in fuse_weight)}"
             if val is not None and hist.val_fused:
@@ -350,7 +348,7 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
                   "val_fused_mm": hist.val_fused[-1] if hist.val_fused else None},
     }
     if fuse_weight is not None:
-        info["final"]["val_fused_fitted_mm"] = hist.val_fused_fitted
+        info["final"]["val_fused_fitted_mm"] = fitted_val
         info["fuse_weight"] = list(fuse_weight)
     return lifter, physnet, hist, info
 
