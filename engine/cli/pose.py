@@ -31,16 +31,17 @@ def _pose_config(ckpt: Path | None):
     return cfg.pose, cfg.fps
 
 
-def _fuse_weight(text: str) -> float | str:
-    """``--fuse-weight``: 'fit' or one weight in [0, 1]."""
-    if text == "fit":
+def _fuse_weight(text: str, fit: bool = True) -> float | str:
+    """``--fuse-weight``: one weight in [0, 1], or (with ``fit``) 'fit'."""
+    if fit and text == "fit":
         return text
     try:
         w = float(text)
     except ValueError:
         w = math.nan
     if not 0.0 <= w <= 1.0:
-        raise InputError(f"--fuse-weight: {text!r}, expected 'fit' or a number in [0, 1]")
+        expected = "'fit' or a number in [0, 1]" if fit else "a number in [0, 1] (fitting is train-pose's)"
+        raise InputError(f"--fuse-weight: {text!r}, expected {expected}")
     return w
 
 
@@ -168,9 +169,7 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
     if not 0 <= drop < 1:
         raise InputError(f"--drop: {drop:g}, expected a fraction in [0, 1)")
     check_tail(tail)
-    fixed = None if fuse_weight is None else _fuse_weight(fuse_weight)
-    if fixed == "fit":
-        raise InputError("--fuse-weight: 'fit' is for train-pose; eval-pose takes a number in [0, 1]")
+    fixed = None if fuse_weight is None else _fuse_weight(fuse_weight, fit=False)
     _threads(threads)
     motions = find_motion(motion)
     lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS if weights is None else weights)
