@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # python benchmarks/video_quality.py
 from benchmarks.common import commit  # noqa: E402
 
 from engine.eval_video import evaluate
+from finephys.training.judge import JUDGE_ONNX
 from engine.load import load_model
 from finephys.sampler.options import GenerateOptions
 from finephys.sampler.stream import generate_stream
@@ -125,6 +126,7 @@ def main():
     ap.add_argument("--guidance", type=float, default=None, help="override the model's guidance scale")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--judge", type=Path, default=JUDGE_ONNX, help="the judge ONNX (default: the shipped one)")
     ap.add_argument("--save-frames", type=Path, default=None, help="keep the videos: DIR/VARIANT.npz")
     ap.add_argument("--frames-from", type=Path, default=None, help="judge the videos saved in DIR")
     ap.add_argument("--no-judge", action="store_true", help="only generate (with --save-frames) and PSNR")
@@ -151,7 +153,7 @@ def main():
             if v in ("judge", "vae"):
                 if not args.no_judge:
                     seen = truth if v == "judge" else vae_round_trip(ref, truth)
-                    rows[v].append(evaluate(seen, joints, fps, caption))
+                    rows[v].append(evaluate(seen, joints, fps, caption, pose_model=args.judge))
                 continue
             if args.frames_from:
                 if v not in saved:
@@ -166,7 +168,8 @@ def main():
                 guide = (v.split("-")[1], 2.0) if v.startswith("noisy") else ("fused", 0.0)
                 frames, guide_2d = run_clip(models.get(v, ref), joints, caption, fps, opts, guide, seed=args.seed + i)
                 keep.setdefault(v, []).append((frames, guide_2d))
-            m = {} if args.no_judge else evaluate(frames, guide_2d.astype(np.float64), fps, caption)
+            m = {} if args.no_judge else evaluate(frames, guide_2d.astype(np.float64), fps, caption,
+                                                     pose_model=args.judge)
             if v == "fp32":
                 ref_frames = frames
             elif ref_frames is not None and not v.startswith("noisy"):

@@ -165,3 +165,29 @@ def test_figure_weights_follow_the_bones():
     side = 40.0  # the skeleton's larger side; sigma = 0.08 x 40 = 3.2 px
     assert abs(float(w[30, 32 + 4]) - float(np.exp(-16 / (2 * (0.08 * side) ** 2)))) < 1e-4
     assert w[30, 5] < 1e-6 and w[62, 32] < 1e-3
+
+
+def test_figure_weight_weighs_the_diffusion_loss_but_not_validation(untrained, made_motion, tmp_path):
+    """--figure-weight changes the training loss of a batch and leaves the held-out noise MSE alike."""
+    from pathlib import Path
+
+    from finephys.model.text import load_tokenizer
+    from finephys.training.train import GenTrainOptions, Trainer
+    from finephys.training.train_data import open_source
+
+    source = open_source(_render_spec(made_motion), (64, 64), 8.0, 4, load_tokenizer(Path(untrained) / "tokenizer"))
+    losses = {}
+    for w in (0.0, 20.0):
+        opts = GenTrainOptions(train=("encoder", "lora", "unet"), steps=1, batch_size=1, frames=4, height=64,
+                               width=64, figure_weight=w)
+        trainer = Trainer(untrained, source, tmp_path / f"w{w}", opts, device=torch.device("cpu"))
+        rng, gen = trainer._rng(0, 1)
+        batch = source.batch(rng, 1)
+        with torch.no_grad():
+            losses[w] = (float(trainer.diffusion_loss(batch, gen, np.random.default_rng(0))), trainer.validate(1))
+    assert abs(losses[0.0][0] - losses[20.0][0]) > 1e-4 * losses[0.0][0]
+    assert losses[0.0][1] == pytest.approx(losses[20.0][1], rel=1e-6)
+    r = _train(untrained, _render_spec(made_motion), tmp_path / "x", "--figure-weight", "-1")
+    assert r.exit_code == 2 and "--figure-weight -1" in r.output and not (tmp_path / "x").exists()
+    r = _train(untrained, _render_spec(made_motion), tmp_path / "y", "--figure-weight", "20", "--steps", "1")
+    assert r.exit_code == 0, r.output

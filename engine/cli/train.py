@@ -41,6 +41,9 @@ def _device(name: str) -> str:
 @click.option("--vae-figure-weight", type=float, default=0.0, show_default=True,
               help="Extra weight of the pixels near the figure's skeleton in the VAE loss (small figures "
                    "otherwise lose their limbs to the background).")
+@click.option("--figure-weight", type=float, default=0.0, show_default=True,
+              help="Extra weight of the latent pixels near the figure's skeleton in the diffusion loss "
+                   "(the figure is a few percent of the frame; validation stays unweighted).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Clips per step.")
 @click.option("--frames", type=int, default=None, help="Frames per clip (default: the model's).")
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
@@ -61,7 +64,7 @@ def _device(name: str) -> str:
 @click.option("--smoke", is_flag=True, help="CPU smoke test: 2 steps (or --steps) of 1 clip of 4 frames at 64x64.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT and start a new training state.")
-def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, batch_size, frames, height, width, lr, lora_rank, pose_stack,
+def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, figure_weight, batch_size, frames, height, width, lr, lora_rank, pose_stack,
               precision, seed, checkpoint_every, val_every, time_limit, compile_, resume, smoke, device, overwrite):
     """Train the heatmap encoder + a LoRA (or every module of a small model) with the DDPM loss."""
     from finephys.model.checkpoint import read_manifest
@@ -78,7 +81,7 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
         batch_size, frames, height, width, device, vae_batch_size = 1, 4, 64, 64, "cpu", 4
     steps = 1000 if steps is None else steps
     opts = GenTrainOptions(train=modules, steps=steps, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
-                           vae_figure_weight=vae_figure_weight, vae_from=str(vae_from) if vae_from else None,
+                           vae_figure_weight=vae_figure_weight, figure_weight=figure_weight, vae_from=str(vae_from) if vae_from else None,
                            batch_size=batch_size, frames=frames,
                            height=height, width=width, lr=lr, lora_rank=lora_rank, pose_stack=pose_stack,
                            precision=precision, seed=seed, checkpoint_every=checkpoint_every, val_every=val_every,
@@ -113,10 +116,16 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
 @click.option("--out", type=PATH, required=True, help="ONNX file to write (input (1,3,128,128), COCO-17 heatmaps).")
 @click.option("--steps", type=int, default=3000, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Clips of 8 frames per step.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (one cycle).")
+@click.option("--width", type=int, default=32, show_default=True, help="Channels of the first level (x2, x4 below).")
+@click.option("--depth", type=int, default=0, show_default=True,
+              help="Residual blocks after each of the two lowest levels.")
+@click.option("--time-limit", type=float, default=None,
+              help="Minutes: as many of --steps as fit (timed on the first steps); the count is printed.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True)
-def train_judge_cmd(data, held_out, out, steps, batch_size, seed, device, overwrite):
+def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, seed, device, overwrite):
     """Train the judge pose network that `eval-video` runs on the demo's figures."""
     from finephys.model.checkpoint import prepare_output_dir
     from finephys.files import atomic_path
@@ -125,15 +134,23 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, seed, device, overwr
 
     if not data.startswith("render:"):
         raise InputError(f"--data {data}: expected render:MOTION[,MOTION...]")
-    if steps < 1 or batch_size < 1:
-        raise InputError("--steps / --batch-size: expected >= 1")
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--width", width)):
+        if value < 1:
+            raise InputError(f"{name} {value}: expected >= 1")
+    if depth < 0:
+        raise InputError(f"--depth {depth}: expected >= 0")
+    if not lr > 0:
+        raise InputError(f"--lr {lr}: expected > 0")
+    if time_limit is not None and not time_limit > 0:
+        raise InputError(f"--time-limit {time_limit}: expected minutes > 0")
     if Path(out).suffix != ".onnx":
         raise InputError(f"--out {out}: expected a .onnx file name")
     prepare_output_dir(out, overwrite)
     dev = _device(device)
     source = RenderSource([p for p in data[len("render:"):].split(",") if p], (SIZE, SIZE), 8.0, 8,
                           held_out=held_out)
-    net, losses = train_judge(source, steps, batch_size, device=dev, seed=seed)
+    net, losses = train_judge(source, steps, batch_size, lr, dev, seed, width=width, depth=depth,
+                              time_limit=time_limit)
     with atomic_path(Path(out)) as tmp:
         export_judge(net, tmp)
-    click.echo(f"wrote {out} (final loss {sum(losses[-50:]) / len(losses[-50:]):.3f})")
+    click.echo(f"wrote {out} after {len(losses)} steps (final loss {sum(losses[-50:]) / len(losses[-50:]):.3f})")

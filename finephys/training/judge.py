@@ -12,6 +12,9 @@ the joints' extent, shifted a little), with blur, noise, colour and contrast cha
 """
 from __future__ import annotations
 
+import itertools
+import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +34,37 @@ def _block(cin, cout, stride):
                          nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class JudgeNet(nn.Module):
-    """A small encoder-decoder: 128x128 RGB -> 17 heatmaps at 32x32."""
+class _Residual(nn.Module):
+    """Two 3x3 convolutions (the second dilated) added to their input: context without downsampling."""
 
-    def __init__(self, width: int = 32, joints: int = 17):
+    def __init__(self, c: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, 1, dilation, dilation, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+class JudgeNet(nn.Module):
+    """A small encoder-decoder: 128x128 RGB -> 17 heatmaps at 32x32. ``depth`` residual blocks
+    after each of the two lowest levels (16x16, 8x8) widen its view of the whole figure."""
+
+    def __init__(self, width: int = 32, depth: int = 0, joints: int = 17):
         super().__init__()
         w = width
         self.e1, self.e2 = _block(3, w, 2), _block(w, 2 * w, 2)  # 64, 32
         self.e3, self.e4 = _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 2)  # 16, 8
+        self.r3 = nn.Sequential(*[_Residual(4 * w, 2) for _ in range(depth)])
+        self.r4 = nn.Sequential(*[_Residual(4 * w, 1 + i % 2) for i in range(depth)])
         self.d3, self.d2 = _block(8 * w, 4 * w, 1), _block(6 * w, 2 * w, 1)
         self.head = nn.Conv2d(2 * w, joints, 1)
 
     def forward(self, x):
         x1 = self.e1(x)
         x2 = self.e2(x1)
-        x3 = self.e3(x2)
-        x4 = self.e4(x3)
+        x3 = self.r3(self.e3(x2))
+        x4 = self.r4(self.e4(x3))
         up = lambda t: nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
         y3 = self.d3(torch.cat([up(x4), x3], 1))
         y2 = self.d2(torch.cat([up(y3), x2], 1))
@@ -109,29 +127,66 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+TIMED_STEPS = 20  # steps at the starting rate before the schedule (timed under a time limit)
+
+
+def one_cycle(step: int, total: int, peak: float) -> float:
+    """The learning rate: peak/25 for the first TIMED_STEPS steps, up to ``peak`` by 10% of
+    ``total`` and down to peak/25e4 at its end, on cosines (torch's OneCycleLR after the start)."""
+    lo, end = peak / 25, peak / 25e4
+    if step < TIMED_STEPS:
+        return lo
+    rise = max(int(0.1 * total), TIMED_STEPS + 1)
+    if step < rise:
+        f = (step - TIMED_STEPS) / (rise - TIMED_STEPS)
+        return lo + (peak - lo) * (1 - math.cos(math.pi * f)) / 2
+    f = (step - rise) / max(total - 1 - rise, 1)
+    return end + (peak - end) * (1 + math.cos(math.pi * min(f, 1.0))) / 2
+
+
 def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, device="cpu", seed: int = 0,
-                progress: bool = True) -> tuple[JudgeNet, list[float]]:
-    """Train on ``source`` (a ``RenderSource``; ``batch`` clips of its frames per step)."""
+                progress: bool = True, width: int = 32, depth: int = 0,
+                time_limit: float | None = None) -> tuple[JudgeNet, list[float]]:
+    """Train on ``source`` (a ``RenderSource``; ``batch`` clips of its frames per step), bf16 on CUDA.
+
+    With ``time_limit`` (minutes) steps 5-20 are timed and ``steps`` becomes as many as fit
+    (at most ``steps``), so the learning-rate schedule still runs to its end; the count is logged
+    and ``steps`` = that count repeats the run without the limit."""
     torch.manual_seed(seed)
-    net = JudgeNet().to(device)
+    net = JudgeNet(width, depth).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator(device).manual_seed(seed)
-    losses = []
-    for step in tqdm(range(steps), desc="training the judge", disable=not progress):
+    bf16 = torch.device(device).type == "cuda"
+    losses, start = [], 0.0
+    bar = tqdm(total=steps, desc="training the judge", disable=not progress)
+    for step in itertools.count():
+        if step == 5:
+            start = time.monotonic()  # the first steps warm up the device: not timed
+        if step == TIMED_STEPS and time_limit is not None:
+            per_step = (time.monotonic() - start) / (TIMED_STEPS - 5)
+            steps = max(TIMED_STEPS + 1, min(steps, int(time_limit * 60 / per_step)))
+            bar.total = steps
+            tqdm.write(f"the judge: {per_step * 1000:.0f} ms a step, {steps} steps fit in {time_limit:g} min")
+        if step >= steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = one_cycle(step, steps, lr)
         rng = np.random.default_rng([seed, step])
         b = source.batch(rng, batch, device)
         frames = (b.frames.flatten(0, 1) + 1) / 2
         kp = b.keypoints.flatten(0, 1)[:, list(COCO_FROM_H36M)]
         crops, kp_crop = random_crops(frames, kp, gen)
         x = degrade(crops, gen)
-        loss = ((net(x) - _target(kp_crop, SIZE)) ** 2).mean() * 1000
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            pred = net(x)
+        loss = ((pred.float() - _target(kp_crop, SIZE)) ** 2).mean() * 1000
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        losses.append(float(loss))
-    return net.eval(), losses
+        losses.append(loss.detach())  # no sync with the device each step
+        bar.update(1)
+    bar.close()
+    return net.eval(), torch.stack(losses).tolist() if losses else []
 
 
 def export_judge(net: JudgeNet, path) -> None:

@@ -57,6 +57,7 @@ class GenTrainOptions:
     vae_steps: int = 0
     vae_batch_size: int = 48  # frames per VAE step
     vae_figure_weight: float = 0.0  # extra weight of the pixels on the figure in the VAE loss
+    figure_weight: float = 0.0  # extra weight of the latent pixels on the figure in the diffusion loss
     batch_size: int = 4  # clips per step
     frames: int | None = None  # default: the model's num_frames
     height: int | None = None  # default: the model's size
@@ -93,8 +94,9 @@ class GenTrainOptions:
             raise InputError(f"--vae-steps {self.vae_steps}: expected >= 0, and 0 unless the VAE is trained")
         if trains_vae and not self.vae_steps:
             raise InputError("--vae-steps 0: the VAE is trained, expected the number of VAE steps")
-        if not math.isfinite(self.vae_figure_weight) or self.vae_figure_weight < 0:
-            raise InputError(f"--vae-figure-weight {self.vae_figure_weight}: expected a number >= 0")
+        for name in ("vae_figure_weight", "figure_weight"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a number >= 0")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not 0 <= self.text_dropout < 1 or not 0 < self.val_fraction < 1:
@@ -286,7 +288,9 @@ class Trainer:
             sc = torch.ones_like(sc)
         return guidance_heatmaps(self.parts.config, kp, (sc > 0).float(), h, w).flatten(0, 1)
 
-    def diffusion_loss(self, batch, gen, rng) -> torch.Tensor:
+    def diffusion_loss(self, batch, gen, rng, weighted: bool = True) -> torch.Tensor:
+        """The DDPM noise MSE; with ``figure_weight`` w (and ``weighted``), a latent pixel near the
+        figure's skeleton weighs up to 1 + w (the mean of its pixels' weights)."""
         b, t = batch.frames.shape[:2]
         latents = self._latents(batch.frames, gen)
         captions = ["" if rng.random() < self.opts.text_dropout else c for c in batch.captions]
@@ -299,7 +303,14 @@ class Trainer:
             feats = self.parts.encoder(self._guidance(batch))
             text = self.parts.text_encoder(ids)[0].repeat_interleave(t, dim=0)
             pred = self.train_unet(noisy, steps, text, feats)
-        return torch.nn.functional.mse_loss(pred.float(), noise)
+        if not (weighted and self.opts.figure_weight):
+            return torch.nn.functional.mse_loss(pred.float(), noise)
+        h, w = batch.frames.shape[-2:]
+        near = figure_weights(batch.keypoints.flatten(0, 1), h, w)  # (B*T,1,H,W)
+        near = torch.nn.functional.adaptive_avg_pool2d(near, noise.shape[-2:])
+        weight = (1 + self.opts.figure_weight * near).view(b, t, 1, *noise.shape[-2:]).transpose(1, 2)
+        err = (pred.float() - noise) ** 2 * weight
+        return err.sum() / (weight.sum() * noise.shape[1])
 
     def _compiled_loss(self, batch, gen, rng) -> torch.Tensor:
         """The loss through the compiled UNet; if compiling fails, one line and the eager UNet."""
@@ -420,12 +431,13 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, clips: int = 8) -> float:
-        """Noise MSE on held-out clips at fixed timesteps and noise (the same every time)."""
+        """Noise MSE on held-out clips at fixed timesteps and noise (the same every time), every
+        latent pixel alike (with or without ``figure_weight``, so runs compare)."""
         for m in ("encoder", "unet", "text_encoder"):
             self.modules[m].eval()
         rng, gen = self._rng(0, 3)
         batch = self.source.batch(rng, clips, self.device, split="val")
-        losses = [float(self.diffusion_loss(batch, gen, np.random.default_rng(k))) for k in range(2)]
+        losses = [float(self.diffusion_loss(batch, gen, np.random.default_rng(k), weighted=False)) for k in range(2)]
         return float(np.mean(losses))
 
     # ---- state and output -------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""fpengine train-judge: its schedule, its time limit and its CLI (a few CPU steps, an ONNX file)."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from engine.cli.app import main
+from finephys.training.judge import TIMED_STEPS, JudgeNet, one_cycle, train_judge
+from finephys.training.train_data import RenderSource
+
+
+def test_one_cycle_rises_to_the_peak_and_falls_to_the_floor():
+    total, peak = 1000, 2e-3
+    lrs = [one_cycle(s, total, peak) for s in range(total)]
+    assert all(lr == pytest.approx(peak / 25) for lr in lrs[:TIMED_STEPS])
+    top = int(np.argmax(lrs))
+    assert 95 <= top <= 105 and lrs[top] == pytest.approx(peak, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:]))  # never rises again
+    assert lrs[-1] == pytest.approx(peak / 25e4, rel=1e-6)
+
+
+def test_depth_adds_residual_blocks_and_keeps_the_heatmap_shape():
+    import torch
+    small, deep = JudgeNet(8), JudgeNet(8, depth=2)
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in small.parameters())
+    assert deep(torch.zeros(2, 3, 128, 128)).shape == (2, 17, 32, 32)
+
+
+def test_a_time_limit_sizes_the_run_to_fit(motion):
+    source = RenderSource([motion / "131_01.bvh"], (128, 128), 8.0, 8)
+    _, losses = train_judge(source, steps=10_000, batch=1, device="cpu", width=4, time_limit=1e-4, progress=False)
+    assert len(losses) == TIMED_STEPS + 1  # a limit shorter than one step: the fewest the schedule allows
+
+
+def test_train_judge_cli_writes_an_onnx_judge(tmp_path, motion):
+    out = tmp_path / "judge.onnx"
+    args = ["train-judge", "--data", f"render:{motion / '131_01.bvh'}", "--steps", "3", "--batch-size", "1",
+            "--width", "4", "--depth", "1", "--device", "cpu", "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "after 3 steps" in r.output
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (hm,) = sess.run(None, {"image": np.zeros((1, 3, 128, 128), np.float32)})
+    assert hm.shape == (1, 17, 32, 32)
+
+
+@pytest.mark.parametrize("flag, value, said", [("--width", "0", "--width 0: expected >= 1"),
+                                              ("--depth", "-1", "--depth -1: expected >= 0"),
+                                              ("--lr", "0", "--lr 0.0: expected > 0"),
+                                              ("--time-limit", "-2", "--time-limit -2.0: expected minutes > 0")])
+def test_train_judge_refuses_bad_options_before_work(tmp_path, motion, flag, value, said):
+    out = tmp_path / "judge.onnx"
+    r = CliRunner().invoke(main, ["train-judge", "--data", f"render:{motion / '131_01.bvh'}", "--out", str(out),
+                                  flag, value])
+    assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists()
