@@ -2,7 +2,7 @@
 wall time from process start to exit (the last frame written), for a full-size random-weight
 engine (SD 1.5 + AnimateDiff v2 shapes) with and without precompiled UNet steps.
 
-    python benchmarks/bench_startup.py --work /tmp/startup --size 512 [--frames 16 --steps 25]
+    python benchmarks/bench_startup.py --work /tmp/startup --size 512 [--frames 16 --steps 25] [--cases ...]
 
 Cases (each a fresh process):
     jit_cold     engine without compiled steps, empty Inductor cache (today's first run); at its
@@ -107,7 +107,16 @@ def main():
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/startup.jsonl")
+    ap.add_argument("--cases", default="precompiled,precompiled_again,jit_cold,portable,jit_warm",
+                    help="comma-separated subset of the cases, in this order (portable needs jit_cold's cache)")
     a = ap.parse_args()
+    wanted = {c.strip() for c in a.cases.split(",") if c.strip()}
+    unknown = wanted - {"precompiled", "precompiled_again", "jit_cold", "portable", "jit_warm"}
+    if unknown or not wanted:
+        raise SystemExit(f"--cases {a.cases}: expected a subset of precompiled, precompiled_again, jit_cold, "
+                         f"portable, jit_warm")
+    if ("portable" in wanted or "jit_warm" in wanted) and "jit_cold" not in wanted:
+        raise SystemExit("--cases: portable and jit_warm use the cache jit_cold leaves; add jit_cold")
     a.work.mkdir(parents=True, exist_ok=True)
     fp = [sys.executable, "-m", "engine"]
     ckpt, plain, comp = a.work / "ckpt", a.work / "engine", a.work / "engine_compiled"
@@ -137,7 +146,7 @@ def main():
     cases = [("precompiled", comp, tempfile.mkdtemp(), "-", "-"), ("precompiled_again", comp, tempfile.mkdtemp(), "-", "-"),
              ("jit_cold", plain, cache, "-", str(portable)), ("portable", plain, tempfile.mkdtemp(), str(portable), "-"),
              ("jit_warm", plain, cache, "-", "-")]
-    for name, eng, cdir, load, save in cases:
+    for name, eng, cdir, load, save in (c for c in cases if c[0] in wanted):
         extra = ["--require-compiled"] if eng == comp else []
         target = a.work / f"{name}.mp4" if row["output"] == "mp4" else a.work / f"{name}_frames"
         out = ["--out" if row["output"] == "mp4" else "--frames-dir", str(target)]
