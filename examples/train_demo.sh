@@ -4,11 +4,12 @@
 #   examples/train_demo.sh STAGE [MOTION_DIR] [OUT_DIR]
 # Each stage fits one 10-minute device call and starts from the one before (OUT_DIR is kept
 # between calls); the step counts are those the shipped demo got (every stage ran under
-# --time-limit, which stopped it there; stage 6 in two calls, the second with --resume). Then
-#   python -m finephys.model.demo pack OUT_DIR/demo6      installs the generator as the shipped demo
+# --time-limit, which stopped it there; stage 6 in two calls, the second with --resume). Stage 7
+# starts from the demo as shipped after stage 6 (its fp16 weights), so it packs demo6 first. Then
+#   python -m finephys.model.demo pack OUT_DIR/demo7      installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
-STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6 [MOTION_DIR] [OUT_DIR]}
+STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7 [MOTION_DIR] [OUT_DIR]}
 MOTION=${2:-../shared/data/motion}
 OUT=${3:-demo-train}
 FPENGINE=${FPENGINE:-fpengine}
@@ -40,5 +41,11 @@ case $STAGE in
 6)  # the diffusion modules of stage 4 go on, on the new VAE's latents
     $FPENGINE train --ckpt "$OUT/demo4" --vae-from "$OUT/vae5" --out "$OUT/demo6" --train $DIFFUSION --steps 1166 \
         --batch-size 64 --lr 3e-4 "${COMMON[@]}" ;;
-*)  echo "STAGE: expected 1, 2, 3, 4, 5 or 6" >&2; exit 2 ;;
+7)  # they go on with the diffusion loss weighted toward the figure (up to 1 + 10 near its bones):
+    # the figure is a few percent of the frame, and its limbs are what the pose measures judge
+    python -m finephys.model.demo pack "$OUT/demo6"
+    $FPENGINE init --demo "$OUT/start7" --overwrite
+    $FPENGINE train --ckpt "$OUT/start7" --out "$OUT/demo7" --train $DIFFUSION --steps 490 --batch-size 64 \
+        --lr 1.5e-4 --figure-weight 10 "${COMMON[@]}" ;;
+*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6 or 7" >&2; exit 2 ;;
 esac
