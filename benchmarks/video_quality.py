@@ -135,6 +135,8 @@ def main():
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: unknown {', '.join(bad)}; expected names from {', '.join(VARIANTS)}")
+    if not args.judge.is_file():
+        ap.error(f"--judge {args.judge}: file not found, expected an ONNX judge (fpengine train-judge)")
     if args.frames_from:
         saved = {v: np.load(args.frames_from / f"{v}.npz") for v in args.variants
                  if (args.frames_from / f"{v}.npz").is_file()}
@@ -194,7 +196,9 @@ def main():
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "ckpt": str(args.ckpt or "embedded demo"), "clips": args.clips,
             "seed": args.seed, "guidance": args.guidance,
-            "frames_from": str(args.frames_from) if args.frames_from else None}
+            "frames_from": str(args.frames_from) if args.frames_from else None,
+            "judge": str(args.judge.resolve().relative_to(ROOT) if args.judge.resolve().is_relative_to(ROOT)
+                         else args.judge)}
     meta["commit"] = commit()
     print(json.dumps(meta))
     print("| variant | PCK@0.1 | joint error px | jitter px (guide) | shirt ok | trousers ok | PSNR vs fp32 |")

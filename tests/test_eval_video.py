@@ -116,7 +116,7 @@ def test_the_demo_follows_its_pose_and_a_new_pose_moves_it(held_out):
     (va, ga), (vb, gb) = (_generate(model, joints, caption) for _, joints, _ in held_out[:2])
     own = [evaluate(va, ga, 8.0)["pck"], evaluate(vb, gb, 8.0)["pck"]]
     swapped = [evaluate(va, gb, 8.0)["pck"], evaluate(vb, ga, 8.0)["pck"]]
-    assert np.mean(own) >= 0.45, own  # issue 18 asks for 0.7; benchmarks/RESULTS.md has where it stands
+    assert np.mean(own) >= 0.5, own  # issue 18 asks for 0.7; benchmarks/RESULTS.md has where it stands
     assert own[0] >= 2 * swapped[0] and own[1] >= 2 * swapped[1], (own, swapped)
 
 

@@ -165,6 +165,14 @@ def test_figure_weights_follow_the_bones():
     side = 40.0  # the skeleton's larger side; sigma = 0.08 x 40 = 3.2 px
     assert abs(float(w[30, 32 + 4]) - float(np.exp(-16 / (2 * (0.08 * side) ** 2)))) < 1e-4
     assert w[30, 5] < 1e-6 and w[62, 32] < 1e-3
+    # a joint not found (score 0, its point left at the corner) adds no bone and no extent
+    lost, scores = kp.clone(), torch.ones(1, 17)
+    lost[0, 16], scores[0, 16] = torch.tensor([-0.5, -0.5]), 0.0
+    w_lost = figure_weights(lost, 64, 64, scores=scores)[0, 0]
+    assert w_lost[0, 0] < 1e-6 and figure_weights(lost, 64, 64)[0, 0, 0, 0] > 0.5
+    side_seen = float(kp[0, 15, 1] - kp[0, 0, 1])  # the extent of the 16 joints found
+    assert abs(float(w_lost[30, 36]) - float(np.exp(-16 / (2 * (0.08 * side_seen) ** 2)))) < 1e-4
+    assert torch.equal(figure_weights(kp, 64, 64, scores=torch.ones(1, 17)), w[None, None])
 
 
 def test_figure_weight_weighs_the_diffusion_loss_but_not_validation(untrained, made_motion, tmp_path):
@@ -175,10 +183,11 @@ def test_figure_weight_weighs_the_diffusion_loss_but_not_validation(untrained, m
     from finephys.training.train import GenTrainOptions, Trainer
     from finephys.training.train_data import open_source
 
-    source = open_source(_render_spec(made_motion), (64, 64), 8.0, 4, load_tokenizer(Path(untrained) / "tokenizer"))
+    # 3 frames against 4 latent channels: weights laid out along the wrong axis would not broadcast
+    source = open_source(_render_spec(made_motion), (64, 64), 8.0, 3, load_tokenizer(Path(untrained) / "tokenizer"))
     losses = {}
     for w in (0.0, 20.0):
-        opts = GenTrainOptions(train=("encoder", "lora", "unet"), steps=1, batch_size=1, frames=4, height=64,
+        opts = GenTrainOptions(train=("encoder", "lora", "unet"), steps=1, batch_size=1, frames=3, height=64,
                                width=64, figure_weight=w)
         trainer = Trainer(untrained, source, tmp_path / f"w{w}", opts, device=torch.device("cpu"))
         rng, gen = trainer._rng(0, 1)

@@ -30,6 +30,9 @@ def test_a_time_limit_sizes_the_run_to_fit(motion):
     source = RenderSource([motion / "131_01.bvh"], (128, 128), 8.0, 8)
     _, losses = train_judge(source, steps=10_000, batch=1, device="cpu", width=4, time_limit=1e-4, progress=False)
     assert len(losses) == TIMED_STEPS + 1  # a limit shorter than one step: the fewest the schedule allows
+    _, losses = train_judge(source, steps=TIMED_STEPS, batch=1, device="cpu", width=4, time_limit=1e-4,
+                            progress=False)
+    assert len(losses) == TIMED_STEPS  # never more than asked
 
 
 def test_train_judge_cli_writes_an_onnx_judge(tmp_path, motion):
@@ -46,8 +49,10 @@ def test_train_judge_cli_writes_an_onnx_judge(tmp_path, motion):
 
 @pytest.mark.parametrize("flag, value, said", [("--width", "0", "--width 0: expected >= 1"),
                                               ("--depth", "-1", "--depth -1: expected >= 0"),
-                                              ("--lr", "0", "--lr 0.0: expected > 0"),
-                                              ("--time-limit", "-2", "--time-limit -2.0: expected minutes > 0")])
+                                              ("--lr", "0", "--lr 0.0: expected a number > 0"),
+                                              ("--lr", "inf", "--lr inf: expected a number > 0"),
+                                              ("--time-limit", "-2", "--time-limit -2.0: expected minutes > 0"),
+                                              ("--time-limit", "inf", "--time-limit inf: expected minutes > 0")])
 def test_train_judge_refuses_bad_options_before_work(tmp_path, motion, flag, value, said):
     out = tmp_path / "judge.onnx"
     r = CliRunner().invoke(main, ["train-judge", "--data", f"render:{motion / '131_01.bvh'}", "--out", str(out),

@@ -1,6 +1,7 @@
 """``fpengine train``: train FinePhys guidance (registered on ``engine.cli.app.main``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -121,7 +122,8 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
 @click.option("--depth", type=int, default=0, show_default=True,
               help="Residual blocks after each of the two lowest levels.")
 @click.option("--time-limit", type=float, default=None,
-              help="Minutes: as many of --steps as fit (timed on the first steps); the count is printed.")
+              help="About this many minutes: as many of --steps as fit, timed on the first steps (the count is "
+                   "printed; the export comes after).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True)
@@ -139,9 +141,9 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, ti
             raise InputError(f"{name} {value}: expected >= 1")
     if depth < 0:
         raise InputError(f"--depth {depth}: expected >= 0")
-    if not lr > 0:
-        raise InputError(f"--lr {lr}: expected > 0")
-    if time_limit is not None and not time_limit > 0:
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr {lr}: expected a number > 0")
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise InputError(f"--time-limit {time_limit}: expected minutes > 0")
     if Path(out).suffix != ".onnx":
         raise InputError(f"--out {out}: expected a .onnx file name")

@@ -132,7 +132,8 @@ TIMED_STEPS = 20  # steps at the starting rate before the schedule (timed under 
 
 def one_cycle(step: int, total: int, peak: float) -> float:
     """The learning rate: peak/25 for the first TIMED_STEPS steps, up to ``peak`` by 10% of
-    ``total`` and down to peak/25e4 at its end, on cosines (torch's OneCycleLR after the start)."""
+    ``total`` and down to peak/25e4 at its end, on cosines (torch's OneCycleLR after the start).
+    Runs under about 210 steps rise in one step, right after the first TIMED_STEPS."""
     lo, end = peak / 25, peak / 25e4
     if step < TIMED_STEPS:
         return lo
@@ -149,7 +150,7 @@ def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, de
                 time_limit: float | None = None) -> tuple[JudgeNet, list[float]]:
     """Train on ``source`` (a ``RenderSource``; ``batch`` clips of its frames per step), bf16 on CUDA.
 
-    With ``time_limit`` (minutes) steps 5-20 are timed and ``steps`` becomes as many as fit
+    With ``time_limit`` (minutes) steps 5-19 are timed and ``steps`` becomes as many as fit
     (at most ``steps``), so the learning-rate schedule still runs to its end; the count is logged
     and ``steps`` = that count repeats the run without the limit."""
     torch.manual_seed(seed)
@@ -164,7 +165,7 @@ def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, de
             start = time.monotonic()  # the first steps warm up the device: not timed
         if step == TIMED_STEPS and time_limit is not None:
             per_step = (time.monotonic() - start) / (TIMED_STEPS - 5)
-            steps = max(TIMED_STEPS + 1, min(steps, int(time_limit * 60 / per_step)))
+            steps = min(steps, max(TIMED_STEPS + 1, int(time_limit * 60 / per_step)))
             bar.total = steps
             tqdm.write(f"the judge: {per_step * 1000:.0f} ms a step, {steps} steps fit in {time_limit:g} min")
         if step >= steps:

@@ -152,19 +152,36 @@ class _Ema:
             p.copy_(s.to(p.dtype))
 
 
-def figure_weights(keypoints: torch.Tensor, height: int, width: int, reach: float = 0.08) -> torch.Tensor:
+def figure_weights(keypoints: torch.Tensor, height: int, width: int, reach: float = 0.08,
+                   scores: torch.Tensor | None = None) -> torch.Tensor:
     """(N,1,H,W) in [0,1]: how close each pixel lies to the figure drawn on H36M-17 joints
     (N,17,2) pixels: a Gaussian of the distance to the nearest bone, its sigma ``reach`` x the
-    skeleton's larger side (the limbs and head around the bones, a little background)."""
+    skeleton's larger side (the limbs and head around the bones, a little background). With
+    ``scores`` (N,17), a joint scored 0 (not found) adds no bone and no extent."""
     kp = keypoints.float()
+    seen = torch.ones(kp.shape[:2], dtype=torch.bool, device=kp.device) if scores is None else scores > 0
     edges = torch.tensor(H36M17.edges, device=kp.device)
     a, b = kp[:, edges[:, 0]], kp[:, edges[:, 1]]  # (N,E,2)
     ys = torch.arange(height, device=kp.device, dtype=kp.dtype).view(1, 1, height, 1)
     xs = torch.arange(width, device=kp.device, dtype=kp.dtype).view(1, 1, 1, width)
     _, dx, dy = segment_offsets(a, b, xs, ys)  # (N,E,H,W)
-    d2 = (dx * dx + dy * dy).amin(dim=1, keepdim=True)  # (N,1,H,W)
-    side = (kp.amax(1) - kp.amin(1)).amax(-1).clamp_min(4.0).view(-1, 1, 1, 1)
+    d2 = dx * dx + dy * dy
+    bone = (seen[:, edges[:, 0]] & seen[:, edges[:, 1]])[..., None, None]  # (N,E,1,1)
+    d2 = d2.masked_fill(~bone, float("inf")).amin(dim=1, keepdim=True)  # (N,1,H,W)
+    hi = kp.masked_fill(~seen[..., None], -float("inf")).amax(1)
+    lo = kp.masked_fill(~seen[..., None], float("inf")).amin(1)
+    side = (hi - lo).amax(-1).nan_to_num(4.0, 4.0, 4.0).clamp_min(4.0).view(-1, 1, 1, 1)  # none seen: 4
     return torch.exp(-d2 / (2 * (reach * side) ** 2))
+
+
+def latent_figure_weights(keypoints: torch.Tensor, scores: torch.Tensor, height: int, width: int,
+                          latent: tuple[int, int]) -> torch.Tensor:
+    """``figure_weights`` (N,17,2) -> (N,1,H,W) averaged over each latent pixel: (N,1,h,w). Done a
+    few frames at a time, so the (frames, bones, H, W) distances stay near 2^24 values."""
+    chunk = max(1, (1 << 24) // (len(H36M17.edges) * height * width))
+    return torch.cat([torch.nn.functional.adaptive_avg_pool2d(
+        figure_weights(keypoints[i:i + chunk], height, width, scores=scores[i:i + chunk]), latent)
+        for i in range(0, len(keypoints), chunk)])
 
 
 def _swap_vae(parts, donor: Path) -> None:
@@ -305,9 +322,8 @@ class Trainer:
             pred = self.train_unet(noisy, steps, text, feats)
         if not (weighted and self.opts.figure_weight):
             return torch.nn.functional.mse_loss(pred.float(), noise)
-        h, w = batch.frames.shape[-2:]
-        near = figure_weights(batch.keypoints.flatten(0, 1), h, w)  # (B*T,1,H,W)
-        near = torch.nn.functional.adaptive_avg_pool2d(near, noise.shape[-2:])
+        near = latent_figure_weights(batch.keypoints.flatten(0, 1), batch.scores.flatten(0, 1),
+                                     *batch.frames.shape[-2:], noise.shape[-2:])  # (B*T,1,h,w)
         weight = (1 + self.opts.figure_weight * near).view(b, t, 1, *noise.shape[-2:]).transpose(1, 2)
         err = (pred.float() - noise) ** 2 * weight
         return err.sum() / (weight.sum() * noise.shape[1])
@@ -332,7 +348,8 @@ class Trainer:
             self.hist.loss.extend(values)
             self._pending = []
 
-    def vae_loss(self, frames: torch.Tensor, gen, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+    def vae_loss(self, frames: torch.Tensor, gen, keypoints: torch.Tensor | None = None,
+                 scores: torch.Tensor | None = None) -> torch.Tensor:
         """L1 + L2/2 reconstruction (+ a small KL term when the encoder trains); with
         ``vae_figure_weight`` w, a pixel near the figure's skeleton weighs up to 1 + w."""
         vae = self.parts.vae
@@ -344,7 +361,7 @@ class Trainer:
             rec = vae.decode(z).sample.float()
         err = (rec - frames).abs() + 0.5 * (rec - frames) ** 2
         if self.opts.vae_figure_weight and keypoints is not None:
-            w = 1 + self.opts.vae_figure_weight * figure_weights(keypoints, *frames.shape[-2:])
+            w = 1 + self.opts.vae_figure_weight * figure_weights(keypoints, *frames.shape[-2:], scores=scores)
             err = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1])
         loss = err.mean()
         if decoder_only:
@@ -379,7 +396,8 @@ class Trainer:
                 batch = self.source.batch(rng, per_step, self.device)
                 for g in self.vae_opt.param_groups:
                     g["lr"] = o.vae_lr * _lr(self.vae_step, min(o.warmup, o.vae_steps // 4 + 1))
-                loss = self.vae_loss(batch.frames.flatten(0, 1), gen, batch.keypoints.flatten(0, 1))
+                loss = self.vae_loss(batch.frames.flatten(0, 1), gen, batch.keypoints.flatten(0, 1),
+                                      batch.scores.flatten(0, 1))
                 self._backward(loss, self.vae_opt, self.vae_params)
                 self.vae_step += 1
                 self.hist.vae_step.append(self.vae_step)
