@@ -56,12 +56,7 @@ def held_out_clips(model, n: int, seed: int, motion: Path):
     cfg = model.config
     source = RenderSource([motion / "cmu", motion / "131_01.bvh"], (cfg.height, cfg.width), cfg.fps,
                           cfg.num_frames, held_out=[motion / "panoptic_160906_band2"])
-    out = []
-    for i in range(n):
-        b = source.batch(np.random.default_rng([seed, i]), 1, split="val")
-        frames = ((b.frames[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        out.append((frames, b.keypoints[0].numpy().astype(np.float64), b.captions[0]))
-    return out
+    return source.held_out_renders(n, seed)
 
 
 def _guide_from(stages, model, s3d_key: str | None):

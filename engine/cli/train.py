@@ -124,10 +124,13 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
 @click.option("--time-limit", type=float, default=None,
               help="About this many minutes: as many of --steps as fit, timed on the first steps (the count is "
                    "printed; the export comes after).")
+@click.option("--eval-clips", type=int, default=16, show_default=True,
+              help="Held-out windows (16 frames) the written judge is scored on, as eval-video runs it (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True)
-def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, seed, device, overwrite):
+def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, eval_clips, seed, device,
+                    overwrite):
     """Train the judge pose network that `eval-video` runs on the demo's figures."""
     from finephys.model.checkpoint import prepare_output_dir
     from finephys.files import atomic_path
@@ -139,8 +142,9 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, ti
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--width", width)):
         if value < 1:
             raise InputError(f"{name} {value}: expected >= 1")
-    if depth < 0:
-        raise InputError(f"--depth {depth}: expected >= 0")
+    for name, value in (("--depth", depth), ("--eval-clips", eval_clips)):
+        if value < 0:
+            raise InputError(f"{name} {value}: expected >= 0")
     if not (math.isfinite(lr) and lr > 0):
         raise InputError(f"--lr {lr}: expected a number > 0")
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
@@ -149,10 +153,27 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, ti
         raise InputError(f"--out {out}: expected a .onnx file name")
     prepare_output_dir(out, overwrite)
     dev = _device(device)
-    source = RenderSource([p for p in data[len("render:"):].split(",") if p], (SIZE, SIZE), 8.0, 8,
-                          held_out=held_out)
+    paths = [p for p in data[len("render:"):].split(",") if p]
+    source = RenderSource(paths, (SIZE, SIZE), 8.0, 8, held_out=held_out)
     net, losses = train_judge(source, steps, batch_size, lr, dev, seed, width=width, depth=depth,
                               time_limit=time_limit)
     with atomic_path(Path(out)) as tmp:
         export_judge(net, tmp)
     click.echo(f"wrote {out} after {len(losses)} steps (final loss {sum(losses[-50:]) / len(losses[-50:]):.3f})")
+    if eval_clips:
+        click.echo(judge_report(Path(out), RenderSource(paths, (SIZE, SIZE), 8.0, 16, held_out=held_out), eval_clips))
+
+
+def judge_report(judge: Path, source, clips: int) -> str:
+    """One line: ``judge`` scored by eval-video's measures on ``clips`` held-out renders of ``source``
+    (the windows benchmarks/video_quality.py draws for its ``judge`` row, seed 0)."""
+    import numpy as np
+
+    from engine.eval_video import evaluate
+
+    rows = [evaluate(frames, joints, 8.0, caption, pose_model=judge)
+            for frames, joints, caption in source.held_out_renders(clips)]
+    mean = lambda k: float(np.mean([r[k] for r in rows if k in r]))  # noqa: E731
+    return (f"held-out renders ({clips} windows of {source.val_frames} frames): PCK@0.1 {mean('pck'):.3f}, "
+            f"joint error {mean('joint_error_px'):.2f} px, jitter {mean('jitter_px'):.2f} px "
+            f"(the drawn joints' {mean('guide_jitter_px'):.2f})")

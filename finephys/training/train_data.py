@@ -71,6 +71,16 @@ class RenderSource:
         kp = torch.as_tensor(uv, dtype=torch.float32, device=device)
         return Batch(frames * 2 - 1, kp, torch.ones(kp.shape[:-1], device=device), [lk.caption for lk in looks])
 
+    def held_out_renders(self, n: int, seed: int = 0) -> list:
+        """n held-out windows as a video shows them: (frames uint8 (T,H,W,3), joints (T,17,2)
+        float64 pixels, caption), window i drawn from ``[seed, i]`` (the same for every caller)."""
+        out = []
+        for i in range(n):
+            b = self.batch(np.random.default_rng([seed, i]), 1, split="val")
+            frames = ((b.frames[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            out.append((frames, b.keypoints[0].numpy().astype(np.float64), b.captions[0]))
+        return out
+
 
 def _read_video(path: Path) -> tuple[np.ndarray, float]:
     import imageio.v2 as iio
