@@ -1,0 +1,217 @@
+"""Can the triton backend's parts run from AOTInductor packages with nothing but torch? (issue 19's
+way to 8 s)
+
+    python benchmarks/probe_aoti.py --work /tmp/aoti [--ckpt DIR | --full-size] [--device cuda]
+        [--frames 16 --size 128] [--dtype fp16] [--prepare] [--components unet,vae_decoder,...]
+
+Builds the model (the demo by default; ``--full-size``: SD 1.5 + AnimateDiff v2 shapes, random
+weights) and, for each component (the UNet step at batch 2 as guidance runs it, the heatmap
+encoder, the text encoder, the VAE decoder), ``torch.export``s it and compiles it with
+``aoti_compile_and_package``, the weights outside the ``.so``; ``--prepare`` first applies the
+triton backend's UNet preparation (fused QKV, channels-last, the temporal-attention kernel on CUDA).
+Then a fresh process that imports only torch and safetensors loads every package, feeds it the
+weights by state-dict name (``load_constants``), runs it and compares with the eager output.
+Prints one JSON row (times per component, the largest differences, whether diffusers, transformers
+or finephys were imported) and appends it to benchmarks/results/aoti_probe.jsonl.
+
+Inductor links the packages with ``$CXX``; where that is unset and ``/usr/bin/g++`` exists it is
+used: a ``g++`` wrapper first on ``PATH`` linked a second libstdc++ into packages on the lent GPU's
+image, which crashed on load (benchmarks/RESULTS.md, "AOTInductor probe").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+COMPONENTS = ("unet", "heatmap_encoder", "text_encoder", "vae_decoder")
+
+
+def load_and_run(work: Path) -> None:
+    """In a fresh process: only torch and safetensors; every component packaged in ``work``."""
+    t0 = time.perf_counter()
+    import torch
+    from safetensors.torch import load_file
+
+    rows = {"import_torch_s": round(time.perf_counter() - t0, 2)}
+    meta = json.loads((work / "meta.json").read_text())
+    for name in meta["components"]:
+        t1 = time.perf_counter()
+        runner = torch._inductor.aoti_load_package(str(work / f"{name}.pt2"))
+        t2 = time.perf_counter()
+        weights = load_file(str(work / f"{name}.safetensors"), device=meta["device"])
+        names = runner.get_constant_fqns()
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise SystemExit(f"{name}: the package wants {len(missing)} constants the weights lack, e.g. {missing[:3]}")
+        runner.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
+        t3 = time.perf_counter()
+        io = torch.load(str(work / f"{name}_io.pt"), map_location=meta["device"])
+        with torch.no_grad():
+            out = runner(*io["args"])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        diff = max(float((o.float() - r.float()).abs().max()) for o, r in zip(out, io["ref"]))
+        rows[name] = {"load_package_s": round(t2 - t1, 2), "load_constants_s": round(t3 - t2, 2),
+                      "first_call_s": round(t4 - t3, 2), "constants": len(names), "max_abs_diff": diff,
+                      "ref_abs_max": max(float(r.float().abs().max()) for r in io["ref"])}
+    rows["total_s"] = round(time.perf_counter() - t0, 2)
+    rows["diffusers_imported"] = any(k.startswith("diffusers") for k in sys.modules)
+    rows["transformers_imported"] = any(k.startswith("transformers") for k in sys.modules)
+    rows["finephys_imported"] = any(k.startswith("finephys") for k in sys.modules)
+    print(json.dumps(rows))
+
+
+def components(model, frames: int, size: int, dtype):
+    """name -> (module, example args) of each part the triton backend runs, tensors in and out."""
+    import torch
+    from torch import nn
+
+    class VaeDecode(nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return (self.vae.decode(z).sample,)
+
+    class TextEncode(nn.Module):
+        def __init__(self, text):
+            super().__init__()
+            self.text = text
+
+        def forward(self, ids):
+            return (self.text(ids)[0],)
+
+    class PoseEncode(nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, heatmaps):
+            return tuple(self.encoder(heatmaps))
+
+    class Step(nn.Module):  # the UNet step, its output as a one-tuple like the others
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, text, feats):
+            return (self.unet(sample, timestep, text, feats),)
+
+    cfg, dev, parts = model.config, model.device, model.parts
+    g = torch.Generator().manual_seed(0)
+    b, lat = 2, size // 8
+    heat = torch.rand(frames, cfg.encoder.num_joints, size, size, generator=g).to(dev, dtype)
+    with torch.no_grad():
+        feats = [x.repeat(b, 1, 1, 1) for x in parts.encoder(heat)]
+    sample = torch.randn(b, model.latent_channels, frames, lat, lat, generator=g).to(dev, dtype)
+    text = torch.randn(b * frames, 77, cfg.unet["cross_attention_dim"], generator=g).to(dev, dtype)
+    ids = torch.randint(0, cfg.text_encoder["vocab_size"], (1, 77), generator=g).to(dev)
+    z = torch.randn(frames, model.latent_channels, lat, lat, generator=g).to(dev, dtype)
+    return {"unet": (Step(model.unet), (sample, torch.tensor(500, device=dev), text, feats)),
+            "heatmap_encoder": (PoseEncode(parts.encoder), (heat,)),
+            "text_encoder": (TextEncode(parts.text_encoder), (ids,)),
+            "vae_decoder": (VaeDecode(parts.vae), (z,))}
+
+
+def build(args) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import commit
+    from engine.fast_unet import prepare_unet
+    from engine.load import load_model
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    ckpt = args.ckpt
+    if args.full_size:
+        from benchmarks.bench_startup import write_checkpoint
+
+        ckpt = args.work / "ckpt"
+        if not ckpt.exists():
+            write_checkpoint(ckpt)
+    model = load_model(ckpt, args.device, dtype)
+    for m in (model.unet, model.parts.encoder, model.parts.text_encoder, model.parts.vae):
+        m.eval()
+    if args.prepare:
+        prepare_unet(model.unet, temporal_kernel=args.device == "cuda")
+    row = {"bench": "aoti_probe", "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda"
+           else "cpu", "torch": torch.__version__, "commit": commit(), "full_size": args.full_size,
+           "shape": f"2x{args.frames}x{args.size}x{args.size}", "dtype": args.dtype, "prepare": args.prepare,
+           "cxx": os.environ.get("CXX", "g++ on PATH")}
+    built = components(model, args.frames, args.size, dtype)
+    for name in args.components:
+        module, example = built[name]
+        with torch.no_grad():
+            ref = module(*example)
+        t0 = time.perf_counter()
+        exported = torch.export.export(module, example, strict=False)
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(args.work / f"{name}.pt2"),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        row[name] = {"export_s": round(export_s, 1), "compile_s": round(time.perf_counter() - t0, 1),
+                     "package_mb": round((args.work / f"{name}.pt2").stat().st_size / 2**20, 1)}
+        # the state dict and the buffers it leaves out (CLIP's position_ids): the package wants both
+        tensors = {**dict(module.named_buffers()), **module.state_dict()}
+        row[name]["not_in_state_dict"] = sorted(set(tensors) - set(module.state_dict()))
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(args.work / f"{name}.safetensors"))
+        torch.save({"args": example, "ref": ref}, str(args.work / f"{name}_io.pt"))
+        print(f"{name}: {row[name]}", flush=True)
+    (args.work / "meta.json").write_text(json.dumps({"device": str(model.device), "components": args.components}))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the embedded demo)")
+    ap.add_argument("--full-size", action="store_true", help="SD 1.5 + AnimateDiff v2 shapes, random weights")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    ap.add_argument("--prepare", action="store_true", help="fused QKV, channels-last, temporal kernel (as triton)")
+    ap.add_argument("--components", default=",".join(COMPONENTS), help=f"comma-separated from {', '.join(COMPONENTS)}")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/aoti_probe.jsonl")
+    args = ap.parse_args()
+    if args.ckpt and args.full_size:
+        ap.error("--ckpt or --full-size, not both")
+    args.components = [c.strip() for c in args.components.split(",") if c.strip()]
+    if not args.components or set(args.components) - set(COMPONENTS):
+        ap.error(f"--components {','.join(args.components)}: expected names from {', '.join(COMPONENTS)}")
+    if args.size % 8 or args.size < 8 or args.frames < 1:
+        ap.error("--size: a multiple of 8; --frames: at least 1")
+    if "CXX" not in os.environ and Path("/usr/bin/g++").exists():
+        os.environ["CXX"] = "/usr/bin/g++"
+    args.work.mkdir(parents=True, exist_ok=True)
+    row = build(args)
+    r = subprocess.run([sys.executable, __file__, "_load", str(args.work)], capture_output=True, text=True)
+    if r.returncode != 0:
+        row["load"] = f"failed ({r.returncode}): {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    else:
+        loaded = json.loads(r.stdout.strip().splitlines()[-1])
+        for name in args.components:
+            row[name].update(loaded.pop(name))
+        row.update(loaded)
+    from benchmarks.common import write_rows
+
+    write_rows([row], args.out)
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_load"]:
+        load_and_run(Path(sys.argv[2]))
+    else:
+        main()
