@@ -59,6 +59,7 @@ def load_and_run(work: Path) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         t4 = time.perf_counter()
+        out = out if isinstance(out, (list, tuple)) else (out,)
         diff = max(float((o.float() - r.float()).abs().max()) for o, r in zip(out, io["ref"]))
         rows[name] = {"load_package_s": round(t2 - t1, 2), "load_constants_s": round(t3 - t2, 2),
                       "first_call_s": round(t4 - t3, 2), "constants": len(names), "max_abs_diff": diff,
@@ -71,41 +72,11 @@ def load_and_run(work: Path) -> None:
 
 
 def components(model, frames: int, size: int, dtype):
-    """name -> (module, example args) of each part the triton backend runs, tensors in and out."""
+    """name -> (module, example args) of each part the triton backend runs: the ONNX export's graph
+    modules (``export.onnx_export.graph_module``), tensors in and out."""
     import torch
-    from torch import nn
 
-    class VaeDecode(nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, z):
-            return (self.vae.decode(z).sample,)
-
-    class TextEncode(nn.Module):
-        def __init__(self, text):
-            super().__init__()
-            self.text = text
-
-        def forward(self, ids):
-            return (self.text(ids)[0],)
-
-    class PoseEncode(nn.Module):
-        def __init__(self, encoder):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, heatmaps):
-            return tuple(self.encoder(heatmaps))
-
-    class Step(nn.Module):  # the UNet step, its output as a one-tuple like the others
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, text, feats):
-            return (self.unet(sample, timestep, text, feats),)
+    from export.onnx_export import graph_module
 
     cfg, dev, parts = model.config, model.device, model.parts
     g = torch.Generator().manual_seed(0)
@@ -117,10 +88,13 @@ def components(model, frames: int, size: int, dtype):
     text = torch.randn(b * frames, 77, cfg.unet["cross_attention_dim"], generator=g).to(dev, dtype)
     ids = torch.randint(0, cfg.text_encoder["vocab_size"], (1, 77), generator=g).to(dev)
     z = torch.randn(frames, model.latent_channels, lat, lat, generator=g).to(dev, dtype)
-    return {"unet": (Step(model.unet), (sample, torch.tensor(500, device=dev), text, feats)),
-            "heatmap_encoder": (PoseEncode(parts.encoder), (heat,)),
-            "text_encoder": (TextEncode(parts.text_encoder), (ids,)),
-            "vae_decoder": (VaeDecode(parts.vae), (z,))}
+    example = {"unet": (sample, torch.tensor(500, device=dev), text, *feats), "heatmap_encoder": (heat,),
+               "text_encoder": (ids,), "vae_decoder": (z,)}
+    return {name: (graph_module(parts, name), args) for name, args in example.items()}
+
+
+def _tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
 def build(args) -> dict:
@@ -141,8 +115,6 @@ def build(args) -> dict:
         if not ckpt.exists():
             write_checkpoint(ckpt)
     model = load_model(ckpt, args.device, dtype)
-    for m in (model.unet, model.parts.encoder, model.parts.text_encoder, model.parts.vae):
-        m.eval()
     if args.prepare:
         prepare_unet(model.unet, temporal_kernel=args.device == "cuda")
     row = {"bench": "aoti_probe", "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda"
@@ -153,7 +125,7 @@ def build(args) -> dict:
     for name in args.components:
         module, example = built[name]
         with torch.no_grad():
-            ref = module(*example)
+            ref = _tuple(module(*example))
         t0 = time.perf_counter()
         exported = torch.export.export(module, example, strict=False)
         export_s = time.perf_counter() - t0

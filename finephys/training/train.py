@@ -170,7 +170,7 @@ def figure_weights(keypoints: torch.Tensor, height: int, width: int, reach: floa
     d2 = d2.masked_fill(~bone, float("inf")).amin(dim=1, keepdim=True)  # (N,1,H,W)
     hi = kp.masked_fill(~seen[..., None], -float("inf")).amax(1)
     lo = kp.masked_fill(~seen[..., None], float("inf")).amin(1)
-    side = (hi - lo).amax(-1).nan_to_num(4.0, 4.0, 4.0).clamp_min(4.0).view(-1, 1, 1, 1)  # none seen: 4
+    side = (hi - lo).amax(-1).clamp_min(4.0).view(-1, 1, 1, 1)  # none seen: -inf, so 4
     return torch.exp(-d2 / (2 * (reach * side) ** 2))
 
 
