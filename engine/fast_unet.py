@@ -51,13 +51,14 @@ def use_temporal_kernel(unet, use_kernel=None) -> int:
     return count
 
 
-def prepare_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, temporal_kernel: bool = True):
-    """In place on a PoseGuidedUNet (CUDA, fp16): fused QKV, channels-last, the temporal kernel."""
+def prepare_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, temporal_kernel: bool | str = True):
+    """In place on a PoseGuidedUNet (CUDA, fp16): fused QKV, channels-last, the temporal kernel
+    (``"aot"``: its operator for ahead-of-time compiles, see ``kernels.temporal_attention``)."""
     inner = unet.unet
     if fuse_qkv:
         inner.fuse_qkv_projections()
     if temporal_kernel:
-        use_temporal_kernel(inner)
+        use_temporal_kernel(inner, "aot" if temporal_kernel == "aot" else None)
     if channels_last:
         inner.to(memory_format=torch.channels_last)
     return unet

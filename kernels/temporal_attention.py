@@ -157,14 +157,38 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape)
 
 
+if triton is not None and hasattr(torch.library, "triton_op"):
+    # The same kernel as an operator Inductor can see into: ahead-of-time compiles (AOTInductor
+    # packages) carry it as a compiled kernel, so a package runs without this module imported.
+    @torch.library.triton_op("fpengine::temporal_attention_aot", mutates_args=())
+    def _temporal_attention_aot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        N, F, C = q.shape
+        d = C // heads
+        out = torch.empty((N, F, C), device=q.device, dtype=q.dtype)
+        fp, dp, bn, num_warps, _ = _config(F, d)
+        torch.library.wrap_triton(_temporal_attention_kernel)[(_cdiv(N, bn), 1)](
+            out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            math.log2(math.e) / math.sqrt(d), DH=d, FP=fp, DP=dp, BN=bn, IEEE=q.dtype == torch.float32,
+            HEADS=heads, num_warps=num_warps)
+        return out
+else:  # pragma: no cover - exercised only where triton is missing
+    _temporal_attention_aot = None
+
+
 def temporal_attention(q, k, v, heads, *, use_kernel=None):
     """Attention over dim 1 of (N,F,C) q, k, v with ``heads`` heads; returns (N,F,C) contiguous.
 
     ``use_kernel``: None = the Triton kernel on CUDA tensors, the reference elsewhere; True = the
-    kernel (CUDA, or CPU under TRITON_INTERPRET=1); False = the reference.
+    kernel (CUDA, or CPU under TRITON_INTERPRET=1); False = the reference; "aot" = the kernel as
+    an operator that ``torch.export`` and AOTInductor compile into their package (CUDA).
     """
     if use_kernel is None:
         use_kernel = isinstance(q, torch.Tensor) and q.is_cuda and triton is not None
+    if use_kernel == "aot":  # for torch.export / AOTInductor (CUDA)
+        _check_args(q, k, v, heads, _DTYPES)
+        if _temporal_attention_aot is None:
+            raise ValueError("use_kernel='aot': needs triton and torch.library.triton_op")
+        return _temporal_attention_aot(q, k, v, heads)
     if use_kernel:  # the operator checks its arguments (_temporal_attention_triton)
         return _temporal_attention_op(q, k, v, heads)
     return temporal_attention_ref(q, k, v, heads)
