@@ -43,10 +43,20 @@ def load_and_run(work: Path) -> None:
 
     rows = {"import_torch_s": round(time.perf_counter() - t0, 2)}
     meta = json.loads((work / "meta.json").read_text())
+    if meta["device"].startswith("cuda"):
+        t1 = time.perf_counter()
+        torch.ones(1, device=meta["device"]).sum().item()
+        rows["cuda_init_s"] = round(time.perf_counter() - t1, 2)
+    if os.environ.get("PROBE_SAMPLE"):
+        _sample_stacks(work / "load_stacks.txt", [float(x) for x in os.environ["PROBE_SAMPLE"].split(",")])
     for name in meta["components"]:
         t1 = time.perf_counter()
         runner = torch._inductor.aoti_load_package(str(work / f"{name}.pt2"))
         t2 = time.perf_counter()
+        if os.environ.get("PROBE_RELOAD"):  # is a package's load cost paid once per process or per load?
+            torch._inductor.aoti_load_package(str(work / f"{name}.pt2"))
+            rows[f"{name}_reload_s"] = round(time.perf_counter() - t2, 2)
+            t2 = time.perf_counter()
         weights = load_file(str(work / f"{name}.safetensors"), device=meta["device"])
         names = runner.get_constant_fqns()
         missing = [n for n in names if n not in weights]
@@ -68,17 +78,69 @@ def load_and_run(work: Path) -> None:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t5)
+        graph_ms = _graph_ms(runner, io["args"]) if meta["device"].startswith("cuda") else None
         out = out if isinstance(out, (list, tuple)) else (out,)
         diff = max(float((o.float() - r.float()).abs().max()) for o, r in zip(out, io["ref"]))
         rows[name] = {"load_package_s": round(t2 - t1, 2), "load_constants_s": round(t3 - t2, 2),
                       "first_call_s": round(t4 - t3, 2),
-                      "steady_call_ms": round(1000 * sorted(times)[2], 2), "constants": len(names), "max_abs_diff": diff,
+                      "steady_call_ms": round(1000 * sorted(times)[2], 2),
+                      "cuda_graph_ms": graph_ms, "constants": len(names), "max_abs_diff": diff,
                       "ref_abs_max": max(float(r.float().abs().max()) for r in io["ref"])}
     rows["total_s"] = round(time.perf_counter() - t0, 2)
     rows["diffusers_imported"] = any(k.startswith("diffusers") for k in sys.modules)
     rows["transformers_imported"] = any(k.startswith("transformers") for k in sys.modules)
     rows["finephys_imported"] = any(k.startswith("finephys") for k in sys.modules)
     print(json.dumps(rows))
+
+
+def _graph_ms(runner, args, reps: int = 20) -> float:
+    """Median time of ``runner(*args)`` replayed from a CUDA graph (as the triton backend runs a step)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            runner(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        runner(*args)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(sorted(times)[reps // 2], 2)
+
+
+def _sample_stacks(path: Path, at: list[float]) -> None:
+    """Diagnosis of slow loads: at each of ``at`` seconds, this process's native stacks (py-spy, else
+    gdb) and the process tree (a compiler started at load would show there), appended to ``path``."""
+    import shutil
+    import threading
+
+    pid, start = os.getpid(), time.perf_counter()
+
+    def run():
+        for t in at:
+            time.sleep(max(0.0, t - (time.perf_counter() - start)))
+            cmds = [["ps", "-eo", "pid,ppid,etime,pcpu,args"]]
+            if shutil.which("py-spy"):
+                cmds.append(["py-spy", "dump", "--native", "--pid", str(pid)])
+            elif shutil.which("gdb"):
+                cmds.append(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 30"])
+            with open(path, "a") as f:
+                for cmd in cmds:
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+                    lines = [ln for ln in r.stdout.splitlines() if not ln.strip().split(None, 4)[-1:][0].startswith("[")] \
+                        if cmd[0] == "ps" else r.stdout.splitlines()
+                    f.write(f"==== {t} s: {' '.join(cmd)}\n" + "\n".join(lines)[-20000:] + r.stderr[-2000:] + "\n")
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def components(model, frames: int, size: int, dtype):
