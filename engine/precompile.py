@@ -123,16 +123,17 @@ def sample_inputs(model, shape: StepShape) -> tuple:
 
 
 def compile_steps(model, shapes: list[StepShape], depths: list[int], out_dir: Path,
-                  log: Callable[[str], None] = print) -> list[dict]:
-    """Compile and save the UNet steps of a loaded TritonModel for every shape (and DeepCache
-    depth); returns one entry per file written (relative to ``out_dir``)."""
+                  log: Callable[[str], None] = print, forward: bool = True) -> list[dict]:
+    """Compile and save the UNet steps of a loaded TritonModel for every shape (the plain step
+    unless ``forward`` is False, and DeepCache's two at each depth); returns one entry per file
+    written (relative to ``out_dir``)."""
     from engine.fast_unet import precompile
 
     steps = []
     (out_dir / COMPILED_DIR).mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         args = sample_inputs(model, shape)
-        calls = [("forward", None, args)]
+        calls = [("forward", None, args)] if forward else []
         for depth in depths:
             with torch.no_grad():
                 _, deep = model.unet.forward_and_cache(*args, depth=depth)
@@ -243,11 +244,18 @@ def planned_steps(plan) -> list[tuple[str, int | None, StepShape]]:
 def require_steps(engine_dir: Path, plan) -> None:
     """InputError (before any weights load) unless the engine carries a usable compiled step for
     every UNet call of ``plan`` on this machine."""
-    from export.manifest import read_engine_manifest
+    from export.manifest import engine_config, read_engine_manifest
 
     manifest = read_engine_manifest(Path(engine_dir))
-    compiled = CompiledSteps(engine_dir, manifest.get("compiled"), manifest["files"])
+    info = manifest.get("compiled") or {}
+    compiled = CompiledSteps(engine_dir, info, manifest["files"])
+    channels = int(engine_config(manifest).unet.get("in_channels", 4))
+    packaged = set() if env_mismatch(info.get("env", {}), environment()) else \
+        {p["key"] for p in info.get("packages", []) if p["component"] == "unet"}
     for entry, depth, shape in planned_steps(plan):
+        if entry == "forward" and (f"{shape.batch}x{channels}x{shape.frames}x{shape.height // 8}x{shape.width // 8}"
+                                   in packaged):
+            continue  # the AOTInductor package (engine.aoti) serves it
         why = compiled.missing(entry, depth, shape)
         if why:
             raise InputError(f"--require-compiled: {why}")

@@ -289,7 +289,8 @@ def _tensorrt_stage(tmp: Path, cfg, cons, profile: ShapeProfile, stages: _Stages
 
 
 def _compiled_stage(tmp: Path, cfg, precision: str, compile, stages: _Stages, old: dict | None, log) -> dict | None:
-    """The compiled UNet steps: rebuilt with ``compile`` unless up to date, else carried over."""
+    """The compiled UNet steps and component packages: rebuilt with ``compile`` unless up to
+    date, else carried over."""
     previous = (old or {}).get("compiled")
     if compile is None:
         st = (old or {}).get("stages", {}).get("compiled")
@@ -298,5 +299,8 @@ def _compiled_stage(tmp: Path, cfg, precision: str, compile, stages: _Stages, ol
     if previous and stages.reuse("compiled", key):
         return previous
     info = compile.run(tmp, log)
-    stages.record("compiled", key, [s["file"] for s in info["steps"]])
+    packages = info.get("packages", [])
+    files = {s["file"] for s in info["steps"]} | {p["file"] for p in packages} | {p["buffers"] for p in packages
+                                                                                  if p.get("buffers")}
+    stages.record("compiled", key, sorted(files))
     return info

@@ -150,17 +150,20 @@ def test_cli_refusals_before_any_slow_work(tmp_path, demo_ckpt):
 
 _FRESH = textwrap.dedent("""
     import sys, torch, torch._dynamo.utils as du
+    from engine.backends import load_backend
     from engine.backends.triton import load_triton_backend
     from finephys.poses.clip import load_clip
     from finephys.sampler.options import GenerateOptions
     from finephys.sampler.stream import generate
-    model = load_triton_backend(sys.argv[1], require_compiled=sys.argv[3] == "compiled")
     if sys.argv[3] == "jit":
+        model = load_triton_backend(sys.argv[1])
         model.compiled = None
+    else:  # the AOTInductor packages (engine.backends.aoti)
+        model = load_backend(sys.argv[1], "triton", "cuda", require_compiled=True)
     opts = GenerateOptions("a person walking", num_frames=8, height=128, width=128, num_inference_steps=3, seed=1)
     out = generate(model, load_clip("examples/walk.npz"), opts, progress=False)
     torch.save({"latents": out.latents.cpu(), "frames": dict(du.counters["frames"]),
-                "compiled_calls": model._call("forward").fn.compiled_calls}, sys.argv[2])
+                "compiled_calls": model.compiled_steps_used()}, sys.argv[2])
 """)
 
 
@@ -181,4 +184,4 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
     assert runs["compiled"]["frames"].get("total", 0) == 0, runs["compiled"]["frames"]  # Dynamo traced nothing
     assert runs["jit"]["frames"].get("total", 0) >= 1  # the counter does count a compile
     err = (runs["compiled"]["latents"].float() - runs["jit"]["latents"].float()).abs().max().item()
-    assert err <= 2e-3, err  # the same Inductor kernels: equal up to fp16 rounding of launch order
+    assert err <= 2e-2, err  # Inductor kernels both, fused differently (AOT and JIT): fp16 rounding

@@ -68,7 +68,12 @@ def load_backend(engine_dir: Path, name: str = "auto", device: str | None = "aut
         from engine.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(engine_dir, device)
-    if name == "triton":
+    if name == "triton":  # the packaged components where the engine carries them for this machine
+        from engine.backends.aoti import load_packaged
+
+        model = load_packaged(engine_dir, device, require_compiled=require_compiled)
+        if model is not None:
+            return model
         from engine.backends.triton import load_triton_backend
 
         return load_triton_backend(engine_dir, device, require_compiled=require_compiled)

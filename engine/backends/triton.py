@@ -6,8 +6,10 @@ reads device memory back."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -18,18 +20,15 @@ from finephys.model.build import build_text_encoder, build_unet, build_vae
 from finephys.model.unet import PoseGuidedUNet
 from finephys.model.weights import build_loaded
 
+from engine.aoti import WEIGHTS
 from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
 from engine.precompile import (
     CompiledSteps, StepCall, StepShape, code_hash, compile_steps, environment, sample_inputs,
 )
 from engine.backends.base import EngineFiles, load_pose_parts
 
-FILES = {
-    "unet": "unet/diffusion_pytorch_model.safetensors",
-    "vae": "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder": "text_encoder/model.safetensors",
-    "encoder": "pose/heatmap_encoder.safetensors",
-}
+FILES = {"unet": WEIGHTS["unet"], "vae": WEIGHTS["vae_decoder"], "text_encoder": WEIGHTS["text_encoder"],
+         "encoder": WEIGHTS["heatmap_encoder"]}
 
 
 def _stderr(line: str) -> None:
@@ -170,10 +169,24 @@ class CompileSpec:
         self.shapes, self.depths = list(shapes), sorted(set(depths))
 
     def key_inputs(self) -> dict:
+        import inspect
+
+        import engine.aoti
+
         return {"env": environment(), "code": code_hash(), "shapes": [str(s) for s in self.shapes],
-                "depths": self.depths}
+                "depths": self.depths, "packages": hashlib.sha256(inspect.getsource(engine.aoti).encode()).hexdigest()}
 
     def run(self, engine_dir: Path, log) -> dict:
+        """The AOTInductor packages of all four components (``engine.aoti``, the plain UNet step
+        among them), and Dynamo's precompiled steps for DeepCache's two UNet entry points."""
+        from engine.aoti import build_packages
+        from engine.fast_unet import use_temporal_kernel
+
         model = load_triton_backend(engine_dir, "cuda", cuda_graphs=False)
-        steps = compile_steps(model, self.shapes, self.depths, Path(engine_dir), log)
-        return {**self.key_inputs(), "steps": steps}
+        steps = compile_steps(model, self.shapes, self.depths, Path(engine_dir), log, forward=False)
+        use_temporal_kernel(model.modules["unet"], "aot")  # the kernel compiled into the package
+        parts = SimpleNamespace(unet=model.modules["unet"], vae=model.modules["vae"],
+                                text_encoder=model.modules["text_encoder"], encoder=model.modules["encoder"])
+        shapes = [(s.batch, s.frames, s.height, s.width) for s in self.shapes]
+        packages = build_packages(parts, model.config, model.precision.value, shapes, Path(engine_dir), log)
+        return {**self.key_inputs(), "steps": steps, "packages": packages}

@@ -1,0 +1,218 @@
+"""The triton backend from precompiled packages (``engine.aoti``): an engine directory exported
+with ``--compile`` runs its four components from AOTInductor packages, the UNet step replayed as
+a CUDA graph, without importing diffusers or transformers and without compiling anything.
+
+A call whose shape the engine has no package for (or a DeepCache step) goes to the just-in-time
+triton backend, built on first need, after one line saying why; ``--require-compiled`` makes that
+an error instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from finephys.errors import InputError
+from finephys.model.backend import Capabilities
+from finephys.model.unet import cache_depths_of
+
+from engine.aoti import WEIGHTS, PackageRunner, derive_constants, shape_key
+from engine.backends.base import GraphBackend
+from engine.precompile import env_mismatch, environment
+
+
+def usable_packages(info: dict | None) -> tuple[list[dict], str | None]:
+    """(packages this machine can load, None) or ([], why not in words) from the manifest's
+    ``compiled`` entry."""
+    packages = (info or {}).get("packages") or []
+    if not packages:
+        return [], "this engine has no compiled packages (fpengine export --compile builds them)"
+    why = env_mismatch((info or {}).get("env", {}), environment())
+    return ([], why) if why else (packages, None)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_packaged(engine_dir: Path, device, require_compiled: bool = False, log=None, **kw):
+    """The packaged triton backend where the engine carries packages this machine can load; else
+    None (after one line saying why, when it carries packages built elsewhere)."""
+    from export.manifest import read_engine_manifest
+
+    info = read_engine_manifest(Path(engine_dir)).get("compiled")
+    packages, why = usable_packages(info)
+    if not packages:
+        if (info or {}).get("packages"):
+            (log or _stderr)(f"compiled packages: {why}; using the compiled steps or compiling just in time")
+        return None
+    return PackagedTritonModel(engine_dir, device, packages, require_compiled, log=log, **kw)
+
+
+class PackagedTritonModel(GraphBackend):
+    name = "triton"
+
+    def __init__(self, engine_dir: Path, device, packages: list[dict], require_compiled: bool = False,
+                 cuda_graphs: bool = True, log=None, **jit_kw):
+        super().__init__(engine_dir, device)
+        self.packages = {(p["component"], p["key"]): p for p in packages}
+        self._require, self._graphs, self._log, self._jit_kw = require_compiled, cuda_graphs, log or _stderr, jit_kw
+        self._weights, self._buffers, self._runners, self._jit, self._said = {}, {}, {}, None, set()
+        self.package_calls = 0  # UNet shapes served by a package (tests count them)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(deep_cache=cache_depths_of(dict(self.config.unet)))
+
+    # -- packages ---------------------------------------------------------------------------
+    def _constants(self, component: str, fqns: list[str]) -> dict:
+        from safetensors.torch import load_file
+
+        if component not in self._weights:
+            self._weights[component] = load_file(str(self.engine_dir / WEIGHTS[component]), device=str(self.device))
+        return derive_constants(component, fqns, self._weights[component], self._buffers.get(component, {}))
+
+    def _runner(self, component: str, first: torch.Tensor):
+        """The loaded package for ``component`` at ``first``'s shape, or None where there is none."""
+        key = (component, shape_key(first))
+        if key in self._runners:
+            return self._runners[key]
+        entry = self.packages.get(key)
+        if entry is None:
+            return None
+        for rel in (entry["file"], entry.get("buffers")):
+            if rel and hashlib.sha256((self.engine_dir / rel).read_bytes()).hexdigest() != \
+                    self.manifest["files"].get(rel, {}).get("sha256"):
+                raise InputError(f"{self.engine_dir}: {rel} does not match its sha256 in manifest.json "
+                                 "(a compiled package runs code: refusing it; re-export with --compile)")
+        if entry.get("buffers") and component not in self._buffers:
+            from safetensors.torch import load_file
+
+            self._buffers[component] = load_file(str(self.engine_dir / entry["buffers"]), device=str(self.device))
+        runner = PackageRunner(self.engine_dir / entry["file"], self.device,
+                               lambda fqns: self._constants(component, fqns))
+        if component == "unet":
+            self.package_calls += 1
+            if self._graphs and self.device.type == "cuda":
+                runner = _Graphed(runner, self._log)
+        self._runners[key] = runner
+        return runner
+
+    def _run(self, component: str, feeds: dict) -> list[torch.Tensor]:
+        tensors = [t.to(self.device) for t in feeds.values()]
+        return list(self._runner(component, tensors[0])(*tensors))
+
+    def _fallback(self, component: str, first: torch.Tensor, what: str | None = None):
+        """The just-in-time triton backend, for a call no package covers (after one line)."""
+        why = what or (f"no compiled {component} package for shape {shape_key(first)} (packaged: "
+                       + ", ".join(sorted(k for c, k in self.packages if c == component)) + ")")
+        if self._require:
+            raise InputError(f"--require-compiled: {why}")
+        if why not in self._said:
+            self._said.add(why)
+            self._log(f"compiled packages: {why}; compiling just in time")
+        if self._jit is None:
+            from engine.backends.triton import load_triton_backend
+
+            self._jit = load_triton_backend(self.engine_dir, str(self.device), **self._jit_kw)
+        return self._jit
+
+    def _has(self, component: str, first: torch.Tensor) -> bool:
+        return (component, shape_key(first)) in self.packages
+
+    # -- the sampler's calls ------------------------------------------------------------------
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._has("text_encoder", ids):
+            return super()._encode_ids(ids)
+        return self._fallback("text_encoder", ids)._encode_ids(ids)
+
+    @torch.no_grad()
+    def encode_pose(self, heatmaps: torch.Tensor) -> list[torch.Tensor]:
+        if self._has("heatmap_encoder", heatmaps):
+            return super().encode_pose(heatmaps)
+        return self._fallback("heatmap_encoder", heatmaps).encode_pose(heatmaps)
+
+    @torch.no_grad()
+    def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor:
+        if self._has("unet", sample):
+            return super().predict_noise(sample, timestep, text, pose_features)
+        return self._fallback("unet", sample).predict_noise(sample, timestep, text, pose_features)
+
+    def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
+        jit = self._fallback("unet", sample, "DeepCache's steps are not packaged")
+        return jit.predict_noise_cached(sample, timestep, text, pose_features, depth)
+
+    def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth):
+        jit = self._fallback("unet", sample, "DeepCache's steps are not packaged")
+        return jit.predict_noise_shallow(sample, timestep, text, pose_features, deep, depth)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._has("vae_decoder", latents):
+            return super().decode_latents(latents)
+        return self._fallback("vae_decoder", latents).decode_latents(latents)
+
+    # -- what the commands ask ----------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Load every package and run it once (the UNet's CUDA graphs captured), so that the first
+        request of each packaged shape is as fast as later ones."""
+        for component, key in sorted(self.packages):
+            spec = self.contracts[component].inputs
+            shape = [int(d) for d in key.split("x")]
+            first = torch.zeros(shape, dtype=spec[0].torch_dtype(self.precision), device=self.device)
+            dims = _dims_from(component, first, self.config)
+            inputs = [s.torch_dtype(self.precision) for s in spec]
+            feeds = {s.name: torch.zeros(s.shape(dims), dtype=dt, device=self.device) for s, dt in zip(spec, inputs)}
+            with torch.no_grad():
+                self._run(component, feeds)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def compiled_shapes(self) -> list[str]:
+        """``BxFxHxW`` of the packaged UNet steps."""
+        out = []
+        for component, key in self.packages:
+            if component == "unet":
+                b, _, f, h, w = (int(d) for d in key.split("x"))
+                out.append(f"{b}x{f}x{8 * h}x{8 * w}")
+        return sorted(out)
+
+    def compiled_steps_used(self) -> int:
+        return self.package_calls + (self._jit.compiled_steps_used() if self._jit is not None else 0)
+
+
+class _Graphed:
+    """A package's calls replayed as a CUDA graph (``engine.fast_unet.CudaGraphCall``); where the
+    capture fails, one line and the package runs without a graph."""
+
+    def __init__(self, runner, log):
+        from engine.fast_unet import CudaGraphCall
+
+        self.runner, self.graphed, self.log = runner, CudaGraphCall(runner), log
+
+    def __call__(self, *tensors):
+        if self.graphed is not None:
+            try:
+                return self.graphed(*tensors)
+            except RuntimeError as e:
+                self.graphed = None
+                self.log(f"compiled packages: the CUDA graph capture failed ({str(e).splitlines()[0]}); "
+                         "running the UNet package without a graph")
+                torch.cuda.synchronize()
+        return self.runner(*tensors)
+
+
+def _dims_from(component: str, first: torch.Tensor, cfg) -> dict:
+    """Contract dims from a component's first input (warm-up inputs of a packaged shape)."""
+    from export.contract import resolve_dims
+
+    s = first.shape
+    if component == "unet":
+        return resolve_dims(cfg, s[0], s[2], 8 * s[3], 8 * s[4])
+    if component == "heatmap_encoder":
+        return resolve_dims(cfg, 1, s[0], s[2], s[3])
+    if component == "text_encoder":
+        return resolve_dims(cfg, 1, 1, 8, 8, prompts=s[0])
+    return resolve_dims(cfg, 1, 1, 8 * s[2], 8 * s[3], decode_batch=s[0])

@@ -1,0 +1,146 @@
+"""AOTInductor packages (``engine.aoti``, ``engine.backends.aoti``): the weights fed to a package
+by name (fused projections, channels-last, buffers), and on the CPU a packaged engine that
+generates what the reference generates, in a new process that imports none of diffusers' or
+transformers' model code, refuses a tampered package and says which shape it lacks."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from finephys.errors import InputError
+
+from engine.aoti import derive_constants, package_dims
+
+
+def test_constants_derive_fused_projections_channels_last_and_buffers():
+    w = {"a.to_q.weight": torch.ones(2, 3), "a.to_k.weight": 2 * torch.ones(2, 3), "a.to_v.weight": 3 * torch.ones(2, 3),
+         "b.to_k.weight": torch.zeros(1, 3), "b.to_v.weight": torch.ones(1, 3), "conv.weight": torch.randn(4, 3, 2, 2)}
+    fqns = ["unet.unet.a.to_qkv.weight", "unet.unet.b.to_kv.weight", "unet.unet.conv.weight", "unet.unet.pos"]
+    out = derive_constants("unet", fqns, w, {"pos": torch.arange(3)})
+    assert out["unet.unet.a.to_qkv.weight"][:, 0].tolist() == [1, 1, 2, 2, 3, 3]
+    assert out["unet.unet.b.to_kv.weight"][:, 0].tolist() == [0, 1]
+    assert out["unet.unet.conv.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out["unet.unet.conv.weight"], w["conv.weight"])
+    assert out["unet.unet.pos"].tolist() == [0, 1, 2]
+    # the heatmap encoder's convolutions stay as stored (the triton backend leaves them contiguous)
+    enc = derive_constants("heatmap_encoder", ["encoder.conv.weight"], w, {})
+    assert enc["encoder.conv.weight"].is_contiguous()
+    with pytest.raises(KeyError, match="lack"):
+        derive_constants("unet", ["unet.unet.missing.weight"], w, {})
+    with pytest.raises(KeyError, match="outside"):
+        derive_constants("unet", ["vae.conv.weight"], w, {})
+
+
+def test_package_dims_cover_the_sampler_calls_of_a_shape(demo_ckpt):
+    from finephys.model.checkpoint import read_config
+
+    cfg = read_config(demo_ckpt)
+    got = [(c, d.get("decode_batch"), d["prompts"], d["frames"]) for c, d in package_dims(cfg, 2, 20, 128, 128)]
+    # 20 frames decode as 8 + 8 + 4; the text encoder sees the two prompts of guidance
+    assert got == [("text_encoder", 1, 2, 20), ("heatmap_encoder", 1, 2, 20), ("unet", 1, 2, 20),
+                   ("vae_decoder", 4, 2, 20), ("vae_decoder", 8, 2, 20)]
+
+
+def _add_packages(eng, shapes):
+    """Build CPU packages into a copy of an fp32 engine, prepared as the triton backend prepares
+    its modules, and list them in its manifest as ``export --compile`` does."""
+    from engine.aoti import WEIGHTS, build_packages
+    from engine.fast_unet import prepare_unet
+    from engine.precompile import environment
+    from export.manifest import engine_config, read_engine_manifest
+    from finephys.files import sha256
+    from finephys.model.build import build_text_encoder, build_unet, build_vae
+    from finephys.model.encoder import HeatmapEncoder
+    from finephys.model.unet import PoseGuidedUNet
+    from finephys.model.weights import build_loaded
+
+    cfg = engine_config(read_engine_manifest(eng))
+    load = lambda build, c: build_loaded(lambda: build(cfg), eng / WEIGHTS[c]).eval().requires_grad_(False)  # noqa: E731
+    parts = SimpleNamespace(unet=load(build_unet, "unet"), vae=load(build_vae, "vae_decoder"),
+                            text_encoder=load(build_text_encoder, "text_encoder"),
+                            encoder=load(lambda c: HeatmapEncoder(c.encoder), "heatmap_encoder"))
+    prepare_unet(PoseGuidedUNet(parts.unet), temporal_kernel=False)
+    parts.vae.to(memory_format=torch.channels_last)
+    entries = build_packages(parts, cfg, "fp32", shapes, eng, log=lambda s: None)
+    manifest = json.loads((eng / "manifest.json").read_text())
+    for e in entries:
+        for rel in filter(None, (e["file"], e.get("buffers"))):
+            manifest["files"][rel] = {"sha256": sha256(eng / rel), "bytes": (eng / rel).stat().st_size}
+    manifest["compiled"] = {"env": environment(), "steps": [], "packages": entries}
+    (eng / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return entries
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory, engine32):
+    eng = tmp_path_factory.mktemp("packaged") / "e"
+    shutil.copytree(engine32, eng)
+    _add_packages(eng, [(2, 4, 64, 64)])
+    return eng
+
+
+_FRESH = textwrap.dedent("""
+    import sys, torch
+    from engine.backends.aoti import load_packaged
+    from finephys.poses.clip import load_clip
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
+    model = load_packaged(sys.argv[1], "cpu")
+    opts = GenerateOptions("a person in a red shirt walking", num_frames=4, height=64, width=64,
+                           num_inference_steps=3, seed=1)
+    out = generate(model, load_clip("examples/walk.npz"), opts, progress=False)
+    heavy = sorted(m for m in sys.modules if m.startswith(("diffusers.models", "peft", "transformers.models.clip.model")))
+    torch.save({"latents": out.latents, "heavy": heavy, "unet_packages": model.package_calls}, sys.argv[2])
+""")
+
+
+@pytest.mark.slow
+def test_a_packaged_engine_generates_as_the_reference_in_a_new_process(packaged, demo_ckpt, tmp_path):
+    from engine.load import load_model
+    from finephys.poses.clip import load_clip
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
+
+    out = tmp_path / "run.pt"
+    subprocess.run([sys.executable, "-c", _FRESH, str(packaged), str(out)], check=True)
+    run = torch.load(out)
+    assert run["heavy"] == [] and run["unet_packages"] == 1, run
+    ref = load_model(demo_ckpt, "cpu")
+    opts = GenerateOptions("a person in a red shirt walking", num_frames=4, height=64, width=64,
+                           num_inference_steps=3, seed=1)
+    want = generate(ref, load_clip("examples/walk.npz"), opts, progress=False).latents
+    err = (run["latents"] - want).abs().max().item()
+    assert err < 1e-3, err  # the same fp32 weights (LoRA merged) through compiled graphs
+
+
+@pytest.mark.slow
+def test_packaged_engine_refuses_a_missing_shape_and_a_tampered_package(packaged, tmp_path):
+    from engine.backends.aoti import load_packaged
+
+    model = load_packaged(packaged, "cpu", require_compiled=True)
+    text = torch.zeros(2 * 4, 77, model.config.unet["cross_attention_dim"])
+    feats = model.encode_pose(torch.zeros(4, model.config.encoder.num_joints, 64, 64))
+    feats = [f.repeat(2, 1, 1, 1) for f in feats]
+    assert model.predict_noise(torch.zeros(2, 4, 4, 8, 8), 500, text, feats).shape == (2, 4, 4, 8, 8)
+    with pytest.raises(InputError, match=r"--require-compiled: no compiled unet package for shape 2x4x4x8x10 "
+                                         r"\(packaged: 2x4x4x8x8\)"):
+        model.predict_noise(torch.zeros(2, 4, 4, 8, 10), 500, text, feats)
+    with pytest.raises(InputError, match="DeepCache"):
+        model.predict_noise_cached(torch.zeros(2, 4, 4, 8, 8), 500, text, feats, 1)
+    bad = tmp_path / "bad"
+    shutil.copytree(packaged, bad)
+    unet = next(bad.glob("compiled/unet-*.pt2"))
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 1
+    unet.write_bytes(bytes(data))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    assert manifest["files"][f"compiled/{unet.name}"]["sha256"] != hashlib.sha256(data).hexdigest()
+    tampered = load_packaged(bad, "cpu")
+    with pytest.raises(InputError, match="does not match its sha256"):
+        tampered.predict_noise(torch.zeros(2, 4, 4, 8, 8), 500, text, feats)
