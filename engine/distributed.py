@@ -289,7 +289,7 @@ class GuidanceSplit:
         self.model, self.group, self.half = model, group, half
         for name in ("name", "config", "device", "dtype", "parts", "precision", "capabilities", "latent_channels"):
             setattr(self, name, getattr(model, name))
-        self.scheduler, self.encode_text, self.encode_pose = model.scheduler, model.encode_text, model.encode_pose
+        self.encode_text, self.encode_pose = model.encode_text, model.encode_pose
         self.decode_latents = model.decode_latents
 
     def predict_noise(self, sample, timestep, text, pose_features):

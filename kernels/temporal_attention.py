@@ -157,11 +157,19 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape)
 
 
-if triton is not None and hasattr(torch.library, "triton_op"):
-    # The same kernel as an operator Inductor can see into: ahead-of-time compiles (AOTInductor
-    # packages) carry it as a compiled kernel, so a package runs without this module imported.
+_AOT_OP = []  # the triton_op below, registered on first use: torch.library.triton_op imports Dynamo
+
+
+def _aot_op():
+    """The same kernel as an operator Inductor can see into: ahead-of-time compiles (AOTInductor
+    packages) carry it as a compiled kernel, so a package runs without this module imported."""
+    if _AOT_OP:
+        return _AOT_OP[0]
+    if triton is None or not hasattr(torch.library, "triton_op"):
+        raise ValueError("use_kernel='aot': needs triton and torch.library.triton_op")
+
     @torch.library.triton_op("fpengine::temporal_attention_aot", mutates_args=())
-    def _temporal_attention_aot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         N, F, C = q.shape
         d = C // heads
         out = torch.empty((N, F, C), device=q.device, dtype=q.dtype)
@@ -171,8 +179,9 @@ if triton is not None and hasattr(torch.library, "triton_op"):
             math.log2(math.e) / math.sqrt(d), DH=d, FP=fp, DP=dp, BN=bn, IEEE=q.dtype == torch.float32,
             HEADS=heads, num_warps=num_warps)
         return out
-else:  # pragma: no cover - exercised only where triton is missing
-    _temporal_attention_aot = None
+
+    _AOT_OP.append(op)
+    return op
 
 
 def temporal_attention(q, k, v, heads, *, use_kernel=None):
@@ -186,9 +195,7 @@ def temporal_attention(q, k, v, heads, *, use_kernel=None):
         use_kernel = isinstance(q, torch.Tensor) and q.is_cuda and triton is not None
     if use_kernel == "aot":  # for torch.export / AOTInductor (CUDA)
         _check_args(q, k, v, heads, _DTYPES)
-        if _temporal_attention_aot is None:
-            raise ValueError("use_kernel='aot': needs triton and torch.library.triton_op")
-        return _temporal_attention_aot(q, k, v, heads)
+        return _aot_op()(q, k, v, heads)
     if use_kernel:  # the operator checks its arguments (_temporal_attention_triton)
         return _temporal_attention_op(q, k, v, heads)
     return temporal_attention_ref(q, k, v, heads)

@@ -35,11 +35,13 @@ class WindowBiasModel:
 
     device, dtype, latent_channels = torch.device("cpu"), torch.float32, 1
 
-    def scheduler(self):
+    def __init__(self):
+        from types import SimpleNamespace
+
         from diffusers import DDIMScheduler
 
-        self.sched = DDIMScheduler.from_config(SCHEDULER)
-        return self.sched
+        self.config = SimpleNamespace(scheduler=SCHEDULER)  # the sampler's DDIM schedule reads it
+        self.sched = DDIMScheduler.from_config(SCHEDULER)  # its alphas, for the epsilon below
 
     def encode_text(self, prompts):
         return torch.zeros(len(prompts), 1, 1)
@@ -255,15 +257,20 @@ def test_live_tensors_do_not_grow_with_the_clip(tmp_path):
     assert abs(peaks[256] - peaks[64]) <= 4096, peaks
 
 
-def test_ddim_schedule_matches_diffusers():
+@pytest.mark.parametrize("overrides,steps", [({}, 7), ({}, 25), ({"timestep_spacing": "trailing"}, 10),
+                                             ({"timestep_spacing": "linspace", "set_alpha_to_one": True}, 9),
+                                             ({"beta_schedule": "scaled_linear", "steps_offset": 0}, 50)])
+def test_ddim_schedule_matches_diffusers(overrides, steps):
     from diffusers import DDIMScheduler
 
     from finephys.sampler.loop import DdimSchedule
 
-    ref = DDIMScheduler.from_config(SCHEDULER)
-    ref.set_timesteps(7)
-    ours = DdimSchedule(DDIMScheduler.from_config(SCHEDULER), 7, "cpu")
+    config = {**SCHEDULER, **overrides}
+    ref = DDIMScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    ours = DdimSchedule(config, steps, "cpu")
     assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    assert ours.init_noise_sigma == ref.init_noise_sigma
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 3, 8, 8, generator=g)
     for i, t in enumerate(ref.timesteps):
@@ -272,6 +279,15 @@ def test_ddim_schedule_matches_diffusers():
         got = ours.step(i, eps, x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         x = want
+
+
+def test_ddim_schedule_refuses_what_it_does_not_step():
+    from finephys.sampler.loop import DdimSchedule
+
+    for bad, match in (({"prediction_type": "v_prediction"}, "prediction_type"),
+                       ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"), ({}, "steps 0")):
+        with pytest.raises(InputError, match=match):
+            DdimSchedule({**SCHEDULER, **bad}, 0 if not bad else 10, "cpu")
 
 
 def test_decoded_frames_are_contiguous(demo_model):

@@ -1,5 +1,5 @@
 """What the engine backends share: the engine directory, the pose stack (PyTorch, fp32, from the
-engine's own weights), the tokenizer, the scheduler, and the four sampler calls in terms of the
+engine's own weights), the tokenizer, and the four sampler calls in terms of the
 export contracts. A backend adds ``_run(component, feeds) -> outputs`` for its runtime."""
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ A backend (the reference ``FinePhysModel``, or one that runs an engine directory
   ``capabilities``, which say what it can do beyond the four calls (no probing for attributes);
 - ``parts`` with the pose stack (``lifter``, ``physnet``, fp32 PyTorch on every backend) and the
   ``tokenizer``;
-- the sampler's calls: ``scheduler()``, ``encode_text(prompts)``, ``encode_pose(heatmaps)``,
+- the sampler's calls (the DDIM schedule comes from ``config.scheduler``): ``encode_text(prompts)``,
+  ``encode_pose(heatmaps)``,
   ``predict_noise(sample, timestep, text, pose_features)``, ``decode_latents(latents)``, ``close()``, and
   with DeepCache ``predict_noise_cached`` / ``predict_noise_shallow``.
 """
@@ -18,7 +19,6 @@ from typing import Protocol
 
 import torch
 
-from finephys.model.build import build_scheduler
 from finephys.precision import Precision
 
 
@@ -48,8 +48,6 @@ class Backend(Protocol):
 
     @property
     def latent_channels(self) -> int: ...
-
-    def scheduler(self): ...
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor: ...
 
@@ -89,9 +87,6 @@ class BackendBase:
     @property
     def latent_channels(self) -> int:
         return int(self.config.unet.get("in_channels", 4))
-
-    def scheduler(self):
-        return build_scheduler(self.config)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

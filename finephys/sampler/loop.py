@@ -32,21 +32,43 @@ class StopRequested(KeyboardInterrupt):
 
 
 class DdimSchedule:
-    """DDIM (eta = 0) from a diffusers ``DDIMScheduler``'s own timesteps and alphas, with every
-    coefficient precomputed as a Python float: stepping never reads device memory back, so the
-    denoising loop has no host synchronisation on any backend."""
+    """DDIM (eta = 0) as diffusers' ``DDIMScheduler`` steps it, computed from the scheduler
+    config alone (its betas, cumulative alphas and timesteps, in diffusers' own arithmetic), with
+    every coefficient precomputed as a Python float: stepping never reads device memory back, so
+    the denoising loop has no host synchronisation on any backend, and no diffusers import."""
 
-    def __init__(self, scheduler, num_inference_steps: int, device):
-        if scheduler.config.prediction_type != "epsilon":
-            raise InputError(f"scheduler: prediction_type {scheduler.config.prediction_type!r}, expected 'epsilon'")
-        scheduler.set_timesteps(num_inference_steps)
-        ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        alphas = scheduler.alphas_cumprod.double()
-        final = float(scheduler.final_alpha_cumprod)
-        steps = [int(t) for t in scheduler.timesteps]
-        self.coeffs = [(float(alphas[t]), float(alphas[t - ratio]) if t >= ratio else final) for t in steps]
-        self.timesteps = torch.tensor(steps, device=device)
-        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+    SPACINGS = ("leading", "trailing", "linspace")
+    BETAS = ("linear", "scaled_linear")
+
+    def __init__(self, config: dict, num_inference_steps: int, device):
+        c = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+             "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
+             "timestep_spacing": "leading", **dict(config)}
+        if c["prediction_type"] != "epsilon":
+            raise InputError(f"scheduler: prediction_type {c['prediction_type']!r}, expected 'epsilon'")
+        if c["beta_schedule"] not in self.BETAS or c["timestep_spacing"] not in self.SPACINGS:
+            raise InputError(f"scheduler: beta_schedule {c['beta_schedule']!r} / timestep_spacing "
+                             f"{c['timestep_spacing']!r}, expected one of {self.BETAS} / {self.SPACINGS}")
+        n, steps = int(c["num_train_timesteps"]), int(num_inference_steps)
+        if not 1 <= steps <= n:
+            raise InputError(f"steps {steps}: expected 1..{n} (the scheduler's training timesteps)")
+        if c["beta_schedule"] == "linear":
+            betas = torch.linspace(c["beta_start"], c["beta_end"], n, dtype=torch.float32)
+        else:
+            betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
+        alphas = torch.cumprod(1.0 - betas, dim=0)
+        final = 1.0 if c["set_alpha_to_one"] else float(alphas[0])
+        ratio = n // steps
+        if c["timestep_spacing"] == "leading":
+            t = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + int(c["steps_offset"])
+        elif c["timestep_spacing"] == "trailing":
+            t = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+        else:
+            t = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+        alphas = alphas.double()
+        self.coeffs = [(float(alphas[i]), float(alphas[i - ratio]) if i >= ratio else final) for i in t.tolist()]
+        self.timesteps = torch.tensor(t.tolist(), device=device)
+        self.init_noise_sigma = 1.0
 
     def step(self, i: int, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         a, a_prev = self.coeffs[i]
@@ -176,7 +198,7 @@ def denoise_windows(model, plan: Plan, requests: list[Request], progress: bool =
     ``should_stop`` is asked before every step (between UNet calls); True raises ``StopRequested``."""
     chain = WindowChain() if chain is None else chain
     cfg_on, guidance = _guidance(requests, model.device)
-    sched = DdimSchedule(model.scheduler(), plan.steps, model.device)
+    sched = DdimSchedule(model.config.scheduler, plan.steps, model.device)
     # text batch order is request-major: [uncond_1..uncond_B, cond_1..cond_B] with guidance
     prompts = [r.prompt for r in requests]
     text = model.encode_text([r.negative_prompt for r in requests] + prompts if cfg_on else prompts)
