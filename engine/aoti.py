@@ -46,6 +46,11 @@ def shape_key(t: torch.Tensor) -> str:
     return "x".join(str(int(d)) for d in t.shape)
 
 
+def step_key(channels: int, batch: int, frames: int, height: int, width: int) -> str:
+    """The UNet package's key for a generation shape (its sample: batch, channels, frames, latents)."""
+    return f"{batch}x{channels}x{frames}x{height // 8}x{width // 8}"
+
+
 def package_file(component: str, key: str) -> str:
     return f"{PACKAGE_DIR}/{component}-{key}.pt2"
 

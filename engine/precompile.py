@@ -244,6 +244,7 @@ def planned_steps(plan) -> list[tuple[str, int | None, StepShape]]:
 def require_steps(engine_dir: Path, plan) -> None:
     """InputError (before any weights load) unless the engine carries a usable compiled step for
     every UNet call of ``plan`` on this machine."""
+    from engine.aoti import step_key
     from export.manifest import engine_config, read_engine_manifest
 
     manifest = read_engine_manifest(Path(engine_dir))
@@ -253,8 +254,7 @@ def require_steps(engine_dir: Path, plan) -> None:
     packaged = set() if env_mismatch(info.get("env", {}), environment()) else \
         {p["key"] for p in info.get("packages", []) if p["component"] == "unet"}
     for entry, depth, shape in planned_steps(plan):
-        if entry == "forward" and (f"{shape.batch}x{channels}x{shape.frames}x{shape.height // 8}x{shape.width // 8}"
-                                   in packaged):
+        if entry == "forward" and step_key(channels, shape.batch, shape.frames, shape.height, shape.width) in packaged:
             continue  # the AOTInductor package (engine.aoti) serves it
         why = compiled.missing(entry, depth, shape)
         if why:

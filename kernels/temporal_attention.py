@@ -14,6 +14,7 @@ straight into the (N, F, C) layout that the output projection reads.
 ``q``, ``k``, ``v`` may be views into one fused (N, F, 3C) projection output. fp32 accumulation;
 fp32 inputs use IEEE fp32 products. ``temporal_attention_ref`` is the same contract in plain torch.
 """
+import functools
 import math
 
 import torch
@@ -157,14 +158,10 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape)
 
 
-_AOT_OP = []  # the triton_op below, registered on first use: torch.library.triton_op imports Dynamo
-
-
+@functools.cache  # registered on first use: torch.library.triton_op imports Dynamo
 def _aot_op():
     """The same kernel as an operator Inductor can see into: ahead-of-time compiles (AOTInductor
     packages) carry it as a compiled kernel, so a package runs without this module imported."""
-    if _AOT_OP:
-        return _AOT_OP[0]
     if triton is None or not hasattr(torch.library, "triton_op"):
         raise ValueError("use_kernel='aot': needs triton and torch.library.triton_op")
 
@@ -180,7 +177,6 @@ def _aot_op():
             HEADS=heads, num_warps=num_warps)
         return out
 
-    _AOT_OP.append(op)
     return op
 
 

@@ -145,3 +145,14 @@ def test_packaged_engine_refuses_a_missing_shape_and_a_tampered_package(packaged
     tampered = load_packaged(bad, "cpu")
     with pytest.raises(InputError, match="does not match its sha256"):
         tampered.predict_noise(torch.zeros(2, 4, 4, 8, 8), 500, text, feats)
+
+
+@pytest.mark.slow
+def test_warm_up_loads_and_runs_every_package_of_each_packaged_shape(packaged):
+    """What serve replicas call before taking requests: afterwards no package is loaded on demand."""
+    from engine.backends.aoti import load_packaged
+
+    model = load_packaged(packaged, "cpu", require_compiled=True)
+    assert model.compiled_shapes() == ["2x4x64x64"] and not model._runners
+    model.warm_up()
+    assert sorted(model._runners) == sorted(model.packages) and model.package_calls == 1

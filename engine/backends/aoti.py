@@ -18,7 +18,7 @@ from finephys.errors import InputError
 from finephys.model.backend import Capabilities
 from finephys.model.unet import cache_depths_of
 
-from engine.aoti import WEIGHTS, PackageRunner, derive_constants, shape_key
+from engine.aoti import WEIGHTS, PackageRunner, derive_constants, package_dims, shape_key
 from engine.backends.base import GraphBackend
 from engine.precompile import env_mismatch, environment
 
@@ -96,7 +96,9 @@ class PackagedTritonModel(GraphBackend):
         if component == "unet":
             self.package_calls += 1
             if self._graphs and self.device.type == "cuda":
-                runner = _Graphed(runner, self._log)
+                from engine.fast_unet import CudaGraphCall
+
+                runner = CudaGraphCall(runner)
         self._runners[key] = runner
         return runner
 
@@ -156,17 +158,14 @@ class PackagedTritonModel(GraphBackend):
 
     # -- what the commands ask ----------------------------------------------------------------
     def warm_up(self) -> None:
-        """Load every package and run it once (the UNet's CUDA graphs captured), so that the first
-        request of each packaged shape is as fast as later ones."""
-        for component, key in sorted(self.packages):
-            spec = self.contracts[component].inputs
-            shape = [int(d) for d in key.split("x")]
-            first = torch.zeros(shape, dtype=spec[0].torch_dtype(self.precision), device=self.device)
-            dims = _dims_from(component, first, self.config)
-            inputs = [s.torch_dtype(self.precision) for s in spec]
-            feeds = {s.name: torch.zeros(s.shape(dims), dtype=dt, device=self.device) for s, dt in zip(spec, inputs)}
-            with torch.no_grad():
-                self._run(component, feeds)
+        """Load every package of each packaged generation shape and run it once (the UNet's CUDA
+        graph captured), so that the first request of that shape is as fast as later ones."""
+        for shape in self.compiled_shapes():
+            for component, dims in package_dims(self.config, *(int(v) for v in shape.split("x"))):
+                inputs = self.contracts[component].sample_inputs(dims, self.precision)
+                if self._has(component, inputs[0]):
+                    with torch.no_grad():
+                        self._call(component, *inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -181,38 +180,3 @@ class PackagedTritonModel(GraphBackend):
 
     def compiled_steps_used(self) -> int:
         return self.package_calls + (self._jit.compiled_steps_used() if self._jit is not None else 0)
-
-
-class _Graphed:
-    """A package's calls replayed as a CUDA graph (``engine.fast_unet.CudaGraphCall``); where the
-    capture fails, one line and the package runs without a graph."""
-
-    def __init__(self, runner, log):
-        from engine.fast_unet import CudaGraphCall
-
-        self.runner, self.graphed, self.log = runner, CudaGraphCall(runner), log
-
-    def __call__(self, *tensors):
-        if self.graphed is not None:
-            try:
-                return self.graphed(*tensors)
-            except RuntimeError as e:
-                self.graphed = None
-                self.log(f"compiled packages: the CUDA graph capture failed ({str(e).splitlines()[0]}); "
-                         "running the UNet package without a graph")
-                torch.cuda.synchronize()
-        return self.runner(*tensors)
-
-
-def _dims_from(component: str, first: torch.Tensor, cfg) -> dict:
-    """Contract dims from a component's first input (warm-up inputs of a packaged shape)."""
-    from export.contract import resolve_dims
-
-    s = first.shape
-    if component == "unet":
-        return resolve_dims(cfg, s[0], s[2], 8 * s[3], 8 * s[4])
-    if component == "heatmap_encoder":
-        return resolve_dims(cfg, 1, s[0], s[2], s[3])
-    if component == "text_encoder":
-        return resolve_dims(cfg, 1, 1, 8, 8, prompts=s[0])
-    return resolve_dims(cfg, 1, 1, 8 * s[2], 8 * s[3], decode_batch=s[0])
