@@ -3,7 +3,8 @@
 The tokenizer is rebuilt from the BPE merges that the ``clip-anytorch`` package ships
 (``clip/bpe_simple_vocab_16e6.txt.gz``, OpenAI's file): the vocabulary is the 256 byte symbols,
 the same with ``</w>``, one entry per merge, then the two special tokens; 49408 entries, the
-ordering of OpenAI's SimpleTokenizer and of every SD 1.5 ``tokenizer/vocab.json``.
+ordering of OpenAI's SimpleTokenizer and of every SD 1.5 ``tokenizer/vocab.json``. It is read by
+``clip_bpe.ClipTokenizer``, in pure Python (importing transformers would cost seconds at start-up).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from finephys.errors import InputError
+from finephys.model.clip_bpe import ClipTokenizer, byte_alphabet
 
 log = logging.getLogger(__name__)
 MERGES_FILE = "clip/bpe_simple_vocab_16e6.txt.gz"
@@ -24,17 +26,9 @@ MAX_LENGTH = 77
 
 
 def _byte_symbols() -> list[str]:
-    """The GPT-2 / CLIP table mapping each byte to a printable unicode character, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in sorted(table, key=lambda b: (b not in printable, printable.index(b) if b in printable else b))]
+    """The 256 byte symbols in vocabulary order: the printable ones (standing for themselves) in
+    byte order, then the stand-ins of the others."""
+    return sorted(byte_alphabet().values(), key=ord)
 
 
 def _merges_path() -> Path:
@@ -71,23 +65,28 @@ def write_clip_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def load_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
+def load_tokenizer(folder: Path) -> ClipTokenizer:
+    """The CLIP tokenizer of ``folder`` (vocab.json, merges.txt, tokenizer_config.json: an SD 1.5
+    ``tokenizer/``); pure Python, the ids of transformers' CLIPTokenizer (see ``clip_bpe``)."""
     if not (Path(folder) / "vocab.json").is_file() or not (Path(folder) / "merges.txt").is_file():
         raise InputError(f"tokenizer folder {folder}: expected vocab.json and merges.txt")
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return ClipTokenizer.from_folder(Path(folder))
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+def tokenize(tokenizer: ClipTokenizer, prompts: list[str]) -> torch.Tensor:
     """Prompts -> (N, 77) token ids, padded; over-long prompts are truncated with a warning."""
     for p in prompts:
         if not isinstance(p, str):
             raise InputError(f"prompt: expected text, got {type(p).__name__}")
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    for p in dict.fromkeys(prompts):  # each distinct prompt once
-        full = tokenizer(p, verbose=False).input_ids
-        if len(full) > MAX_LENGTH:
-            removed = tokenizer.decode(full[MAX_LENGTH - 1 : -1])
+    full = {p: tokenizer.encode(p) for p in prompts}  # each distinct prompt once
+    for p, ids in full.items():
+        if len(ids) > MAX_LENGTH:
+            removed = tokenizer.decode(ids[MAX_LENGTH - 1 : -1])
             log.warning("The prompt is longer than %d CLIP tokens; this part was truncated: %r", MAX_LENGTH, removed)
-    return ids
+    rows = []
+    for p in prompts:
+        ids = full[p]
+        if len(ids) > MAX_LENGTH:  # the end token kept last
+            ids = ids[: MAX_LENGTH - 1] + ids[-1:]
+        rows.append(ids + [tokenizer.pad_token_id] * (MAX_LENGTH - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), MAX_LENGTH)
