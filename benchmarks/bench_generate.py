@@ -3,8 +3,12 @@
 timing does not depend on them). Modes in one run on one card: diffusers eager fp16 (the
 reference pipeline cast to fp16), torch.compile (default mode) of its UNet, and the `triton`
 backend. Also the peak GPU memory of streaming 64 vs 512 frames (issue: memory bounded).
+With ``--engine E`` (an engine exported with ``--compile`` for 16 frames at ``--size``), the triton
+backend runs from E's weights, and mode ``packaged`` times E's AOTInductor packages (issue 19):
+the steady clip time of the precompiled path against the just-in-time one, same weights, same run.
 
     PYTHONPATH=. python benchmarks/bench_generate.py --size 512 --out r.jsonl
+    PYTHONPATH=. python benchmarks/bench_generate.py --size 512 --engine E --modes eager,triton,packaged
 """
 from __future__ import annotations
 
@@ -87,7 +91,8 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--modes", default="eager,compile,triton")
+    ap.add_argument("--modes", default="eager,compile,triton", help="eager, compile, triton, packaged (--engine)")
+    ap.add_argument("--engine", type=Path, default=None, help="exported engine: triton runs from its weights")
     ap.add_argument("--memory", default="", help="e.g. 64,512: stream these frame counts on the triton backend")
     ap.add_argument("--deep-cache", default="", help="e.g. 2,3: also time the triton backend with these intervals")
     ap.add_argument("--deep-cache-depth", type=int, default=1)
@@ -99,7 +104,10 @@ def main():
     clip = load_clip(ROOT / "examples" / "walk.npz")
     opts = GenerateOptions("a person walking in a park", num_frames=16, height=a.size, width=a.size,
                            num_inference_steps=a.steps, guidance_scale=7.5)
-    parts = full_size_parts()
+    modes = a.modes.split(",")
+    if "packaged" in modes and a.engine is None:
+        ap.error("--modes packaged: needs --engine (exported with --compile)")
+    parts = full_size_parts() if a.engine is None or "eager" in modes or "compile" in modes else None
     rows = []
 
     def record(mode, first, times, extra=None):
@@ -110,7 +118,6 @@ def main():
         print(f"{mode:>22} {a.size}: median {row['median_s']:.3f} s (first run {first:.1f} s, "
               f"peak {row['peak_gib']:.1f} GiB)", flush=True)
 
-    modes = a.modes.split(",")
     if "eager" in modes or "compile" in modes:
         ref = assemble(parts, device="cuda", dtype=torch.float16)
         if "eager" in modes:
@@ -122,10 +129,23 @@ def main():
             record("torch.compile default", *run_clip(ref, clip, opts, a.reps))
             torch._dynamo.reset()
         del ref
+    if "packaged" in modes:
+        from engine.backends.aoti import load_packaged
+
+        packaged = load_packaged(a.engine, torch.device("cuda"), require_compiled=True)
+        if packaged is None:
+            raise SystemExit(f"--engine {a.engine}: no AOTInductor packages this machine can load")
+        torch.cuda.reset_peak_memory_stats()
+        record("packaged (AOTInductor)", *run_clip(packaged, clip, opts, a.reps))
     if "triton" in modes or a.memory:
         from engine.backends.triton import triton_from_parts
 
-        fast = triton_from_parts(parts)
+        if a.engine is not None:
+            from engine.backends.triton import load_triton_backend
+
+            fast = load_triton_backend(a.engine, "cuda")  # just in time, from the engine's weights
+        else:
+            fast = triton_from_parts(parts)
         if "triton" in modes or a.deep_cache:
             torch.cuda.reset_peak_memory_stats()
             record("triton backend", *run_clip(fast, clip, opts, a.reps))
