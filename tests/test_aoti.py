@@ -1,7 +1,7 @@
 """AOTInductor packages (``engine.aoti``, ``engine.backends.aoti``): the weights fed to a package
 by name (fused projections, channels-last, buffers), and on the CPU a packaged engine that
-generates what the reference generates, in a new process that imports none of diffusers' or
-transformers' model code (nor Dynamo or Inductor), refuses a tampered package and says which shape it lacks."""
+generates what the reference generates, in a new process that imports none of diffusers, peft,
+transformers or tokenizers (nor Dynamo or Inductor), refuses a tampered package and says which shape it lacks."""
 import hashlib
 import json
 import shutil
@@ -95,7 +95,7 @@ _FRESH = textwrap.dedent("""
     opts = GenerateOptions("a person in a red shirt walking", num_frames=4, height=64, width=64,
                            num_inference_steps=3, seed=1)
     out = generate(model, load_clip("examples/walk.npz"), opts, progress=False)
-    heavy = sorted(m for m in sys.modules if m.startswith(("diffusers", "peft", "transformers.models.clip.model",
+    heavy = sorted(m for m in sys.modules if m.startswith(("diffusers", "peft", "transformers", "tokenizers",
                                                            "torch._dynamo", "torch._inductor")))
     torch.save({"latents": out.latents, "heavy": heavy, "unet_packages": model.package_calls}, sys.argv[2])
 """)
