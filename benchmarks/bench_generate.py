@@ -8,7 +8,9 @@ backend runs from E's weights, and mode ``packaged`` times E's AOTInductor packa
 the steady clip time of the precompiled path against the just-in-time one, same weights, same run.
 
     PYTHONPATH=. python benchmarks/bench_generate.py --size 512 --out r.jsonl
-    PYTHONPATH=. python benchmarks/bench_generate.py --size 512 --engine E --modes eager,triton,packaged
+    PYTHONPATH=. python benchmarks/bench_generate.py --size 512 --engine E --modes eager,triton,packaged --phases
+``--phases`` adds, per mode, one clip with each kind of model call timed apart (text, heatmap
+encoder, UNet steps, VAE decode, the rest).
 """
 from __future__ import annotations
 
@@ -48,6 +50,40 @@ def run_clip(model, clip, opts, reps):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times[0], times[1:]
+
+
+PHASES = ("encode_text", "encode_pose", "predict_noise", "decode_latents")
+
+
+def phase_times(model, clip, opts) -> dict:
+    """One more clip with each kind of model call timed apart (synchronised before and after, so
+    the side-stream decode no longer overlaps the next window): seconds per kind, the whole clip,
+    and the rest (pose stack, sampler, frames to uint8)."""
+    spent = dict.fromkeys(PHASES, 0.0)
+
+    def timed(name, fn):
+        def call(*args, **kw):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            torch.cuda.synchronize()
+            spent[name] += time.perf_counter() - t0
+            return out
+        return call
+
+    for name in PHASES:
+        setattr(model, name, timed(name, getattr(model, name)))
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(model, clip, opts, progress=False)
+        torch.cuda.synchronize()
+        spent["clip"] = time.perf_counter() - t0
+    finally:
+        for name in PHASES:
+            delattr(model, name)  # the instance's wrapper goes; the class's method shows again
+    spent["other"] = spent["clip"] - sum(spent[n] for n in PHASES)
+    return {k: round(v, 4) for k, v in spent.items()}
 
 
 def stream_peak(model, clip, frames, size):
@@ -93,6 +129,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", default="eager,compile,triton", help="eager, compile, triton, packaged (--engine)")
     ap.add_argument("--engine", type=Path, default=None, help="exported engine: triton runs from its weights")
+    ap.add_argument("--phases", action="store_true", help="also one clip per mode with its calls timed apart")
     ap.add_argument("--memory", default="", help="e.g. 64,512: stream these frame counts on the triton backend")
     ap.add_argument("--deep-cache", default="", help="e.g. 2,3: also time the triton backend with these intervals")
     ap.add_argument("--deep-cache-depth", type=int, default=1)
@@ -110,19 +147,23 @@ def main():
     parts = full_size_parts() if a.engine is None or "eager" in modes or "compile" in modes else None
     rows = []
 
-    def record(mode, first, times, extra=None):
+    def record(mode, first, times, extra=None, model=None):
+        if a.phases and model is not None:
+            extra = {**(extra or {}), "phases_s": phase_times(model, clip, opts)}
         row = {"bench": "generate", "mode": mode, "size": a.size, "frames": 16, "steps": a.steps,
                "median_s": statistics.median(times), "min_s": min(times), "first_run_s": first,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **(extra or {}), **info}
         rows.append(row)
         print(f"{mode:>22} {a.size}: median {row['median_s']:.3f} s (first run {first:.1f} s, "
               f"peak {row['peak_gib']:.1f} GiB)", flush=True)
+        if "phases_s" in row:
+            print(f"{'':>22} phases (s): {row['phases_s']}", flush=True)
 
     if "eager" in modes or "compile" in modes:
         ref = assemble(parts, device="cuda", dtype=torch.float16)
         if "eager" in modes:
             torch.cuda.reset_peak_memory_stats()
-            record("diffusers eager fp16", *run_clip(ref, clip, opts, a.reps))
+            record("diffusers eager fp16", *run_clip(ref, clip, opts, a.reps), model=ref)
         if "compile" in modes:
             ref.unet = torch.compile(ref.unet, dynamic=False)
             torch.cuda.reset_peak_memory_stats()
@@ -136,7 +177,7 @@ def main():
         if packaged is None:
             raise SystemExit(f"--engine {a.engine}: no AOTInductor packages this machine can load")
         torch.cuda.reset_peak_memory_stats()
-        record("packaged (AOTInductor)", *run_clip(packaged, clip, opts, a.reps))
+        record("packaged (AOTInductor)", *run_clip(packaged, clip, opts, a.reps), model=packaged)
     if "triton" in modes or a.memory:
         from engine.backends.triton import triton_from_parts
 
@@ -148,7 +189,7 @@ def main():
             fast = triton_from_parts(parts)
         if "triton" in modes or a.deep_cache:
             torch.cuda.reset_peak_memory_stats()
-            record("triton backend", *run_clip(fast, clip, opts, a.reps))
+            record("triton backend", *run_clip(fast, clip, opts, a.reps), model=fast)
             exact = generate(fast, clip, opts, progress=False)
         for interval in [int(n) for n in a.deep_cache.split(",") if n]:
             cached = GenerateOptions(**{**opts.__dict__, "deep_cache": interval, "deep_cache_depth": a.deep_cache_depth})
