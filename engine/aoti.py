@@ -15,6 +15,10 @@ loader feeds it the engine's own safetensors by name, deriving what the preparat
 The export checks that this derivation gives every constant the package wants, bit for bit and
 with its strides, and runs each package against the eager module once.
 
+DeepCache's two UNet calls at a depth are packages of their own, fed the UNet's weights:
+``unet_cache_dN`` (the full step, returning the deep features too) and ``unet_shallow_dN`` (the
+partial step, the deep features as its fourth input, before the pose features).
+
 Packages are loaded through ``torch._C._aoti.AOTIModelPackageLoader`` directly:
 ``torch._inductor.aoti_load_package`` imports Dynamo and Inductor and builds test programs for
 every CPU instruction set (47 s on the lent H200) only to compare them with the package's
@@ -39,6 +43,38 @@ WEIGHTS = {  # the engine directory's weight file of each component
 PREFIX = {"unet": "unet.unet.", "vae_decoder": "vae.", "text_encoder": "text_encoder.", "heatmap_encoder": "encoder."}
 CHANNELS_LAST = ("unet", "vae_decoder")
 _FUSED = re.compile(r"^(.*)\.to_(qkv|kv)\.(weight|bias)$")
+_CACHE = re.compile(r"^unet_(cache|shallow)_d(\d+)$")
+
+
+def cache_component(entry: str, depth: int) -> str:
+    """The package component of DeepCache's ``forward_and_cache`` / ``forward_shallow`` at ``depth``."""
+    return f"unet_{'cache' if entry == 'forward_and_cache' else 'shallow'}_d{depth}"
+
+
+def base_component(component: str) -> str:
+    """The component whose weights a package is fed: the UNet for DeepCache's packages."""
+    return "unet" if _CACHE.match(component) else component
+
+
+class UNetCacheGraph(torch.nn.Module):
+    """DeepCache's full step at ``depth``: (noise, the deep features its shallow steps reuse)."""
+
+    def __init__(self, unet, depth: int):
+        from finephys.model.unet import PoseGuidedUNet
+
+        super().__init__()
+        self.unet, self.depth = PoseGuidedUNet(unet), depth
+
+    def forward(self, sample, timestep, encoder_hidden_states, *pose_features):
+        return self.unet.forward_and_cache(sample, timestep, encoder_hidden_states, list(pose_features), self.depth)
+
+
+class UNetShallowGraph(UNetCacheGraph):
+    """DeepCache's shallow step at ``depth`` on the deep features of the last full step."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, deep, *pose_features):
+        return self.unet.forward_shallow(sample, timestep, encoder_hidden_states, list(pose_features), deep,
+                                         self.depth)
 
 
 def shape_key(t: torch.Tensor) -> str:
@@ -75,6 +111,7 @@ def package_dims(cfg, batch: int, frames: int, height: int, width: int) -> list[
 
 def derive_constants(component: str, fqns: list[str], weights: dict, buffers: dict) -> dict:
     """{fqn: tensor} for a package from the engine's weights of ``component`` (see the module doc)."""
+    component = base_component(component)
     prefix, out = PREFIX[component], {}
     for fqn in fqns:
         if not fqn.startswith(prefix):
@@ -116,10 +153,11 @@ def _module_tensors(module) -> dict:
     return {**dict(module.named_buffers()), **dict(module.named_parameters())}
 
 
-def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print) -> list[dict]:
+def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print, depths=()) -> list[dict]:
     """Compile every component of ``parts`` (prepared as the triton backend runs them, on their
-    device) for each (batch, frames, height, width) in ``shapes`` into ``out_dir/compiled``;
-    check each package against the eager module; return the manifest entries."""
+    device) for each (batch, frames, height, width) in ``shapes`` into ``out_dir/compiled``, and
+    DeepCache's two UNet calls at each of ``depths``; check each package against the eager module;
+    return the manifest entries."""
     from safetensors.torch import load_file, save_file
 
     from export.contract import contracts
@@ -130,12 +168,13 @@ def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print)
     for component in COMPONENTS:
         module = graph_module(parts, component)
         device = next(module.parameters()).device
-        tensors = _module_tensors(module)
         buffers = {k[len(PREFIX[component]):]: v.detach().contiguous() for k, v in module.named_buffers()
                    if k not in module.state_dict()}
         if buffers:
             save_file(buffers, str(out_dir / buffers_file(component)))
         weights = load_file(str(out_dir / WEIGHTS[component]), device=str(device))
+        cached = [(UNetCacheGraph(parts.unet, d).eval(), UNetShallowGraph(parts.unet, d).eval()) for d in depths] \
+            if component == "unet" else []
         keys = set()
         for shape in shapes:
             for comp, dims in package_dims(cfg, *shape):
@@ -146,24 +185,35 @@ def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print)
                 if key in keys:
                     continue
                 keys.add(key)
-                rel = package_file(component, key)
-                log(f"compile: {component} at {key} (AOTInductor) ...")
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    exported = torch.export.export(module, inputs, strict=False)
-                    torch._inductor.aoti_compile_and_package(
-                        exported, package_path=str(out_dir / rel),
-                        inductor_configs={"aot_inductor.package_constants_in_so": False})
-                    t1 = time.perf_counter()
-                    err = _check_package(out_dir / rel, component, module, tensors, weights, buffers, inputs)
-                log(f"compiled {component} at {key} in {t1 - t0:.1f} s; checked in {time.perf_counter() - t1:.1f} s "
-                    f"(largest difference from the eager module {err:.2g})")
-                entry = {"component": component, "key": key, "file": rel}
-                if buffers:
-                    entry["buffers"] = buffers_file(component)
-                entries.append(entry)
+                entries.append(_package(out_dir, component, key, module, inputs, weights, buffers, log))
+                for (full, shallow), depth in zip(cached, depths):
+                    with torch.no_grad():
+                        deep = full(*inputs)[1].contiguous()
+                    entries.append(_package(out_dir, cache_component("forward_and_cache", depth), key, full, inputs,
+                                            weights, buffers, log))
+                    entries.append(_package(out_dir, cache_component("forward_shallow", depth), key, shallow,
+                                            (*inputs[:3], deep, *inputs[3:]), weights, buffers, log))
         del weights
     return entries
+
+
+def _package(out_dir: Path, component: str, key: str, module, inputs, weights, buffers, log) -> dict:
+    """One package: ``module`` exported at ``inputs``, compiled, checked; its manifest entry."""
+    rel = package_file(component, key)
+    log(f"compile: {component} at {key} (AOTInductor) ...")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(module, inputs, strict=False)
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(out_dir / rel),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        t1 = time.perf_counter()
+        err = _check_package(out_dir / rel, component, module, _module_tensors(module), weights, buffers, inputs)
+    log(f"compiled {component} at {key} in {t1 - t0:.1f} s; checked in {time.perf_counter() - t1:.1f} s "
+        f"(largest difference from the eager module {err:.2g})")
+    entry = {"component": component, "key": key, "file": rel}
+    if buffers:
+        entry["buffers"] = buffers_file(base_component(component))
+    return entry
 
 
 def _check_package(path: Path, component: str, module, tensors: dict, weights: dict, buffers: dict, inputs) -> float:

@@ -71,25 +71,6 @@ def compile_call(fn, compile_mode: str | None = "default"):
     return torch.compile(fn, mode=None if compile_mode == "default" else compile_mode, dynamic=False, fullgraph=False)
 
 
-def _portable_guards(entries) -> list[bool]:
-    """Keep the guards a saved compile can check in another process: tensor metadata (shapes,
-    strides, dtypes, devices) and global state (grad mode, autocast); drop object identities."""
-    return [e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (e.guard_type == "TENSOR_MATCH" and not e.is_global)
-            for e in entries]
-
-
-def precompile(fn, args: tuple, kwargs: dict | None = None):
-    """Dynamo's ahead-of-time compile of the bound method ``fn`` for exactly these inputs (static
-    shapes, one graph, portable guards), to be saved with ``save_compiled_function`` and loaded in
-    another process by ``load_precompiled``. The result takes ``fn``'s module as its first argument."""
-    import torch._dynamo.config as dynamo_config
-
-    flags = {"enable_aot_compile": True} if hasattr(dynamo_config, "enable_aot_compile") else {}
-    with torch.no_grad(), dynamo_config.patch(**flags):
-        compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"guard_filter_fn": _portable_guards})
-        return compiled.aot_compile((args, kwargs or {}))
-
-
 def load_precompiled(data: bytes):
     """A function saved by ``precompile(...).save_compiled_function``."""
     load = getattr(torch.compiler, "load_compiled_function", None)

@@ -1,11 +1,9 @@
-"""Precompiled UNet steps for the triton backend: ``fpengine export --compile`` runs the backend's
-torch.compile once per shape and stores the result in the engine directory; ``generate``,
-``check`` and every serve replica load it instead of compiling (seconds instead of ~100 s).
-
-The artefacts are Dynamo precompiled functions (``torch.compile(...).aot_compile`` saved with
-``save_compiled_function``): the traced graph, Inductor's generated code and its Triton kernels,
-taking the module as their first argument (the weights stay in the engine's safetensors). They
-are only valid for the machine kind and software that built them, so each one is keyed by:
+"""Keys and plans of precompiled engines: the machine and software a compiled artefact is valid
+for, the UNet calls a generation makes, and ``--require-compiled``'s check. ``fpengine export
+--compile`` now builds AOTInductor packages (``engine.aoti``) for every call, DeepCache's
+included; engines exported before (sessions 12-14) may carry Dynamo precompiled functions
+(``torch.compile(...).aot_compile`` saved with ``save_compiled_function``, the module as their
+first argument), which ``CompiledSteps`` and ``StepCall`` still load. Each artefact is keyed by:
 
     env    GPU architecture (sm_90), torch, triton, CUDA and Python versions
     code   the source of the UNet step (finephys.model.unet, engine.fast_unet, the temporal kernel)
@@ -13,9 +11,9 @@ are only valid for the machine kind and software that built them, so each one is
     shape  the UNet's batch (2 with guidance), the window's frames, the video height and width
     entry  forward, or DeepCache's forward_and_cache / forward_shallow at a depth
 
-A step whose key does not match runs just in time as before, after one line saying why;
-``--require-compiled`` makes that an error. Loading runs code from the engine directory (a
-pickle), so every file is checked against its sha256 in the manifest first.
+A call whose key does not match runs just in time as before, after one line saying why;
+``--require-compiled`` makes that an error. Loading runs code from the engine directory, so
+every file is checked against its sha256 in the manifest first.
 """
 from __future__ import annotations
 
@@ -122,31 +120,6 @@ def sample_inputs(model, shape: StepShape) -> tuple:
     return sample, torch.tensor(500, device=dev), text, feats  # int64, as the scheduler's timesteps
 
 
-def compile_steps(model, shapes: list[StepShape], depths: list[int], out_dir: Path,
-                  log: Callable[[str], None] = print, forward: bool = True) -> list[dict]:
-    """Compile and save the UNet steps of a loaded TritonModel for every shape (the plain step
-    unless ``forward`` is False, and DeepCache's two at each depth); returns one entry per file
-    written (relative to ``out_dir``)."""
-    from engine.fast_unet import precompile
-
-    steps = []
-    (out_dir / COMPILED_DIR).mkdir(parents=True, exist_ok=True)
-    for shape in shapes:
-        args = sample_inputs(model, shape)
-        calls = [("forward", None, args)] if forward else []
-        for depth in depths:
-            with torch.no_grad():
-                _, deep = model.unet.forward_and_cache(*args, depth=depth)
-            calls += [("forward_and_cache", depth, args), ("forward_shallow", depth, (*args, deep))]
-        for entry, depth, call_args in calls:
-            rel = step_file(entry, depth, shape)
-            log(f"compile: {entry}{'' if depth is None else f' depth {depth}'} at {shape} ...")
-            kwargs = {} if depth is None else {"depth": depth}
-            precompile(getattr(model.unet, entry), call_args, kwargs).save_compiled_function(str(out_dir / rel))
-            steps.append({"entry": entry, "depth": depth, "shape": str(shape), "file": rel})
-    return steps
-
-
 class CompiledSteps:
     """The compiled steps an engine directory lists, for this machine (see the module doc)."""
 
@@ -244,7 +217,7 @@ def planned_steps(plan) -> list[tuple[str, int | None, StepShape]]:
 def require_steps(engine_dir: Path, plan) -> None:
     """InputError (before any weights load) unless the engine carries a usable compiled step for
     every UNet call of ``plan`` on this machine."""
-    from engine.aoti import step_key
+    from engine.aoti import cache_component, step_key
     from export.manifest import engine_config, read_engine_manifest
 
     manifest = read_engine_manifest(Path(engine_dir))
@@ -252,10 +225,11 @@ def require_steps(engine_dir: Path, plan) -> None:
     compiled = CompiledSteps(engine_dir, info, manifest["files"])
     channels = int(engine_config(manifest).unet.get("in_channels", 4))
     packaged = set() if env_mismatch(info.get("env", {}), environment()) else \
-        {p["key"] for p in info.get("packages", []) if p["component"] == "unet"}
+        {(p["component"], p["key"]) for p in info.get("packages", [])}
     for entry, depth, shape in planned_steps(plan):
-        if entry == "forward" and step_key(channels, shape.batch, shape.frames, shape.height, shape.width) in packaged:
-            continue  # the AOTInductor package (engine.aoti) serves it
+        component = "unet" if entry == "forward" else cache_component(entry, depth)
+        if (component, step_key(channels, shape.batch, shape.frames, shape.height, shape.width)) in packaged:
+            continue  # an AOTInductor package (engine.aoti) serves it
         why = compiled.missing(entry, depth, shape)
         if why:
             raise InputError(f"--require-compiled: {why}")

@@ -2,6 +2,7 @@
 by name (fused projections, channels-last, buffers), and on the CPU a packaged engine that
 generates what the reference generates, in a new process that imports none of diffusers, peft,
 transformers or tokenizers (nor Dynamo or Inductor), refuses a tampered package and says which shape it lacks."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -47,7 +48,7 @@ def test_package_dims_cover_the_sampler_calls_of_a_shape(demo_ckpt):
                    ("vae_decoder", 4, 2, 20), ("vae_decoder", 8, 2, 20)]
 
 
-def _add_packages(eng, shapes):
+def _add_packages(eng, shapes, depths=()):
     """Build CPU packages into a copy of an fp32 engine, prepared as the triton backend prepares
     its modules, and list them in its manifest as ``export --compile`` does."""
     from engine.aoti import WEIGHTS, build_packages
@@ -67,7 +68,7 @@ def _add_packages(eng, shapes):
                             encoder=load(lambda c: HeatmapEncoder(c.encoder), "heatmap_encoder"))
     prepare_unet(PoseGuidedUNet(parts.unet), temporal_kernel=False)
     parts.vae.to(memory_format=torch.channels_last)
-    entries = build_packages(parts, cfg, "fp32", shapes, eng, log=lambda s: None)
+    entries = build_packages(parts, cfg, "fp32", shapes, eng, log=lambda s: None, depths=depths)
     manifest = json.loads((eng / "manifest.json").read_text())
     for e in entries:
         for rel in filter(None, (e["file"], e.get("buffers"))):
@@ -81,7 +82,7 @@ def _add_packages(eng, shapes):
 def packaged(tmp_path_factory, engine32):
     eng = tmp_path_factory.mktemp("packaged") / "e"
     shutil.copytree(engine32, eng)
-    _add_packages(eng, [(2, 4, 64, 64)])
+    _add_packages(eng, [(2, 4, 64, 64)], depths=(1,))
     return eng
 
 
@@ -132,8 +133,9 @@ def test_packaged_engine_refuses_a_missing_shape_and_a_tampered_package(packaged
     with pytest.raises(InputError, match=r"--require-compiled: no compiled unet package for shape 2x4x4x8x10 "
                                          r"\(packaged: 2x4x4x8x8\)"):
         model.predict_noise(torch.zeros(2, 4, 4, 8, 10), 500, text, feats)
-    with pytest.raises(InputError, match="DeepCache"):
-        model.predict_noise_cached(torch.zeros(2, 4, 4, 8, 8), 500, text, feats, 1)
+    with pytest.raises(InputError, match="--require-compiled: no compiled DeepCache package at depth 2 for shape "
+                                         "2x4x4x8x8"):
+        model.predict_noise_cached(torch.zeros(2, 4, 4, 8, 8), 500, text, feats, 2)
     bad = tmp_path / "bad"
     shutil.copytree(packaged, bad)
     unet = next(bad.glob("compiled/unet-*.pt2"))
@@ -155,4 +157,25 @@ def test_warm_up_loads_and_runs_every_package_of_each_packaged_shape(packaged):
     model = load_packaged(packaged, "cpu", require_compiled=True)
     assert model.compiled_shapes() == ["2x4x64x64"] and not model._runners
     model.warm_up()
-    assert sorted(model._runners) == sorted(model.packages) and model.package_calls == 1
+    assert sorted(model._runners) == sorted(model.packages)
+    assert model.package_calls == 3  # the UNet step, and DeepCache's full and shallow steps at depth 1
+
+
+@pytest.mark.slow
+def test_deep_cache_runs_its_own_packages_as_the_reference_runs_it(packaged, demo_ckpt):
+    from engine.backends.aoti import load_packaged
+    from engine.load import load_model
+    from finephys.poses.clip import load_clip
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
+
+    opts = GenerateOptions("a person in a red shirt walking", num_frames=4, height=64, width=64,
+                           num_inference_steps=5, seed=1, deep_cache=2, deep_cache_depth=1)
+    model = load_packaged(packaged, "cpu", require_compiled=True)  # no just-in-time fallback allowed
+    got = generate(model, load_clip("examples/walk.npz"), opts, progress=False).latents
+    assert model.package_calls == 2 and model._jit is None  # DeepCache's full and shallow packages
+    want = generate(load_model(demo_ckpt, "cpu"), load_clip("examples/walk.npz"), opts, progress=False).latents
+    plain = generate(model, load_clip("examples/walk.npz"), dataclasses.replace(opts, deep_cache=1),
+                     progress=False).latents
+    assert (got - want).abs().max().item() < 1e-3
+    assert (got - plain).abs().max().item() > 1e-3  # the shallow steps did run: DeepCache changes the result

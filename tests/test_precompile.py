@@ -160,7 +160,8 @@ _FRESH = textwrap.dedent("""
         model.compiled = None
     else:  # the AOTInductor packages (engine.backends.aoti)
         model = load_backend(sys.argv[1], "triton", "cuda", require_compiled=True)
-    opts = GenerateOptions("a person walking", num_frames=8, height=128, width=128, num_inference_steps=3, seed=1)
+    opts = GenerateOptions("a person walking", num_frames=8, height=128, width=128, num_inference_steps=3, seed=1,
+                           deep_cache=int(sys.argv[4]), deep_cache_depth=1)
     out = generate(model, load_clip("examples/walk.npz"), opts, progress=False)
     torch.save({"latents": out.latents.cpu(), "frames": dict(du.counters["frames"]),
                 "compiled_calls": model.compiled_steps_used()}, sys.argv[2])
@@ -169,19 +170,27 @@ _FRESH = textwrap.dedent("""
 
 @pytest.mark.gpu
 def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path, demo_ckpt):
+    """The plain step and DeepCache's (interval 2, depth 1) from the engine's packages, each in a
+    fresh process, against the just-in-time triton path."""
     from engine.backends.triton import CompileSpec
     from export.build import export_engine
 
     eng = tmp_path / "e"
-    export_engine(demo_ckpt, eng, compile=CompileSpec([StepShape(2, 8, 128, 128)]), graphs=False, log=lambda s: None)
+    export_engine(demo_ckpt, eng, compile=CompileSpec([StepShape(2, 8, 128, 128)], [1]), graphs=False,
+                  log=lambda s: None)
     runs = {}
     for mode in ("compiled", "jit"):
-        out = tmp_path / f"{mode}.pt"
-        subprocess.run([sys.executable, "-c", _FRESH, str(eng), str(out), mode], check=True,
-                       env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}")})
-        runs[mode] = torch.load(out)
-    assert runs["compiled"]["compiled_calls"] == 1 and runs["jit"]["compiled_calls"] == 0
-    assert runs["compiled"]["frames"].get("total", 0) == 0, runs["compiled"]["frames"]  # Dynamo traced nothing
-    assert runs["jit"]["frames"].get("total", 0) >= 1  # the counter does count a compile
-    err = (runs["compiled"]["latents"].float() - runs["jit"]["latents"].float()).abs().max().item()
-    assert err <= 2e-2, err  # Inductor kernels both, fused differently (AOT and JIT): fp16 rounding
+        for interval in (1, 2):
+            out = tmp_path / f"{mode}{interval}.pt"
+            subprocess.run([sys.executable, "-c", _FRESH, str(eng), str(out), mode, str(interval)], check=True,
+                           env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}")})
+            runs[mode, interval] = torch.load(out)
+    # the plain run loads the UNet step's package; DeepCache's loads its full and shallow ones
+    assert runs["compiled", 1]["compiled_calls"] == 1 and runs["compiled", 2]["compiled_calls"] == 2
+    assert runs["jit", 1]["compiled_calls"] == 0
+    for interval in (1, 2):
+        compiled, jit = runs["compiled", interval], runs["jit", interval]
+        assert compiled["frames"].get("total", 0) == 0, compiled["frames"]  # Dynamo traced nothing
+        assert jit["frames"].get("total", 0) >= 1  # the counter does count a compile
+        err = (compiled["latents"].float() - jit["latents"].float()).abs().max().item()
+        assert err <= 2e-2, (interval, err)  # Inductor kernels both, fused differently (AOT and JIT): fp16 rounding

@@ -18,7 +18,7 @@ from finephys.errors import InputError
 from finephys.model.backend import Capabilities
 from finephys.model.unet import cache_depths_of
 
-from engine.aoti import WEIGHTS, PackageRunner, derive_constants, package_dims, shape_key
+from engine.aoti import WEIGHTS, PackageRunner, base_component, cache_component, derive_constants, package_dims, shape_key
 from engine.backends.base import GraphBackend
 from engine.precompile import env_mismatch, environment
 
@@ -70,6 +70,7 @@ class PackagedTritonModel(GraphBackend):
     def _constants(self, component: str, fqns: list[str]) -> dict:
         from safetensors.torch import load_file
 
+        component = base_component(component)  # DeepCache's packages share the UNet's weights
         if component not in self._weights:
             self._weights[component] = load_file(str(self.engine_dir / WEIGHTS[component]), device=str(self.device))
         return derive_constants(component, fqns, self._weights[component], self._buffers.get(component, {}))
@@ -87,13 +88,13 @@ class PackagedTritonModel(GraphBackend):
                     self.manifest["files"].get(rel, {}).get("sha256"):
                 raise InputError(f"{self.engine_dir}: {rel} does not match its sha256 in manifest.json "
                                  "(a compiled package runs code: refusing it; re-export with --compile)")
-        if entry.get("buffers") and component not in self._buffers:
+        if entry.get("buffers") and base_component(component) not in self._buffers:
             from safetensors.torch import load_file
 
-            self._buffers[component] = load_file(str(self.engine_dir / entry["buffers"]), device=str(self.device))
+            self._buffers[base_component(component)] = load_file(str(self.engine_dir / entry["buffers"]), device=str(self.device))
         runner = PackageRunner(self.engine_dir / entry["file"], self.device,
                                lambda fqns: self._constants(component, fqns))
-        if component == "unet":
+        if base_component(component) == "unet":
             self.package_calls += 1
             if self._graphs and self.device.type == "cuda":
                 from engine.fast_unet import CudaGraphCall
@@ -142,13 +143,33 @@ class PackagedTritonModel(GraphBackend):
             return super().predict_noise(sample, timestep, text, pose_features)
         return self._fallback("unet", sample).predict_noise(sample, timestep, text, pose_features)
 
-    def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
-        jit = self._fallback("unet", sample, "DeepCache's steps are not packaged")
-        return jit.predict_noise_cached(sample, timestep, text, pose_features, depth)
+    def _unet_inputs(self, sample, timestep, text, pose_features) -> list[torch.Tensor]:
+        """The UNet step's inputs as its contract types them (one timestep for the batch)."""
+        self.profile.check("UNet sample", batch=sample.shape[0])
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)[:1]
+        spec = self.contracts["unet"].inputs
+        return [x.to(s.torch_dtype(self.precision)).contiguous() for s, x in zip(spec, (sample, t, text, *pose_features))]
 
+    @torch.no_grad()
+    def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
+        component = cache_component("forward_and_cache", depth)
+        if not self._has(component, sample):
+            jit = self._fallback("unet", sample, f"no compiled DeepCache package at depth {depth} for shape "
+                                                 f"{shape_key(sample)}")
+            return jit.predict_noise_cached(sample, timestep, text, pose_features, depth)
+        noise, deep = self._runner(component, sample)(*self._unet_inputs(sample, timestep, text, pose_features))
+        return noise, deep
+
+    @torch.no_grad()
     def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth):
-        jit = self._fallback("unet", sample, "DeepCache's steps are not packaged")
-        return jit.predict_noise_shallow(sample, timestep, text, pose_features, deep, depth)
+        component = cache_component("forward_shallow", depth)
+        if not self._has(component, sample):
+            jit = self._fallback("unet", sample, f"no compiled DeepCache package at depth {depth} for shape "
+                                                 f"{shape_key(sample)}")
+            return jit.predict_noise_shallow(sample, timestep, text, pose_features, deep, depth)
+        inputs = self._unet_inputs(sample, timestep, text, pose_features)
+        inputs.insert(3, deep.to(inputs[0].dtype).contiguous())
+        return self._runner(component, sample)(*inputs)[0]
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -159,13 +180,23 @@ class PackagedTritonModel(GraphBackend):
     # -- what the commands ask ----------------------------------------------------------------
     def warm_up(self) -> None:
         """Load every package of each packaged generation shape and run it once (the UNet's CUDA
-        graph captured), so that the first request of that shape is as fast as later ones."""
+        graph captured; DeepCache's too at every packaged depth), so that the first request of that
+        shape is as fast as later ones."""
+        depths = sorted({int(c.rsplit("_d", 1)[1]) for c, _ in self.packages if c.startswith("unet_cache_d")})
         for shape in self.compiled_shapes():
             for component, dims in package_dims(self.config, *(int(v) for v in shape.split("x"))):
                 inputs = self.contracts[component].sample_inputs(dims, self.precision)
-                if self._has(component, inputs[0]):
-                    with torch.no_grad():
-                        self._call(component, *inputs)
+                if not self._has(component, inputs[0]):
+                    continue
+                with torch.no_grad():
+                    self._call(component, *inputs)
+                if component != "unet":
+                    continue
+                sample, t, text, *feats = inputs
+                for depth in depths:
+                    if self._has(cache_component("forward_and_cache", depth), sample):
+                        _, deep = self.predict_noise_cached(sample, t, text, feats, depth)
+                        self.predict_noise_shallow(sample, t, text, feats, deep, depth)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -23,7 +23,7 @@ from finephys.model.weights import build_loaded
 from engine.aoti import WEIGHTS
 from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
 from engine.precompile import (
-    CompiledSteps, StepCall, StepShape, code_hash, compile_steps, environment, sample_inputs,
+    CompiledSteps, StepCall, StepShape, code_hash, environment, sample_inputs,
 )
 from engine.backends.base import EngineFiles, load_pose_parts
 
@@ -177,16 +177,16 @@ class CompileSpec:
                 "depths": self.depths, "packages": hashlib.sha256(inspect.getsource(engine.aoti).encode()).hexdigest()}
 
     def run(self, engine_dir: Path, log) -> dict:
-        """The AOTInductor packages of all four components (``engine.aoti``, the plain UNet step
-        among them), and Dynamo's precompiled steps for DeepCache's two UNet entry points."""
+        """The AOTInductor packages of all four components (``engine.aoti``), the plain UNet step
+        and DeepCache's two UNet calls at each depth among them."""
         from engine.aoti import build_packages
         from engine.fast_unet import use_temporal_kernel
 
         model = load_triton_backend(engine_dir, "cuda", cuda_graphs=False)
-        steps = compile_steps(model, self.shapes, self.depths, Path(engine_dir), log, forward=False)
         use_temporal_kernel(model.modules["unet"], "aot")  # the kernel compiled into the package
         parts = SimpleNamespace(unet=model.modules["unet"], vae=model.modules["vae"],
                                 text_encoder=model.modules["text_encoder"], encoder=model.modules["encoder"])
         shapes = [(s.batch, s.frames, s.height, s.width) for s in self.shapes]
-        packages = build_packages(parts, model.config, model.precision.value, shapes, Path(engine_dir), log)
-        return {**self.key_inputs(), "steps": steps, "packages": packages}
+        packages = build_packages(parts, model.config, model.precision.value, shapes, Path(engine_dir), log,
+                                  depths=self.depths)
+        return {**self.key_inputs(), "steps": [], "packages": packages}

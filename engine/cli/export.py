@@ -56,12 +56,12 @@ def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
 @click.option("--force", is_flag=True, help="Rebuild every stage, even those that are up to date.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory that is not this checkpoint's engine.")
 @click.option("--compile", "compile_", is_flag=True,
-              help="Precompile the triton backend's UNet steps for this GPU (CUDA), so generate starts in seconds.")
+              help="Compile the triton backend for this GPU (CUDA) into AOTInductor packages, so generate starts in seconds.")
 @click.option("--compile-shape", "compile_shapes", multiple=True, metavar="[BATCHx]FRAMESxHEIGHTxWIDTH",
               help="With --compile: a UNet step shape (repeatable; batch 2 = guidance on, the default). "
                    "Default: the profile's OPT frames, height and width.")
 @click.option("--compile-deep-cache", "compile_depths", type=int, multiple=True, metavar="DEPTH",
-              help="With --compile: also DeepCache's two steps at this --deep-cache-depth (repeatable).")
+              help="With --compile: also DeepCache's two UNet calls at this --deep-cache-depth (repeatable).")
 @click.option("--triton-only", is_flag=True,
               help="Only what the triton backend runs: no ONNX graphs, TensorRT plans or onnxruntime check.")
 def export(ckpt, out, precision, frames, height, width, no_check, force, overwrite, compile_, compile_shapes,
