@@ -179,3 +179,8 @@ def test_deep_cache_runs_its_own_packages_as_the_reference_runs_it(packaged, dem
                      progress=False).latents
     assert (got - want).abs().max().item() < 1e-3
     assert (got - plain).abs().max().item() > 1e-3  # the shallow steps did run: DeepCache changes the result
+    # the three UNet packages are fed one set of constants (one fused QKV copy, not three)
+    runners = [r for (c, _), r in model._runners.items() if c.startswith("unet")]
+    shared = set.intersection(*(set(r.constants) for r in runners))
+    assert len(runners) == 3 and any("to_qkv" in f for f in shared)
+    assert all(len({id(r.constants[f]) for r in runners}) == 1 for f in shared)

@@ -60,6 +60,7 @@ class PackagedTritonModel(GraphBackend):
         self.packages = {(p["component"], p["key"]): p for p in packages}
         self._require, self._graphs, self._log, self._jit_kw = require_compiled, cuda_graphs, log or _stderr, jit_kw
         self._weights, self._buffers, self._runners, self._jit, self._said = {}, {}, {}, None, set()
+        self._derived = {}  # component -> {fqn: the constant fed to its packages}
         self.package_calls = 0  # UNet shapes served by a package (tests count them)
 
     @property
@@ -73,7 +74,10 @@ class PackagedTritonModel(GraphBackend):
         component = base_component(component)  # DeepCache's packages share the UNet's weights
         if component not in self._weights:
             self._weights[component] = load_file(str(self.engine_dir / WEIGHTS[component]), device=str(self.device))
-        return derive_constants(component, fqns, self._weights[component], self._buffers.get(component, {}))
+        derived = self._derived.setdefault(component, {})  # one fused or channels-last copy for all its packages
+        missing = [f for f in fqns if f not in derived]
+        derived.update(derive_constants(component, missing, self._weights[component], self._buffers.get(component, {})))
+        return {f: derived[f] for f in fqns}
 
     def _runner(self, component: str, first: torch.Tensor):
         """The loaded package for ``component`` at ``first``'s shape, or None where there is none."""
