@@ -51,9 +51,15 @@ def cache_component(entry: str, depth: int) -> str:
     return f"unet_{'cache' if entry == 'forward_and_cache' else 'shallow'}_d{depth}"
 
 
+def cache_depth(component: str) -> int | None:
+    """The DeepCache depth of a ``cache_component``; None for the four components."""
+    m = _CACHE.match(component)
+    return int(m[2]) if m else None
+
+
 def base_component(component: str) -> str:
     """The component whose weights a package is fed: the UNet for DeepCache's packages."""
-    return "unet" if _CACHE.match(component) else component
+    return "unet" if cache_depth(component) is not None else component
 
 
 class UNetCacheGraph(torch.nn.Module):

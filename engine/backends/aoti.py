@@ -18,7 +18,9 @@ from finephys.errors import InputError
 from finephys.model.backend import Capabilities
 from finephys.model.unet import cache_depths_of
 
-from engine.aoti import WEIGHTS, PackageRunner, base_component, cache_component, derive_constants, package_dims, shape_key
+from engine.aoti import (
+    WEIGHTS, PackageRunner, base_component, cache_component, cache_depth, derive_constants, package_dims, shape_key,
+)
 from engine.backends.base import GraphBackend
 from engine.precompile import env_mismatch, environment
 
@@ -92,13 +94,14 @@ class PackagedTritonModel(GraphBackend):
                     self.manifest["files"].get(rel, {}).get("sha256"):
                 raise InputError(f"{self.engine_dir}: {rel} does not match its sha256 in manifest.json "
                                  "(a compiled package runs code: refusing it; re-export with --compile)")
-        if entry.get("buffers") and base_component(component) not in self._buffers:
+        base = base_component(component)
+        if entry.get("buffers") and base not in self._buffers:
             from safetensors.torch import load_file
 
-            self._buffers[base_component(component)] = load_file(str(self.engine_dir / entry["buffers"]), device=str(self.device))
+            self._buffers[base] = load_file(str(self.engine_dir / entry["buffers"]), device=str(self.device))
         runner = PackageRunner(self.engine_dir / entry["file"], self.device,
                                lambda fqns: self._constants(component, fqns))
-        if base_component(component) == "unet":
+        if base == "unet":
             self.package_calls += 1
             if self._graphs and self.device.type == "cuda":
                 from engine.fast_unet import CudaGraphCall
@@ -147,13 +150,6 @@ class PackagedTritonModel(GraphBackend):
             return super().predict_noise(sample, timestep, text, pose_features)
         return self._fallback("unet", sample).predict_noise(sample, timestep, text, pose_features)
 
-    def _unet_inputs(self, sample, timestep, text, pose_features) -> list[torch.Tensor]:
-        """The UNet step's inputs as its contract types them (one timestep for the batch)."""
-        self.profile.check("UNet sample", batch=sample.shape[0])
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)[:1]
-        spec = self.contracts["unet"].inputs
-        return [x.to(s.torch_dtype(self.precision)).contiguous() for s, x in zip(spec, (sample, t, text, *pose_features))]
-
     @torch.no_grad()
     def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
         component = cache_component("forward_and_cache", depth)
@@ -161,8 +157,8 @@ class PackagedTritonModel(GraphBackend):
             jit = self._fallback("unet", sample, f"no compiled DeepCache package at depth {depth} for shape "
                                                  f"{shape_key(sample)}")
             return jit.predict_noise_cached(sample, timestep, text, pose_features, depth)
-        noise, deep = self._runner(component, sample)(*self._unet_inputs(sample, timestep, text, pose_features))
-        return noise, deep
+        inputs = self._typed("unet", *self._step_inputs(sample, timestep, text, pose_features))
+        return tuple(self._runner(component, sample)(*inputs))  # (noise, deep)
 
     @torch.no_grad()
     def predict_noise_shallow(self, sample, timestep, text, pose_features, deep, depth):
@@ -171,7 +167,7 @@ class PackagedTritonModel(GraphBackend):
             jit = self._fallback("unet", sample, f"no compiled DeepCache package at depth {depth} for shape "
                                                  f"{shape_key(sample)}")
             return jit.predict_noise_shallow(sample, timestep, text, pose_features, deep, depth)
-        inputs = self._unet_inputs(sample, timestep, text, pose_features)
+        inputs = self._typed("unet", *self._step_inputs(sample, timestep, text, pose_features))
         inputs.insert(3, deep.to(inputs[0].dtype).contiguous())
         return self._runner(component, sample)(*inputs)[0]
 
@@ -186,7 +182,7 @@ class PackagedTritonModel(GraphBackend):
         """Load every package of each packaged generation shape and run it once (the UNet's CUDA
         graph captured; DeepCache's too at every packaged depth), so that the first request of that
         shape is as fast as later ones."""
-        depths = sorted({int(c.rsplit("_d", 1)[1]) for c, _ in self.packages if c.startswith("unet_cache_d")})
+        depths = sorted({cache_depth(c) for c, _ in self.packages} - {None})
         for shape in self.compiled_shapes():
             for component, dims in package_dims(self.config, *(int(v) for v in shape.split("x"))):
                 inputs = self.contracts[component].sample_inputs(dims, self.precision)

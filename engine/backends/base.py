@@ -73,11 +73,15 @@ class GraphBackend(BackendBase):
     def _run(self, component: str, feeds: dict) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def _typed(self, component: str, *tensors) -> list[torch.Tensor]:
+        """The inputs cast to ``component``'s contract dtypes, contiguous."""
+        spec = self.contracts[component].inputs
+        return [t.to(s.torch_dtype(self.precision)).contiguous() for s, t in zip(spec, tensors)]
+
     def _call(self, component: str, *tensors) -> list[torch.Tensor]:
         """Cast the inputs to the contract's dtypes, run the component's graph."""
-        spec = self.contracts[component].inputs
-        feeds = {s.name: t.to(s.torch_dtype(self.precision)).contiguous() for s, t in zip(spec, tensors)}
-        return self._run(component, feeds)
+        names = [s.name for s in self.contracts[component].inputs]
+        return self._run(component, dict(zip(names, self._typed(component, *tensors))))
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -95,11 +99,15 @@ class GraphBackend(BackendBase):
 
     @torch.no_grad()
     def predict_noise(self, sample, timestep, text, pose_features) -> torch.Tensor:
+        return self._call("unet", *self._step_inputs(sample, timestep, text, pose_features))[0]
+
+    def _step_inputs(self, sample, timestep, text, pose_features) -> tuple:
+        """The UNet graph's inputs in its contract's order: one timestep for the whole batch."""
         self.profile.check("UNet sample", batch=sample.shape[0])
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
         if t.numel() > 1 and not bool((t == t[0]).all()):
             raise ValueError("the exported UNet takes one timestep for the whole batch")
-        return self._call("unet", sample, t[:1], text, *pose_features)[0]
+        return (sample, t[:1], text, *pose_features)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

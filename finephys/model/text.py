@@ -78,15 +78,10 @@ def tokenize(tokenizer: ClipTokenizer, prompts: list[str]) -> torch.Tensor:
     for p in prompts:
         if not isinstance(p, str):
             raise InputError(f"prompt: expected text, got {type(p).__name__}")
-    full = {p: tokenizer.encode(p) for p in prompts}  # each distinct prompt once
-    for p, ids in full.items():
-        if len(ids) > MAX_LENGTH:
-            removed = tokenizer.decode(ids[MAX_LENGTH - 1 : -1])
+    for p in dict.fromkeys(prompts):  # each distinct prompt once
+        full = tokenizer.encode(p)
+        if len(full) > MAX_LENGTH:
+            removed = tokenizer.decode(full[MAX_LENGTH - 1 : -1])
             log.warning("The prompt is longer than %d CLIP tokens; this part was truncated: %r", MAX_LENGTH, removed)
-    rows = []
-    for p in prompts:
-        ids = full[p]
-        if len(ids) > MAX_LENGTH:  # the end token kept last
-            ids = ids[: MAX_LENGTH - 1] + ids[-1:]
-        rows.append(ids + [tokenizer.pad_token_id] * (MAX_LENGTH - len(ids)))
-    return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), MAX_LENGTH)
+    ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+    return ids.input_ids.reshape(len(prompts), MAX_LENGTH)
