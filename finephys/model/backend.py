@@ -49,6 +49,9 @@ class Backend(Protocol):
     @property
     def latent_channels(self) -> int: ...
 
+    @property
+    def vae_scale_factor(self) -> int: ...
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor: ...
 
     def encode_pose(self, heatmaps: torch.Tensor) -> list[torch.Tensor]: ...
@@ -87,6 +90,10 @@ class BackendBase:
     @property
     def latent_channels(self) -> int:
         return int(self.config.unet.get("in_channels", 4))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.config.vae_scale_factor
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

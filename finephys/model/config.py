@@ -82,6 +82,12 @@ class FinePhysConfig:
     format_version: int = FORMAT_VERSION
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel on each side: 2 per VAE down block after the first (diffusers'
+        ``vae_scale_factor``); 8 for SD 1.5."""
+        return 2 ** (len(self.vae.get("block_out_channels", (0,) * 4)) - 1)
+
+    @property
     def max_frames(self) -> int:
         """The longest frame window the motion modules take (their positional encoding's length)."""
         return int(self.unet.get("motion_max_seq_length", 32))

@@ -46,7 +46,7 @@ SCHEDULER = {
 
 def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     unet = {
-        "sample_size": 16,
+        "sample_size": 32,
         "in_channels": 4,
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlockMotion"] * 3 + ["DownBlockMotion"],
@@ -63,9 +63,9 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     vae = {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [32, 64, 64, 64],
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [32, 64, 64],
         "layers_per_block": 1,
         "latent_channels": 4,
         "norm_num_groups": 8,
@@ -87,7 +87,7 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     }
     return FinePhysConfig(
         pose=read_pose_config(DEMO_WEIGHTS),  # sizes and fusion weights as trained
-        encoder=EncoderConfig(channels=CHANNELS, num_res_blocks=1),
+        encoder=EncoderConfig(channels=CHANNELS, num_res_blocks=1, unshuffle=4),
         unet=unet,
         vae=vae,
         text_encoder=text,

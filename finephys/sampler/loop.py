@@ -155,7 +155,8 @@ def window_inputs(model, sched, heatmaps, text, seeds, start, cfg_on):
     if cfg_on:
         feats = [torch.cat([f, f]) for f in feats]
     ehs = text.repeat_interleave(n, dim=0)  # UNetMotionModel takes B*F text embeddings
-    shape = (model.latent_channels, height // 8, width // 8)
+    f = model.vae_scale_factor
+    shape = (model.latent_channels, height // f, width // f)
     latents = torch.cat([frame_noise(seed, start, start + n, shape) for seed in seeds])
     return latents.to(model.device) * sched.init_noise_sigma, ehs, feats
 

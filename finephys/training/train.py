@@ -39,6 +39,7 @@ from finephys.errors import InputError
 from finephys.training.loss_plot import plot_history
 from finephys.model.assembly import apply_lora, new_lora, new_parts
 from finephys.model.build import build_scheduler
+from finephys.model.encoder import HeatmapEncoder
 from finephys.sampler.poses import guidance_heatmaps, pose_stack
 from finephys.model.text import tokenize
 from finephys.model.unet import PoseGuidedUNet
@@ -184,15 +185,29 @@ def latent_figure_weights(keypoints: torch.Tensor, scores: torch.Tensor, height:
         for i in range(0, len(keypoints), chunk)])
 
 
-def _swap_vae(parts, donor: Path) -> None:
-    """Put the VAE of checkpoint ``donor`` (with its latent scaling) into ``parts``."""
+def _swap_vae(parts, donor: Path, seed: int = 0) -> None:
+    """Put the VAE of checkpoint ``donor`` (with its latent scaling) into ``parts``. A VAE with
+    another scale factor (pixels per latent pixel) also moves the UNet to the new latent size: the
+    heatmap encoder then unshuffles by the new factor, its first convolution (the only weights
+    that depend on it) made anew from ``seed``, the rest kept."""
     other = load_checkpoint(donor)
     latent = other.vae.config.latent_channels
     if latent != parts.unet.config.in_channels:
         raise InputError(f"--vae-from {donor}: its VAE has {latent} latent channels, expected the UNet's "
                          f"{parts.unet.config.in_channels}")
+    cfg = dataclasses.replace(parts.config, vae=dict(other.config.vae))
+    factor = cfg.vae_scale_factor
+    if factor != parts.config.encoder.unshuffle:
+        enc = dataclasses.replace(cfg.encoder, unshuffle=factor)
+        cfg = dataclasses.replace(cfg, encoder=enc, unet=dict(cfg.unet, sample_size=cfg.height // factor))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = HeatmapEncoder(enc)
+        kept = {k: v for k, v in parts.encoder.state_dict().items() if not k.startswith("conv_in.")}
+        encoder.load_state_dict({**encoder.state_dict(), **kept})
+        parts.encoder = encoder
     parts.vae = other.vae
-    parts.config = dataclasses.replace(parts.config, vae=dict(other.config.vae))
+    parts.config = cfg
 
 
 def _lr(step: int, warmup: int) -> float:
@@ -216,7 +231,7 @@ class Trainer:
         self.ckpt = Path(ckpt)
         parts = load_checkpoint(self.ckpt)
         if opts.vae_from:
-            _swap_vae(parts, Path(opts.vae_from))
+            _swap_vae(parts, Path(opts.vae_from), opts.seed)
         self.trains = set(opts.train)
         if "lora" in self.trains and not parts.lora:
             rank = opts.lora_rank or (parts.config.lora.rank if parts.config.lora else 64)
