@@ -287,7 +287,8 @@ class GuidanceSplit:
 
     def __init__(self, model, group, half: int):
         self.model, self.group, self.half = model, group, half
-        for name in ("name", "config", "device", "dtype", "parts", "precision", "capabilities", "latent_channels"):
+        for name in ("name", "config", "device", "dtype", "parts", "precision", "capabilities", "latent_channels",
+                     "vae_scale_factor"):
             setattr(self, name, getattr(model, name))
         self.encode_text, self.encode_pose = model.encode_text, model.encode_pose
         self.decode_latents = model.decode_latents

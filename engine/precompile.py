@@ -57,9 +57,10 @@ class StepShape:
         return StepShape(batch, frames, height, width)
 
     @staticmethod
-    def of_sample(sample: torch.Tensor) -> "StepShape":
+    def of_sample(sample: torch.Tensor, factor: int = 8) -> "StepShape":
+        """The generation shape of a UNet sample (B,C,F,h,w) whose VAE has scale ``factor``."""
         b, _, f, h, w = sample.shape
-        return StepShape(b, f, h * 8, w * 8)
+        return StepShape(b, f, h * factor, w * factor)
 
     def __str__(self) -> str:
         return f"{self.batch}x{self.frames}x{self.height}x{self.width}"
@@ -111,7 +112,8 @@ def sample_inputs(model, shape: StepShape) -> tuple:
     cfg, dev, dt = model.config, model.device, model.dtype
     g = torch.Generator(device="cpu").manual_seed(0)
     n = shape.batch * shape.frames
-    sample = torch.randn(shape.batch, model.latent_channels, shape.frames, shape.height // 8, shape.width // 8,
+    f = model.vae_scale_factor
+    sample = torch.randn(shape.batch, model.latent_channels, shape.frames, shape.height // f, shape.width // f,
                          generator=g).to(dev, dt)
     text = torch.randn(n, TEXT_TOKENS, cfg.unet["cross_attention_dim"], generator=g).to(dev, dt)
     heatmaps = torch.rand(shape.frames, cfg.encoder.num_joints, shape.height, shape.width, generator=g)
@@ -172,8 +174,9 @@ class StepCall:
     with ``require``."""
 
     def __init__(self, module, entry: str, depth: int | None, compiled: CompiledSteps | None,
-                 jit: Callable, require: bool = False, log: Callable[[str], None] = print):
+                 jit: Callable, require: bool = False, log: Callable[[str], None] = print, factor: int = 8):
         self.module, self.entry, self.depth, self.compiled = module, entry, depth, compiled
+        self.factor = factor  # the VAE's scale factor: latent sample size -> video size
         self.jit_factory, self.require, self.log = jit, require, log
         self.fns: dict = {}
         self._jit = None
@@ -198,7 +201,7 @@ class StepCall:
         return self._jit
 
     def __call__(self, sample, *rest):
-        shape = StepShape.of_sample(sample)
+        shape = StepShape.of_sample(sample, self.factor)
         fn = self.fns.get(shape)
         if fn is None:
             fn = self.fns[shape] = self._resolve(shape, (sample, *rest))
@@ -223,12 +226,14 @@ def require_steps(engine_dir: Path, plan) -> None:
     manifest = read_engine_manifest(Path(engine_dir))
     info = manifest.get("compiled") or {}
     compiled = CompiledSteps(engine_dir, info, manifest["files"])
-    channels = int(engine_config(manifest).unet.get("in_channels", 4))
+    cfg = engine_config(manifest)
+    channels = int(cfg.unet.get("in_channels", 4))
     packaged = set() if env_mismatch(info.get("env", {}), environment()) else \
         {(p["component"], p["key"]) for p in info.get("packages", [])}
     for entry, depth, shape in planned_steps(plan):
         component = "unet" if entry == "forward" else cache_component(entry, depth)
-        if (component, step_key(channels, shape.batch, shape.frames, shape.height, shape.width)) in packaged:
+        if (component, step_key(channels, shape.batch, shape.frames, shape.height, shape.width,
+                                  cfg.vae_scale_factor)) in packaged:
             continue  # an AOTInductor package (engine.aoti) serves it
         why = compiled.missing(entry, depth, shape)
         if why:

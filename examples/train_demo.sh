@@ -5,11 +5,13 @@
 # Each stage fits one 10-minute device call and starts from the one before (OUT_DIR is kept
 # between calls); the step counts are those the shipped demo got (every stage ran under
 # --time-limit, which stopped it there; stage 6 in two calls, the second with --resume). Stage 7
-# starts from the demo as shipped after stage 6 (its fp16 weights), so it packs demo6 first. Then
-#   python -m finephys.model.demo pack OUT_DIR/demo7      installs the generator as the shipped demo
+# starts from the demo as shipped after stage 6 (its fp16 weights), so it packs demo6 first; stage 9
+# starts from stage 7's, so pack demo7 before it. Stages 1-7 made a demo with a factor-8 VAE (16x16
+# latents), stage 9 moves it to a factor-4 one (32x32 latents, the demo as shipped). Then
+#   python -m finephys.model.demo pack OUT_DIR/demo9      installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
-STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7 [MOTION_DIR] [OUT_DIR]}
+STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9 [MOTION_DIR] [OUT_DIR]}
 MOTION=${2:-../shared/data/motion}
 OUT=${3:-demo-train}
 FPENGINE=${FPENGINE:-fpengine}
@@ -20,7 +22,7 @@ DIFFUSION="encoder,lora,unet,text_encoder"
 mkdir -p "$OUT"
 case $STAGE in
 1)  # every module from seeded-random weights: the VAE first, then the diffusion loss; the judge beside it
-    $FPENGINE init --demo --untrained "$OUT/start" --overwrite
+    $FPENGINE init --demo --untrained --vae-scale-factor 8 "$OUT/start" --overwrite
     # the shipped judge (session 14): 3829 steps x 48 clips, 8.6 min beside a CPU-bound job; own PCK 0.937
     $FPENGINE train-judge --data "$DATA" $HOLD --out "$OUT/judge_pose.onnx" --steps 3829 --batch-size 48 \
         --overwrite > "$OUT/judge.log" 2>&1 &
@@ -48,5 +50,16 @@ case $STAGE in
     $FPENGINE init --demo "$OUT/start7" --overwrite
     $FPENGINE train --ckpt "$OUT/start7" --out "$OUT/demo7" --train $DIFFUSION --steps 490 --batch-size 64 \
         --lr 1.5e-4 --figure-weight 10 "${COMMON[@]}" ;;
-*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6 or 7" >&2; exit 2 ;;
+9)  # a figure-weighted VAE with scale factor 4 (32x32 latents at 128x128; 8 lost thin limbs: a
+    # wrist within 10% of a 50 px figure is 5 px, under one 8 px latent pixel), then stage 7's
+    # diffusion modules move onto its latents (--vae-from re-makes the heatmap encoder's first
+    # convolution for the new factor). Stage 8 was tried and not shipped. One 10-minute device call
+    # and part of a second: the diffusion run was cut by --time-limit at 538 steps and resumed
+    $FPENGINE init --demo "$OUT/demo7p" --overwrite  # stage 7 as shipped (fp16): pack demo7 first
+    $FPENGINE init --demo --untrained --vae-scale-factor 4 "$OUT/start9" --overwrite
+    $FPENGINE train --ckpt "$OUT/start9" --out "$OUT/vae9" --train vae --vae-steps 2432 --vae-batch-size 128 \
+        --vae-figure-weight 20 --data "$DATA" --mixed-precision bf16 --overwrite
+    $FPENGINE train --ckpt "$OUT/demo7p" --vae-from "$OUT/vae9" --out "$OUT/demo9" --train $DIFFUSION --steps 1828 \
+        --batch-size 32 --lr 3e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}" ;;
+*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7 or 9" >&2; exit 2 ;;
 esac

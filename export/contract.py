@@ -14,7 +14,7 @@ Symbolic dimensions:
     batch            video batch of the UNet sample (B)
     frames           frames per clip (F)
     batch_frames     B*F: UNetMotionModel takes text embeddings and intrablock residuals per frame
-    height, width    video size; latent_height = height/8 ...
+    height, width    video size; latent_height = height / the VAE's scale factor (8 for SD 1.5) ...
     feat{k}_height   size of pose feature k: latent size halved k times, rounding up (stride-2 3x3
                      convolutions with padding 1, the UNet's downsampler arithmetic)
     prompts          text encoder batch
@@ -152,7 +152,8 @@ def num_downsamples(cfg: FinePhysConfig) -> int:
 
 def resolve_dims(cfg: FinePhysConfig, batch: int, frames: int, height: int, width: int,
                  prompts: int = 2, decode_batch: int = 1) -> dict:
-    lh, lw = height // 8, width // 8
+    f = cfg.vae_scale_factor
+    lh, lw = height // f, width // f
     dims = {"batch": batch, "frames": frames, "batch_frames": batch * frames, "height": height,
             "width": width, "latent_height": lh, "latent_width": lw, "prompts": prompts, "decode_batch": decode_batch}
     for k in range(len(cfg.encoder.channels)):
@@ -166,7 +167,8 @@ def trace_dims(cfg: FinePhysConfig) -> dict:
     width that is not a multiple of 2**(number of upsamplers), so that the traced UNet takes the
     upsample-to-the-skip-size path that is right for every size."""
     n = max(1, num_downsamples(cfg))
-    return resolve_dims(cfg, batch=2, frames=3, height=8 * 2**n, width=8 * (2**n + 2 ** (n - 1)),
+    f = cfg.vae_scale_factor
+    return resolve_dims(cfg, batch=2, frames=3, height=f * 2**n, width=f * (2**n + 2 ** (n - 1)),
                         prompts=2, decode_batch=3)
 
 

@@ -38,7 +38,8 @@ def test_onnxruntime_components_match_reference(engine32, reference):
     ref_feats = reference.encode_pose(heatmaps)
     for f, r in zip(feats, ref_feats):
         close(f, r)
-    sample = torch.randn(2, 4, 5, 8, 12)
+    s = b.vae_scale_factor
+    sample = torch.randn(2, 4, 5, 64 // s, 96 // s)  # the heatmaps' latent size
     text = reference.encode_text(prompts).repeat_interleave(5, 0)
     both = [torch.cat([f, f]) for f in ref_feats]
     t = torch.tensor(801)
@@ -58,7 +59,8 @@ def _fp16_component_errors(backend, demo_ckpt) -> dict:
     heatmaps = torch.rand(5, 17, 64, 96, generator=g)
     text = ref32.encode_text(prompts).repeat_interleave(5, 0)
     feats = [torch.cat([f, f]) for f in ref32.encode_pose(heatmaps)]
-    sample, t, z = torch.randn(2, 4, 5, 8, 12, generator=g), torch.tensor(801), torch.randn(3, 4, 16, 8, generator=g)
+    s = ref32.vae_scale_factor
+    sample, t, z = torch.randn(2, 4, 5, 64 // s, 96 // s, generator=g), torch.tensor(801), torch.randn(3, 4, 16, 8, generator=g)
     calls = {  # each model gets the inputs in its own precision, as the sampler passes them
         "text_encoder": lambda m: [m.encode_text(prompts)],
         "heatmap_encoder": lambda m: m.encode_pose(heatmaps.to(m.dtype)),

@@ -38,16 +38,19 @@ def test_contract_dims_and_profiles():
     axes = unet.dynamic_axes()
     assert axes["sample"] == {0: "batch", 2: "frames", 3: "latent_height", 4: "latent_width"}
     assert axes["encoder_hidden_states"] == {0: "batch_frames"}  # the text batch is B*F, named apart
-    dims = resolve_dims(cfg, batch=2, frames=3, height=64, width=96)
+    dims = resolve_dims(demo_config(vae_scale_factor=8), batch=2, frames=3, height=64, width=96)
+    assert (dims["latent_height"], dims["latent_width"]) == (8, 12)
     assert (dims["feat3_height"], dims["feat3_width"]) == (1, 2)  # 8x12 -> 4x6 -> 2x3 -> 1x2 (rounding up)
+    dims = resolve_dims(cfg, batch=2, frames=3, height=64, width=96)  # the demo's VAE: 4 pixels a latent
+    assert (dims["latent_height"], dims["latent_width"], dims["feat3_height"], dims["feat3_width"]) == (16, 24, 2, 3)
     profile = ShapeProfile.default(cfg)
     assert profile.frames == (1, 16, 32) and profile.height == (64, 128, 256)
     shapes = unet.profile_shapes(profile, cfg)
     assert shapes["encoder_hidden_states"] == ((1, 77, 32), (32, 77, 32), (64, 77, 32))
-    # pose feature 0: batch*frames x the UNet's first block channels x the latent (256/8) at the largest shape
-    assert shapes["pose_feat_0"][2] == (64, cfg.unet["block_out_channels"][0], 32, 32) and "timestep" not in shapes
+    # pose feature 0: batch*frames x the UNet's first block channels x the latent (256/4) at the largest shape
+    assert shapes["pose_feat_0"][2] == (64, cfg.unet["block_out_channels"][0], 64, 64) and "timestep" not in shapes
     t = trace_dims(cfg)
-    assert t["latent_width"] % 8 != 0 and len({t["batch"], t["frames"], t["prompts"]}) > 1
+    assert t["latent_width"] % 8 != 0 and t["height"] == 4 * t["latent_height"] and len({t["batch"], t["frames"], t["prompts"]}) > 1
     with pytest.raises(InputError, match="MIN <= OPT <= MAX"):
         ShapeProfile(frames=(4, 2, 8))
     with pytest.raises(InputError, match="multiples of 8"):

@@ -33,7 +33,7 @@ class WindowBiasModel:
     """A fake backend: each window pushes its latents towards its own constant (taken from the
     'heatmaps' the test hands in), so without blending every seam would jump by the difference."""
 
-    device, dtype, latent_channels = torch.device("cpu"), torch.float32, 1
+    device, dtype, latent_channels, vae_scale_factor = torch.device("cpu"), torch.float32, 1, 8
 
     def __init__(self):
         from types import SimpleNamespace
@@ -296,7 +296,8 @@ def test_decoded_frames_are_contiguous(demo_model):
 
     latents = torch.randn(1, demo_model.latent_channels, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     frames = decode(demo_model, latents, chunk=2)
-    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8 and frames.flags["C_CONTIGUOUS"]
+    side = 4 * demo_model.vae_scale_factor
+    assert frames.shape == (3, side, side, 3) and frames.dtype == np.uint8 and frames.flags["C_CONTIGUOUS"]
 
 
 def test_an_interrupted_run_names_only_what_it_wrote(tmp_path):

@@ -17,7 +17,8 @@ def test_pose_guided_unet_equals_diffusers_without_features_and_uses_them():
         ref = unet(x, torch.tensor(500), text).sample
         ours = wrapped(x, torch.tensor(500), text)
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
-        feats = HeatmapEncoder(cfg.encoder)(torch.rand(3, 17, 64, 128))
+        f = cfg.vae_scale_factor
+        feats = HeatmapEncoder(cfg.encoder)(torch.rand(3, 17, 8 * f, 16 * f))  # x's latent size
         assert [f.shape[-2:] for f in feats] == [(8, 16), (4, 8), (2, 4), (1, 2)]
         zeros = [torch.zeros_like(f) for f in feats]
         torch.testing.assert_close(wrapped(x, torch.tensor(500), text, zeros), ref, rtol=0, atol=1e-6)
@@ -38,7 +39,8 @@ def test_deep_cache_calls_reproduce_the_full_step_and_track_the_shallow_inputs()
     wrapped = PoseGuidedUNet(unet)
     x = torch.randn(2, 4, 3, 8, 16)
     text = torch.randn(6, 77, cfg.unet["cross_attention_dim"])
-    feats = HeatmapEncoder(cfg.encoder)(torch.rand(6, 17, 64, 128))
+    f = cfg.vae_scale_factor
+    feats = HeatmapEncoder(cfg.encoder)(torch.rand(6, 17, 8 * f, 16 * f))  # x's latent size
     t = torch.tensor(500)
     depths = list(wrapped.cache_depths())
     assert depths == [1, 2]  # the demo's last up block has layers_per_block + 1 = 2 pairs

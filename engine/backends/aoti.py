@@ -206,7 +206,8 @@ class PackagedTritonModel(GraphBackend):
         for component, key in self.packages:
             if component == "unet":
                 b, _, f, h, w = (int(d) for d in key.split("x"))
-                out.append(f"{b}x{f}x{8 * h}x{8 * w}")
+                s = self.vae_scale_factor
+                out.append(f"{b}x{f}x{s * h}x{s * w}")
         return sorted(out)
 
     def compiled_steps_used(self) -> int:

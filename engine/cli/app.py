@@ -156,12 +156,14 @@ def poses(poses, ckpt, out, preview, overwrite):
 @click.argument("out", type=PATH)
 @click.option("--demo", is_flag=True, help="Write the small trained demo model.")
 @click.option("--untrained", is_flag=True, help="With --demo: seeded-random generator weights (the start of `fpengine train`).")
+@click.option("--vae-scale-factor", type=click.Choice(["4", "8"]), default=None,
+              help="With --demo --untrained: pixels per latent pixel (the demo's 4; 8 as in SD 1.5 and its stages 1-7).")
 @click.option("--base", type=PATH, default=None, help="SD 1.5: a diffusers folder or a single .safetensors/.ckpt.")
 @click.option("--motion-module", type=PATH, default=None, help="AnimateDiff motion module (.ckpt/.safetensors).")
 @click.option("--lora", type=PATH, default=None, help="LoRA file (diffusers or kohya keys).")
 @click.option("--pose-weights", type=PATH, default=None, help="Pose-stack weights from `fpengine train-pose`.")
 @click.option("--overwrite", is_flag=True)
-def init(out, demo, untrained, base, motion_module, lora, pose_weights, overwrite):
+def init(out, demo, untrained, vae_scale_factor, base, motion_module, lora, pose_weights, overwrite):
     """Compose a FinePhys checkpoint folder OUT (from public parts, or --demo)."""
     import tempfile
 
@@ -174,6 +176,8 @@ def init(out, demo, untrained, base, motion_module, lora, pose_weights, overwrit
         raise InputError("init: pass either --demo, or --base and --motion-module")
     if untrained and not demo:
         raise InputError("init: --untrained goes with --demo")
+    if vae_scale_factor is not None and not untrained:
+        raise InputError("init: --vae-scale-factor goes with --demo --untrained (the trained demo's is fixed)")
     if demo and (lora is not None or pose_weights is not None):
         raise InputError("init: --lora and --pose-weights go with --base, not --demo")
     prepare_output_dir(out, overwrite)
@@ -181,7 +185,8 @@ def init(out, demo, untrained, base, motion_module, lora, pose_weights, overwrit
         tok = Path(tmp)
         if demo:
             write_clip_tokenizer(tok)
-            parts = make_demo_parts(tok, trained=not untrained)
+            parts = make_demo_parts(tok, trained=not untrained, **(
+                {"vae_scale_factor": int(vae_scale_factor)} if vae_scale_factor else {}))
         else:
             tok = tokenizer_source(base) or (write_clip_tokenizer(tok) or tok)
             parts = compose(base, motion_module, tok, lora=lora, pose_weights=pose_weights)

@@ -26,6 +26,8 @@ from finephys.model.text import load_tokenizer, write_clip_tokenizer
 
 DEMO_SEED = 0
 CHANNELS = (48, 96, 96, 96)
+VAE_SCALE_FACTOR = 4  # 32x32 latents at 128x128: the demo's thin limbs (stage 9); stages 1-7 used 8
+_VAE_CHANNELS = (32, 64, 64, 64)
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo_model.safetensors"
 DEMO_MODEL_FORMAT = "fpengine-demo-model"
 _PACKED = ("encoder", "unet", "vae", "text_encoder")
@@ -44,9 +46,14 @@ SCHEDULER = {
 }
 
 
-def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
+def demo_config(scaling_factor: float = 0.18215, vae_scale_factor: int = VAE_SCALE_FACTOR) -> FinePhysConfig:
+    """The demo's architecture; ``vae_scale_factor`` (4 or 8) sets the VAE's down blocks and with
+    them the latent size, the UNet's ``sample_size`` and the heatmap encoder's unshuffle."""
+    if vae_scale_factor not in (4, 8):
+        raise InputError(f"vae_scale_factor: {vae_scale_factor}, expected 4 or 8")
+    blocks = vae_scale_factor.bit_length()  # 3 down blocks for 4, 4 for 8
     unet = {
-        "sample_size": 32,
+        "sample_size": 128 // vae_scale_factor,
         "in_channels": 4,
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlockMotion"] * 3 + ["DownBlockMotion"],
@@ -63,9 +70,9 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     vae = {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "block_out_channels": list(_VAE_CHANNELS[:blocks]),
         "layers_per_block": 1,
         "latent_channels": 4,
         "norm_num_groups": 8,
@@ -87,7 +94,7 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     }
     return FinePhysConfig(
         pose=read_pose_config(DEMO_WEIGHTS),  # sizes and fusion weights as trained
-        encoder=EncoderConfig(channels=CHANNELS, num_res_blocks=1, unshuffle=4),
+        encoder=EncoderConfig(channels=CHANNELS, num_res_blocks=1, unshuffle=vae_scale_factor),
         unet=unet,
         vae=vae,
         text_encoder=text,
@@ -102,11 +109,13 @@ def demo_config(scaling_factor: float = 0.18215) -> FinePhysConfig:
     )
 
 
-def make_demo_parts(tokenizer_dir: Path, seed: int = DEMO_SEED, trained: bool = True) -> FinePhysParts:
-    """The demo's parts: trained (the shipped weights) or, with ``trained=False``, seeded-random
-    apart from the pose stack."""
+def make_demo_parts(tokenizer_dir: Path, seed: int = DEMO_SEED, trained: bool = True,
+                    vae_scale_factor: int = VAE_SCALE_FACTOR) -> FinePhysParts:
+    """The demo's parts: trained (the shipped weights, whose VAE scale factor the file records) or,
+    with ``trained=False``, seeded-random apart from the pose stack, at ``vae_scale_factor``."""
     meta = _packed_metadata() if trained else None
-    cfg = demo_config(float(meta["scaling_factor"])) if meta else demo_config()
+    cfg = demo_config(float(meta["scaling_factor"]), _packed_factor(meta)) if meta else demo_config(
+        vae_scale_factor=vae_scale_factor)
     parts = new_parts(cfg, load_tokenizer(tokenizer_dir), seed=seed)
     load_pose_weights_into(DEMO_WEIGHTS, parts.lifter, parts.physnet)  # trained, shipped
     gen = torch.Generator().manual_seed(seed + 1)
@@ -134,6 +143,11 @@ def _packed_metadata() -> dict:
     return meta
 
 
+def _packed_factor(meta: dict) -> int:
+    """The packed weights' VAE scale factor; files packed before it was recorded (stages 1-7) used 8."""
+    return int(meta.get("vae_scale_factor", 8))
+
+
 def pack_demo(parts: FinePhysParts, path: Path = DEMO_MODEL, info: dict | None = None) -> Path:
     """Write a trained demo checkpoint's generator weights (fp16) as the shipped asset."""
     tensors = {}
@@ -143,6 +157,7 @@ def pack_demo(parts: FinePhysParts, path: Path = DEMO_MODEL, info: dict | None =
     for k, v in parts.lora.items():
         tensors[f"lora.{k}"] = v.detach().cpu().to(torch.float16).contiguous()
     meta = {"format": DEMO_MODEL_FORMAT, "scaling_factor": repr(float(parts.vae.config.scaling_factor)),
+            "vae_scale_factor": str(parts.config.vae_scale_factor),
             "info": json.dumps(info or {}, sort_keys=True)}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -175,6 +190,7 @@ if __name__ == "__main__":  # python -m finephys.model.demo pack CHECKPOINT: ins
     if len(sys.argv) != 3 or sys.argv[1] != "pack":
         sys.exit("usage: python -m finephys.model.demo pack CHECKPOINT_DIR")
     trained = load_checkpoint(Path(sys.argv[2]))
-    if trained.config.to_dict() != demo_config(float(trained.vae.config.scaling_factor)).to_dict():
+    want = demo_config(float(trained.vae.config.scaling_factor), trained.config.vae_scale_factor)
+    if trained.config.vae_scale_factor not in (4, 8) or trained.config.to_dict() != want.to_dict():
         sys.exit(f"{sys.argv[2]}: not a demo-sized checkpoint")
     print(pack_demo(trained, info={"source": sys.argv[2]}))
