@@ -8,7 +8,7 @@
 # starts from the demo as shipped after stage 6 (its fp16 weights), so it packs demo6 first; stage 9
 # starts from stage 7's, so pack demo7 before it. Stages 1-7 made a demo with a factor-8 VAE (16x16
 # latents), stage 9 moves it to a factor-4 one (32x32 latents, the demo as shipped). Then
-#   python -m finephys.model.demo pack OUT_DIR/demo9      installs the generator as the shipped demo
+#   python -m finephys.model.demo pack OUT_DIR/demo9c     installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
 STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9 [MOTION_DIR] [OUT_DIR]}
@@ -53,13 +53,18 @@ case $STAGE in
 9)  # a figure-weighted VAE with scale factor 4 (32x32 latents at 128x128; 8 lost thin limbs: a
     # wrist within 10% of a 50 px figure is 5 px, under one 8 px latent pixel), then stage 7's
     # diffusion modules move onto its latents (--vae-from re-makes the heatmap encoder's first
-    # convolution for the new factor). Stage 8 was tried and not shipped. One 10-minute device call
-    # and part of a second: the diffusion run was cut by --time-limit at 538 steps and resumed
+    # convolution for the new factor). Stage 8 was tried and not shipped. Three device calls: the
+    # diffusion run was cut by --time-limit at 538 steps and resumed; then 345 more steps from its
+    # packed (fp16) weights with a new optimizer at lr 2e-4
     $FPENGINE init --demo "$OUT/demo7p" --overwrite  # stage 7 as shipped (fp16): pack demo7 first
     $FPENGINE init --demo --untrained --vae-scale-factor 4 "$OUT/start9" --overwrite
     $FPENGINE train --ckpt "$OUT/start9" --out "$OUT/vae9" --train vae --vae-steps 2432 --vae-batch-size 128 \
         --vae-figure-weight 20 --data "$DATA" --mixed-precision bf16 --overwrite
     $FPENGINE train --ckpt "$OUT/demo7p" --vae-from "$OUT/vae9" --out "$OUT/demo9" --train $DIFFUSION --steps 1828 \
-        --batch-size 32 --lr 3e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}" ;;
+        --batch-size 32 --lr 3e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}"
+    python -m finephys.model.demo pack "$OUT/demo9"
+    $FPENGINE init --demo "$OUT/start9c" --overwrite
+    $FPENGINE train --ckpt "$OUT/start9c" --out "$OUT/demo9c" --train $DIFFUSION --steps 345 --batch-size 32 \
+        --lr 2e-4 --figure-weight 10 "${COMMON[@]}" ;;
 *)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7 or 9" >&2; exit 2 ;;
 esac

@@ -88,10 +88,12 @@ def test_parallel_equals_single_process(runs, name):
     par, ref = runs[name]["par"], runs[name]["ref"]
     assert par.latents.shape == ref.latents.shape
     # The same arithmetic, regrouped: the guidance split's batch-1 UNet calls round differently
-    # from batch 2 (~6e-7 per call), which CFG (x7.5) and DDIM's 1/sqrt(alpha) amplify: 1e-5 relative
-    # to the largest latent (about 9 here); the windows' ranks run the very same calls.
+    # from batch 2 (~6e-7 per call), which CFG (x7.5) and DDIM's 1/sqrt(alpha) amplify: measured
+    # 2.6e-5 absolute, 1.5e-5 relative to the largest latent (about 1.75 with the demo's factor-4
+    # VAE), so 3e-5 relative; a wrong half or frame gives 0.1 and more. The windows' ranks run the
+    # very same calls.
     diff = (par.latents - ref.latents).abs().max().item()
-    assert diff <= 1e-5 * ref.latents.abs().max().item(), diff
+    assert diff <= 3e-5 * ref.latents.abs().max().item(), diff
     if CASES[name][0] == "windows":
         assert diff == 0.0, diff
     assert par.frames.shape == ref.frames.shape

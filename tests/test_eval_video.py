@@ -112,12 +112,15 @@ def test_the_demo_follows_its_pose_and_a_new_pose_moves_it(held_out):
     """The shipped demo at its own settings on held-out motion: the judged joints follow the clip
     that guided the video, and with another clip (same seed and prompt) they follow that one."""
     model = load_model(None)
-    caption = held_out[0][2]
-    (va, ga), (vb, gb) = (_generate(model, joints, caption) for _, joints, _ in held_out[:2])
+    (_, ja, ca), (_, jb, cb) = held_out[:2]
+    (va, ga), (vb, gb) = _generate(model, ja, ca), _generate(model, jb, cb)
     own = [evaluate(va, ga, 8.0)["pck"], evaluate(vb, gb, 8.0)["pck"]]
-    swapped = [evaluate(va, gb, 8.0)["pck"], evaluate(vb, ga, 8.0)["pck"]]
-    assert np.mean(own) >= 0.5, own  # issue 18 asks for 0.7; benchmarks/RESULTS.md has where it stands
-    assert own[0] >= 2 * swapped[0] and own[1] >= 2 * swapped[1], (own, swapped)
+    # issue 18 asks for 0.7; these two windows score below the held-out set's mean (0.735,
+    # benchmarks/RESULTS.md)
+    assert np.mean(own) >= 0.5, own
+    vs, gs = _generate(model, jb, ca)  # clip a's prompt and seed, clip b's pose
+    moved = [evaluate(vs, gs, 8.0)["pck"], evaluate(vs, ga, 8.0)["pck"]]
+    assert moved[0] >= 2 * moved[1] and own[0] >= 2 * evaluate(va, gb, 8.0)["pck"], (own, moved)
 
 
 @pytest.mark.slow  # about 16 s: three generations
