@@ -126,16 +126,19 @@ def test_packaged_engine_refuses_a_missing_shape_and_a_tampered_package(packaged
     from engine.backends.aoti import load_packaged
 
     model = load_packaged(packaged, "cpu", require_compiled=True)
+    side = 64 // model.vae_scale_factor  # the packaged profile is 4 frames at 64x64
+    packaged_shape, other = (2, 4, 4, side, side), (2, 4, 4, side, side + 2)
     text = torch.zeros(2 * 4, 77, model.config.unet["cross_attention_dim"])
     feats = model.encode_pose(torch.zeros(4, model.config.encoder.num_joints, 64, 64))
     feats = [f.repeat(2, 1, 1, 1) for f in feats]
-    assert model.predict_noise(torch.zeros(2, 4, 4, 8, 8), 500, text, feats).shape == (2, 4, 4, 8, 8)
-    with pytest.raises(InputError, match=r"--require-compiled: no compiled unet package for shape 2x4x4x8x10 "
-                                         r"\(packaged: 2x4x4x8x8\)"):
-        model.predict_noise(torch.zeros(2, 4, 4, 8, 10), 500, text, feats)
-    with pytest.raises(InputError, match="--require-compiled: no compiled DeepCache package at depth 2 for shape "
-                                         "2x4x4x8x8"):
-        model.predict_noise_cached(torch.zeros(2, 4, 4, 8, 8), 500, text, feats, 2)
+    assert model.predict_noise(torch.zeros(packaged_shape), 500, text, feats).shape == packaged_shape
+    shown = "x".join(map(str, packaged_shape))
+    with pytest.raises(InputError, match=rf"--require-compiled: no compiled unet package for shape "
+                                         rf"{'x'.join(map(str, other))} \(packaged: {shown}\)"):
+        model.predict_noise(torch.zeros(other), 500, text, feats)
+    with pytest.raises(InputError, match=f"--require-compiled: no compiled DeepCache package at depth 2 for shape "
+                                         f"{shown}"):
+        model.predict_noise_cached(torch.zeros(packaged_shape), 500, text, feats, 2)
     bad = tmp_path / "bad"
     shutil.copytree(packaged, bad)
     unet = next(bad.glob("compiled/unet-*.pt2"))
@@ -146,7 +149,7 @@ def test_packaged_engine_refuses_a_missing_shape_and_a_tampered_package(packaged
     assert manifest["files"][f"compiled/{unet.name}"]["sha256"] != hashlib.sha256(data).hexdigest()
     tampered = load_packaged(bad, "cpu")
     with pytest.raises(InputError, match="does not match its sha256"):
-        tampered.predict_noise(torch.zeros(2, 4, 4, 8, 8), 500, text, feats)
+        tampered.predict_noise(torch.zeros(packaged_shape), 500, text, feats)
 
 
 @pytest.mark.slow
