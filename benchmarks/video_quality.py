@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--variants", default="judge,fp32,dc2,dc3,noisy-raw,noisy-dd,noisy-fused",
                     help=f"comma-separated from {', '.join(VARIANTS)}")
     ap.add_argument("--guidance", type=float, default=None, help="override the model's guidance scale")
+    ap.add_argument("--steps", type=int, default=None, help="override the model's denoising steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--judge", type=Path, default=JUDGE_ONNX, help="the judge ONNX (default: the shipped one)")
@@ -141,7 +142,7 @@ def main():
     keep = {}
     ref = models["fp32"]
     fps = ref.config.fps
-    base = GenerateOptions("", guidance_scale=args.guidance, seed=args.seed)
+    base = GenerateOptions("", guidance_scale=args.guidance, num_inference_steps=args.steps, seed=args.seed)
     rows = {v: [] for v in args.variants}
     t0 = time.time()
     for i, (truth, joints, caption) in enumerate(held_out_clips(ref, args.clips, args.seed, args.motion)):
@@ -190,7 +191,7 @@ def main():
         summary[v]["clips"] = len(ms)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "ckpt": str(args.ckpt or "embedded demo"), "clips": args.clips,
-            "seed": args.seed, "guidance": args.guidance,
+            "seed": args.seed, "guidance": args.guidance, "steps": args.steps,
             "frames_from": str(args.frames_from) if args.frames_from else None,
             "judge": str(args.judge.resolve().relative_to(ROOT) if args.judge.resolve().is_relative_to(ROOT)
                          else args.judge)}
