@@ -88,7 +88,7 @@ def shape_key(t: torch.Tensor) -> str:
     return "x".join(str(int(d)) for d in t.shape)
 
 
-def step_key(channels: int, batch: int, frames: int, height: int, width: int, factor: int = 8) -> str:
+def step_key(channels: int, batch: int, frames: int, height: int, width: int, factor: int) -> str:
     """The UNet package's key for a generation shape (its sample: batch, channels, frames, latents;
     ``factor``: the VAE's scale factor)."""
     return f"{batch}x{channels}x{frames}x{height // factor}x{width // factor}"

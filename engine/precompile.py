@@ -57,7 +57,7 @@ class StepShape:
         return StepShape(batch, frames, height, width)
 
     @staticmethod
-    def of_sample(sample: torch.Tensor, factor: int = 8) -> "StepShape":
+    def of_sample(sample: torch.Tensor, factor: int) -> "StepShape":
         """The generation shape of a UNet sample (B,C,F,h,w) whose VAE has scale ``factor``."""
         b, _, f, h, w = sample.shape
         return StepShape(b, f, h * factor, w * factor)
@@ -174,7 +174,7 @@ class StepCall:
     with ``require``."""
 
     def __init__(self, module, entry: str, depth: int | None, compiled: CompiledSteps | None,
-                 jit: Callable, require: bool = False, log: Callable[[str], None] = print, factor: int = 8):
+                 jit: Callable, require: bool = False, log: Callable[[str], None] = print, *, factor: int):
         self.module, self.entry, self.depth, self.compiled = module, entry, depth, compiled
         self.factor = factor  # the VAE's scale factor: latent sample size -> video size
         self.jit_factory, self.require, self.log = jit, require, log

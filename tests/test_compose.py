@@ -61,3 +61,8 @@ def test_init_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
     r = CliRunner().invoke(main, ["init", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--demo" in r.output
+    r = CliRunner().invoke(main, ["init", "--demo", "--vae-scale-factor", "8", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--vae-scale-factor goes with --demo --untrained" in r.output, r.output
+    r = CliRunner().invoke(main, ["init", "--demo", "--untrained", "--vae-scale-factor", "16", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "'16' is not one of '4', '8'" in r.output, r.output
+    assert not (tmp_path / "o").exists()

@@ -33,7 +33,8 @@ def test_shape_parsing_and_refusals():
     assert StepShape.parse("16x512x512") == StepShape(2, 16, 512, 512)
     assert StepShape.parse("1x8x256x384") == StepShape(1, 8, 256, 384)
     assert str(StepShape(2, 16, 512, 512)) == "2x16x512x512"
-    assert StepShape.of_sample(torch.zeros(2, 4, 16, 64, 48)) == StepShape(2, 16, 512, 384)
+    assert StepShape.of_sample(torch.zeros(2, 4, 16, 64, 48), 8) == StepShape(2, 16, 512, 384)
+    assert StepShape.of_sample(torch.zeros(2, 4, 16, 32, 32), 4) == StepShape(2, 16, 128, 128)
     for bad in ("16x512", "16x500x512", "0x16x512x512", "axbxc"):
         with pytest.raises(InputError, match="--compile-shape"):
             StepShape.parse(bad)
@@ -84,7 +85,7 @@ def _step(tmp_path, monkeypatch, require=False, accept=True, depth=None):
     monkeypatch.setattr(compiled, "load", lambda *a: fn)
     lines, jit = [], []
     call = StepCall("module", "forward" if depth is None else "forward_shallow", depth, compiled,
-                    lambda: jit.append(1) or (lambda *a: "jit"), require, lines.append)
+                    lambda: jit.append(1) or (lambda *a: "jit"), require, lines.append, factor=8)
     return call, fn, lines, jit
 
 

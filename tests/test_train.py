@@ -137,6 +137,31 @@ def test_vae_decoder_alone_keeps_the_latent_space(untrained, made_motion, tmp_pa
     assert r.exit_code == 2 and "nothing" in r.output and not (tmp_path / "w").exists()
 
 
+def test_vae_from_a_vae_of_another_factor_moves_the_generator_to_its_latents(untrained, made_motion, tmp_path):
+    """A factor-8 generator takes the factor-4 demo VAE: the heatmap encoder unshuffles by 4 (its
+    first convolution made anew, the rest kept), the UNet's sample size follows, and it trains and
+    generates 16x16 latents at 64x64."""
+    eight = tmp_path / "eight"
+    r = CliRunner().invoke(main, ["init", "--demo", "--untrained", "--vae-scale-factor", "8", str(eight)])
+    assert r.exit_code == 0, r.output
+    start = load_checkpoint(eight)
+    assert start.config.vae_scale_factor == 8 and start.config.encoder.unshuffle == 8
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(eight), "--data", _render_spec(made_motion),
+                                  "--out", str(tmp_path / "m"), "--train", "unet", "--smoke", "--vae-from", str(untrained)])
+    assert r.exit_code == 0, r.output
+    moved = load_checkpoint(tmp_path / "m")
+    assert moved.config.vae_scale_factor == 4 and moved.config.encoder.unshuffle == 4
+    assert moved.config.unet["sample_size"] == moved.config.height // 4
+    before, after = start.encoder.state_dict(), moved.encoder.state_dict()
+    assert after["conv_in.weight"].shape != before["conv_in.weight"].shape
+    assert all(torch.equal(before[k], v) for k, v in after.items() if not k.startswith("conv_in."))
+    from engine.load import load_model
+    model = load_model(tmp_path / "m", "cpu")
+    assert model.vae_scale_factor == 4
+    heat = torch.zeros(1, model.config.encoder.num_joints, 64, 64)
+    assert model.encode_pose(heat)[0].shape[-2:] == (16, 16)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--train", "vae,vae_decoder"], "not both"),
     (["--train", "vae", "--vae-steps", "0"], "--vae-steps 0"),

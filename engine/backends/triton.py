@@ -76,7 +76,7 @@ class TritonModel(BackendBase):
                 fast = fn
             else:
                 fast = StepCall(self.unet, name, depth, self.compiled, lambda: compile_call(fn, self._compile_mode),
-                                self._require, self._log, self.vae_scale_factor)
+                                self._require, self._log, factor=self.vae_scale_factor)
             self._calls[key] = CudaGraphCall(fast) if self._cuda_graphs else fast
         return self._calls[key]
 

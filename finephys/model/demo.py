@@ -190,7 +190,8 @@ if __name__ == "__main__":  # python -m finephys.model.demo pack CHECKPOINT: ins
     if len(sys.argv) != 3 or sys.argv[1] != "pack":
         sys.exit("usage: python -m finephys.model.demo pack CHECKPOINT_DIR")
     trained = load_checkpoint(Path(sys.argv[2]))
-    want = demo_config(float(trained.vae.config.scaling_factor), trained.config.vae_scale_factor)
-    if trained.config.vae_scale_factor not in (4, 8) or trained.config.to_dict() != want.to_dict():
+    factor = trained.config.vae_scale_factor
+    if factor not in (4, 8) or trained.config.to_dict() != demo_config(
+            float(trained.vae.config.scaling_factor), factor).to_dict():
         sys.exit(f"{sys.argv[2]}: not a demo-sized checkpoint")
     print(pack_demo(trained, info={"source": sys.argv[2]}))
