@@ -170,8 +170,11 @@ def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print,
     from export.contract import contracts
     from export.onnx_export import graph_module
 
+    from engine.aoti_toolchain import package_compiler
+
     cons, out_dir, entries = contracts(cfg), Path(out_dir), []
     (out_dir / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
+    cxx = package_compiler(next(parts.unet.parameters()).device.type, log)
     for component in COMPONENTS:
         module = graph_module(parts, component)
         device = next(module.parameters()).device
@@ -192,27 +195,29 @@ def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print,
                 if key in keys:
                     continue
                 keys.add(key)
-                entries.append(_package(out_dir, component, key, module, inputs, weights, buffers, log))
+                entries.append(_package(out_dir, component, key, module, inputs, weights, buffers, log, cxx))
                 for (full, shallow), depth in zip(cached, depths):
                     with torch.no_grad():
                         deep = full(*inputs)[1].contiguous()
                     entries.append(_package(out_dir, cache_component("forward_and_cache", depth), key, full, inputs,
-                                            weights, buffers, log))
+                                            weights, buffers, log, cxx))
                     entries.append(_package(out_dir, cache_component("forward_shallow", depth), key, shallow,
-                                            (*inputs[:3], deep, *inputs[3:]), weights, buffers, log))
+                                            (*inputs[:3], deep, *inputs[3:]), weights, buffers, log, cxx))
         del weights
     return entries
 
 
-def _package(out_dir: Path, component: str, key: str, module, inputs, weights, buffers, log) -> dict:
-    """One package: ``module`` exported at ``inputs``, compiled, checked; its manifest entry."""
+def _package(out_dir: Path, component: str, key: str, module, inputs, weights, buffers, log,
+             cxx: str | None = None) -> dict:
+    """One package: ``module`` exported at ``inputs``, compiled (linked by ``cxx``, None: Inductor's
+    default; ``engine.aoti_toolchain``), checked; its manifest entry."""
     rel = package_file(component, key)
     log(f"compile: {component} at {key} (AOTInductor) ...")
     t0 = time.perf_counter()
+    configs = {"aot_inductor.package_constants_in_so": False, **({"cpp.cxx": (None, cxx)} if cxx else {})}
     with torch.no_grad():
         exported = torch.export.export(module, inputs, strict=False)
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(out_dir / rel),
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(out_dir / rel), inductor_configs=configs)
         t1 = time.perf_counter()
         err = _check_package(out_dir / rel, component, module, _module_tensors(module), weights, buffers, inputs)
     log(f"compiled {component} at {key} in {t1 - t0:.1f} s; checked in {time.perf_counter() - t1:.1f} s "

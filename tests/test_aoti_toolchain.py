@@ -1,0 +1,99 @@
+"""The compiler check before ``export --compile`` (``engine.aoti_toolchain``): a compiler whose
+packages crash the process that loads them is found by a probe in a subprocess, reported in one
+line, and passed over for ``/usr/bin/g++``; where none works, one error names each."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import engine.aoti_toolchain as tc
+from finephys.errors import InputError
+
+
+@pytest.fixture
+def fresh_choice():
+    tc._choose.cache_clear()
+    yield
+    tc._choose.cache_clear()
+
+
+def test_candidates_put_cxx_or_the_default_first_and_the_system_gxx_after_where_it_differs():
+    assert tc.candidates("/opt/gcc/bin/g++", "/usr/bin/g++", True) == ["/opt/gcc/bin/g++", tc.SYSTEM_GXX]
+    assert tc.candidates(None, "/opt/gcc/bin/g++", True) == [None, tc.SYSTEM_GXX]
+    assert tc.candidates(None, tc.SYSTEM_GXX, True) == [None]  # the default is the system compiler
+    assert tc.candidates(None, None, False) == [None]
+    assert tc.candidates("/opt/gcc/bin/g++", None, False) == ["/opt/gcc/bin/g++"]
+
+
+def test_probe_names_a_crash_by_its_signal_a_failure_by_its_last_line_and_a_timeout(monkeypatch):
+    def fake(code, err=""):
+        return lambda *a, **k: subprocess.CompletedProcess(a, code, "", err)
+
+    monkeypatch.setattr(tc.subprocess, "run", fake(-11))
+    assert tc.probe("cc", "cpu") == "its package crashed the process that loaded it (SIGSEGV)"
+    monkeypatch.setattr(tc.subprocess, "run", fake(1, "Traceback ...\nInvalidCxxCompiler: none\n"))
+    assert tc.probe("cc", "cpu") == "failed: InvalidCxxCompiler: none"
+    monkeypatch.setattr(tc.subprocess, "run", fake(0))
+    assert tc.probe("cc", "cpu") is None
+
+    def slow(*a, **k):
+        raise subprocess.TimeoutExpired(a, 5)
+
+    monkeypatch.setattr(tc.subprocess, "run", slow)
+    assert tc.probe("cc", "cpu", timeout=5) == "timed out after 5 s"
+
+
+def test_a_crashing_cxx_is_passed_over_for_the_system_gxx_with_one_line(monkeypatch, tmp_path, fresh_choice):
+    system = tmp_path / "g++"
+    system.write_text("")
+    monkeypatch.setattr(tc, "SYSTEM_GXX", str(system))
+    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
+    tried = []
+
+    def probe(cxx, device):
+        tried.append(cxx)
+        return "its package crashed the process that loaded it (SIGSEGV)" if cxx == "/opt/gcc/bin/g++" else None
+
+    monkeypatch.setattr(tc, "probe", probe)
+    lines = []
+    assert tc.package_compiler("cuda", lines.append) == str(system)
+    assert tried == ["/opt/gcc/bin/g++", str(system)]
+    assert lines == [f"compile: CXX=/opt/gcc/bin/g++: its package crashed the process that loaded it (SIGSEGV); "
+                     f"linking packages with {system} instead"]
+    assert tc.package_compiler("cuda", lines.append) == str(system) and tried == ["/opt/gcc/bin/g++", str(system)]
+
+
+def test_no_working_compiler_is_one_error_naming_each(monkeypatch, tmp_path, fresh_choice):
+    system = tmp_path / "g++"
+    system.write_text("")
+    monkeypatch.setattr(tc, "SYSTEM_GXX", str(system))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(tc.shutil, "which", lambda name: "/opt/gcc/bin/g++")
+    monkeypatch.setattr(tc, "probe", lambda cxx, device: "failed: no" if cxx else "its package crashed (SIGSEGV)")
+    with pytest.raises(InputError) as e:
+        tc.package_compiler("cpu")
+    assert str(e.value) == (f"--compile: no C++ compiler here builds AOTInductor packages that load (g++ on PATH "
+                            f"(/opt/gcc/bin/g++): its package crashed (SIGSEGV); CXX={system}: failed: no); set CXX "
+                            "to a working g++ or export without --compile")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None or not Path(tc.SYSTEM_GXX).exists(), reason="needs gcc and /usr/bin/g++")
+def test_a_real_compiler_wrapper_that_links_a_crash_into_packages_is_caught(tmp_path, monkeypatch, fresh_choice):
+    """A g++ wrapper that links an object whose constructor raises SIGSEGV into every shared
+    library, as the lent GPU's wrapper linked a second libstdc++: the probe's package crashes its
+    process, and the export's compiler falls back to /usr/bin/g++."""
+    (tmp_path / "boom.c").write_text("#include <signal.h>\n"
+                                     "__attribute__((constructor)) static void boom(void) { raise(SIGSEGV); }\n")
+    subprocess.run(["gcc", "-fPIC", "-c", str(tmp_path / "boom.c"), "-o", str(tmp_path / "boom.o")], check=True)
+    wrapper = tmp_path / "g++"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'for a in "$@"; do [ "$a" = "-shared" ] && exec {tc.SYSTEM_GXX} "$@" {tmp_path / "boom.o"}; done\n'
+                       f'exec {tc.SYSTEM_GXX} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    lines = []
+    assert tc.package_compiler("cpu", lines.append) == tc.SYSTEM_GXX
+    assert lines == [f"compile: CXX={wrapper}: its package crashed the process that loaded it (SIGSEGV); "
+                     f"linking packages with {tc.SYSTEM_GXX} instead"]
