@@ -208,13 +208,13 @@ def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print,
 
 
 def _package(out_dir: Path, component: str, key: str, module, inputs, weights, buffers, log,
-             cxx: str | None = None) -> dict:
-    """One package: ``module`` exported at ``inputs``, compiled (linked by ``cxx``, None: Inductor's
-    default; ``engine.aoti_toolchain``), checked; its manifest entry."""
+             cxx: str = "g++") -> dict:
+    """One package: ``module`` exported at ``inputs``, compiled (linked by ``cxx``, the compiler
+    ``engine.aoti_toolchain`` chose), checked; its manifest entry."""
     rel = package_file(component, key)
     log(f"compile: {component} at {key} (AOTInductor) ...")
     t0 = time.perf_counter()
-    configs = {"aot_inductor.package_constants_in_so": False, **({"cpp.cxx": (None, cxx)} if cxx else {})}
+    configs = {"aot_inductor.package_constants_in_so": False, "cpp.cxx": (None, cxx)}
     with torch.no_grad():
         exported = torch.export.export(module, inputs, strict=False)
         torch._inductor.aoti_compile_and_package(exported, package_path=str(out_dir / rel), inductor_configs=configs)

@@ -63,8 +63,9 @@ def probe(cxx: str | None, device: str, timeout: float = PROBE_TIMEOUT_S) -> str
         except ValueError:
             name = f"signal {-r.returncode}"
         return f"its package crashed the process that loaded it ({name})"
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    return f"failed: {lines[-1] if lines else f'exit {r.returncode}'}"
+    lines = [ln.strip() for ln in r.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0] or ln.startswith("error")]
+    return f"failed: {(errors or lines or [f'exit {r.returncode}'])[-1]}"
 
 
 def candidates(env_cxx: str | None, default_gxx: str | None, system_exists: bool) -> list[str | None]:
@@ -77,9 +78,10 @@ def candidates(env_cxx: str | None, default_gxx: str | None, system_exists: bool
     return out
 
 
-def package_compiler(device: str, log=None) -> str | None:
-    """The compiler to build packages with on ``device`` (None: Inductor's default), after the
-    probe (once per process and device); an InputError naming every compiler tried where none works."""
+def package_compiler(device: str, log=None) -> str:
+    """The compiler to build packages with on ``device``, after the probe (once per process and
+    device: a changed ``$CXX`` is not seen again); an InputError naming every compiler tried where
+    none works (not cached: a retry probes again)."""
     cxx, note = _choose(device)
     if note and log is not None:
         log(note)
@@ -87,15 +89,18 @@ def package_compiler(device: str, log=None) -> str | None:
 
 
 @functools.cache
-def _choose(device: str) -> tuple[str | None, str | None]:
-    """(compiler, a line saying why it is not the default, or None)."""
+def _choose(device: str) -> tuple[str, str | None]:
+    """(compiler, a line saying why it is not the first candidate, or None). The default (None)
+    is returned as ``g++``, what Inductor takes without ``$CXX``, so the export passes it explicitly
+    (an empty ``$CXX`` would otherwise reach Inductor)."""
     default = shutil.which("g++")
     tried = []
-    for cxx in candidates(os.environ.get("CXX"), default, Path(SYSTEM_GXX).exists()):
+    for i, cxx in enumerate(candidates(os.environ.get("CXX"), default, Path(SYSTEM_GXX).exists())):
         why = probe(cxx, device)
+        chosen = cxx or "g++"
         if why is None:
-            return cxx, (f"compile: {tried[-1]}; linking packages with {cxx} instead" if tried else None)
-        name = f"CXX={cxx}" if cxx else f"g++ on PATH ({default or 'none found'})"
+            return chosen, (f"compile: {tried[-1]}; linking packages with {chosen} instead" if tried else None)
+        name = (f"CXX={cxx}" if i == 0 else cxx) if cxx else f"g++ on PATH ({default or 'none found'})"
         tried.append(f"{name}: {why}")
     raise InputError("--compile: no C++ compiler here builds AOTInductor packages that load ("
                      + "; ".join(tried) + "); set CXX to a working g++ or export without --compile")

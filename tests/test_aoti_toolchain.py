@@ -26,14 +26,25 @@ def test_candidates_put_cxx_or_the_default_first_and_the_system_gxx_after_where_
     assert tc.candidates("/opt/gcc/bin/g++", None, False) == ["/opt/gcc/bin/g++"]
 
 
-def test_probe_names_a_crash_by_its_signal_a_failure_by_its_last_line_and_a_timeout(monkeypatch):
+def test_probe_names_a_crash_by_its_signal_a_failure_by_its_error_line_and_a_timeout(monkeypatch):
+    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
+    envs = []
+
     def fake(code, err=""):
-        return lambda *a, **k: subprocess.CompletedProcess(a, code, "", err)
+        def run(*a, **k):
+            envs.append(k["env"])
+            return subprocess.CompletedProcess(a, code, "", err)
+        return run
 
     monkeypatch.setattr(tc.subprocess, "run", fake(-11))
     assert tc.probe("cc", "cpu") == "its package crashed the process that loaded it (SIGSEGV)"
+    assert envs[-1]["CXX"] == "cc"  # the candidate, not the caller's CXX
     monkeypatch.setattr(tc.subprocess, "run", fake(1, "Traceback ...\nInvalidCxxCompiler: none\n"))
-    assert tc.probe("cc", "cpu") == "failed: InvalidCxxCompiler: none"
+    assert tc.probe(None, "cpu") == "failed: InvalidCxxCompiler: none"
+    assert "CXX" not in envs[-1]  # Inductor's default
+    monkeypatch.setattr(tc.subprocess, "run", fake(1, "torch._inductor.exc.InductorError: CppCompileError: x\n"
+                                                      "  warning: y\n"))
+    assert tc.probe("cc", "cpu") == "failed: torch._inductor.exc.InductorError: CppCompileError: x"
     monkeypatch.setattr(tc.subprocess, "run", fake(0))
     assert tc.probe("cc", "cpu") is None
 
@@ -74,8 +85,37 @@ def test_no_working_compiler_is_one_error_naming_each(monkeypatch, tmp_path, fre
     with pytest.raises(InputError) as e:
         tc.package_compiler("cpu")
     assert str(e.value) == (f"--compile: no C++ compiler here builds AOTInductor packages that load (g++ on PATH "
-                            f"(/opt/gcc/bin/g++): its package crashed (SIGSEGV); CXX={system}: failed: no); set CXX "
+                            f"(/opt/gcc/bin/g++): its package crashed (SIGSEGV); {system}: failed: no); set CXX "
                             "to a working g++ or export without --compile")
+
+
+def test_the_default_compiler_is_passed_to_inductor_by_name(monkeypatch, fresh_choice):
+    """Where the default works it is named ``g++`` (an empty $CXX must not reach Inductor)."""
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(tc, "probe", lambda cxx, device: None)
+    lines = []
+    assert tc.package_compiler("cpu", lines.append) == "g++" and lines == []
+
+
+def test_every_package_is_linked_by_the_chosen_compiler(monkeypatch, tmp_path):
+    import torch
+
+    from engine import aoti
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def compile_and_package(exported, package_path, inductor_configs):
+        seen.update(inductor_configs)
+        raise Stop
+
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: None)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    with pytest.raises(Stop):
+        aoti._package(tmp_path, "unet", "k", None, (), {}, {}, lambda s: None, "/usr/bin/g++")
+    assert seen == {"aot_inductor.package_constants_in_so": False, "cpp.cxx": (None, "/usr/bin/g++")}
 
 
 @pytest.mark.slow
