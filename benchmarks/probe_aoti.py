@@ -15,9 +15,9 @@ weights by state-dict name (``load_constants``), runs it and compares with the e
 Prints one JSON row (times per component, the largest differences, whether diffusers, transformers
 or finephys were imported) and appends it to benchmarks/results/aoti_probe.jsonl.
 
-Inductor links the packages with ``$CXX``; where that is unset and ``/usr/bin/g++`` exists it is
-used: a ``g++`` wrapper first on ``PATH`` linked a second libstdc++ into packages on the lent GPU's
-image, which crashed on load (benchmarks/RESULTS.md, "AOTInductor probe").
+The packages are linked by the compiler ``engine.aoti_toolchain`` chooses, as ``fpengine export
+--compile`` does: a ``g++`` wrapper (the lent GPU's ``$CXX``) linked a second libstdc++ into
+packages, which crashed on load (benchmarks/RESULTS.md, "AOTInductor probe").
 """
 from __future__ import annotations
 
@@ -175,6 +175,7 @@ def build(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import commit
+    from engine.aoti_toolchain import package_compiler
     from engine.fast_unet import prepare_unet
     from engine.load import load_model
 
@@ -194,7 +195,7 @@ def build(args) -> dict:
            else "cpu", "torch": torch.__version__, "commit": commit(), "full_size": args.full_size,
            "shape": f"2x{args.frames}x{args.size}x{args.size}", "dtype": args.dtype, "prepare": args.prepare,
            "kernel": args.kernel if args.prepare and args.device == "cuda" else None,
-           "cxx": os.environ.get("CXX", "g++ on PATH")}
+           "cxx": package_compiler(args.device, print)}
     built = components(model, args.frames, args.size, dtype)
     for name in args.components:
         module, example = built[name]
@@ -205,7 +206,8 @@ def build(args) -> dict:
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         torch._inductor.aoti_compile_and_package(exported, package_path=str(args.work / f"{name}.pt2"),
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False,
+                                                                   "cpp.cxx": (None, row["cxx"])})
         row[name] = {"export_s": round(export_s, 1), "compile_s": round(time.perf_counter() - t0, 1),
                      "package_mb": round((args.work / f"{name}.pt2").stat().st_size / 2**20, 1)}
         # the state dict and the buffers it leaves out (CLIP's position_ids): the package wants both
@@ -241,8 +243,6 @@ def main() -> None:
         ap.error(f"--components {','.join(args.components)}: expected names from {', '.join(COMPONENTS)}")
     if args.size % 8 or args.size < 8 or args.frames < 1:
         ap.error("--size: a multiple of 8; --frames: at least 1")
-    if "CXX" not in os.environ and Path("/usr/bin/g++").exists():
-        os.environ["CXX"] = "/usr/bin/g++"
     args.work.mkdir(parents=True, exist_ok=True)
     row = build(args)
     r = subprocess.run([sys.executable, __file__, "_load", str(args.work)], capture_output=True, text=True)

@@ -207,8 +207,7 @@ def build_packages(parts, cfg, precision: str, shapes, out_dir: Path, log=print,
     return entries
 
 
-def _package(out_dir: Path, component: str, key: str, module, inputs, weights, buffers, log,
-             cxx: str = "g++") -> dict:
+def _package(out_dir: Path, component: str, key: str, module, inputs, weights, buffers, log, cxx: str) -> dict:
     """One package: ``module`` exported at ``inputs``, compiled (linked by ``cxx``, the compiler
     ``engine.aoti_toolchain`` chose), checked; its manifest entry."""
     rel = package_file(component, key)

@@ -71,7 +71,7 @@ def probe(cxx: str | None, device: str, timeout: float = PROBE_TIMEOUT_S) -> str
 def candidates(env_cxx: str | None, default_gxx: str | None, system_exists: bool) -> list[str | None]:
     """The compilers to try, in order: ``$CXX`` where set (else None: Inductor's default,
     ``default_gxx`` on PATH), then ``/usr/bin/g++`` where that is another file."""
-    first = shutil.which(env_cxx) or env_cxx if env_cxx else default_gxx
+    first = (shutil.which(env_cxx) or env_cxx) if env_cxx else default_gxx
     out: list[str | None] = [env_cxx or None]
     if system_exists and (first is None or os.path.realpath(first) != os.path.realpath(SYSTEM_GXX)):
         out.append(SYSTEM_GXX)
