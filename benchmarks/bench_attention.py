@@ -4,7 +4,7 @@
 
 For each attention shape of the step (spatial self, text cross and temporal self-attention at each
 UNet level; batch 2 for guidance) times PyTorch SDPA with each backend forced (flash, cuDNN,
-memory-efficient) and, for the temporal shapes, ``kernels.temporal_attention``; inputs are views of
+memory-efficient) and, for the temporal shapes, ``fpkernels.temporal_attention``; inputs are views of
 one fused (N, L, 3C) projection as in the UNet, fp16. Prints per-call medians (do_bench), TFLOP/s
 and the per-step total (calls per step x time); never asserts.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import bench_gpu, env_info, warm_up_gpu, write_rows
-from kernels.temporal_attention import _temporal_attention_triton, temporal_attention
+from fpkernels.temporal_attention import _temporal_attention_triton, temporal_attention
 
 SWEEP = [(bn, nw, all_heads) for all_heads in (False, True) for bn in (1, 2, 4, 8) for nw in (1, 2, 4, 8)]
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,

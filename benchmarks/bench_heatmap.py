@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.common import (DTYPES, bench_gpu, bench_wall, copy_gbps, env_info, kernel_bench_args, report,
                                timed_first_call, warm_up_gpu)
-from kernels.heatmap import _render_heatmaps_triton, render_heatmaps, render_heatmaps_ref
+from fpkernels.heatmap import _render_heatmaps_triton, render_heatmaps, render_heatmaps_ref
 
 SIZES = [256, 512]
 B, T, J, SIGMA = 1, 16, 17, 3.0

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.common import (DTYPES, bench_gpu, bench_graph, bench_wall, copy_gbps, env_info, kernel_bench_args,
                                report, timed_first_call, wall_ratio, warm_up_gpu)
-from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
+from fpkernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
 
 SHAPES = [(1, 32), (32, 32), (1024, 32)]  # (B, T): 32, 1024 and 32768 frames
 J = 17
@@ -66,7 +66,7 @@ def main(argv=None):
         import cProfile
         import pstats
 
-        from kernels.physnet import _launch_physnet
+        from fpkernels.physnet import _launch_physnet
         for dname in args.dtypes:
             x = make_inputs(*SHAPES[0], DTYPES[dname])
             physnet_fused(*x, DT, 0.5)

@@ -81,7 +81,7 @@ def run_cli(load: str, save: str, args: list[str]) -> None:
             prof.disable()
             stats = pstats.Stats(prof).sort_stats("cumulative")
             stats.print_stats(25)
-            stats.print_stats(r"/(engine|finephys|export|kernels)/", 50)  # the project's own calls
+            stats.print_stats(r"/(engine|finephys|export|fpkernels)/", 50)  # the project's own calls
         if save != "-":
             saved = torch.compiler.save_cache_artifacts()
             if saved is not None:

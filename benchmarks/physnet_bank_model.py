@@ -1,4 +1,4 @@
-"""Shared-memory bank model of the PhysNet kernel's gather (kernels/physnet.py, two warps per slot).
+"""Shared-memory bank model of the PhysNet kernel's gather (fpkernels/physnet.py, two warps per slot).
 
     python -m benchmarks.physnet_bank_model [--joints 17]
 
@@ -18,7 +18,7 @@ measured, 161/162 (16-bit side by side), 97/99 (16-bit, 16-bank offset), 44/45 (
 import argparse
 import functools
 
-from kernels.physnet import _reverse_start, _tril_index
+from fpkernels.physnet import _reverse_start, _tril_index
 
 
 @functools.lru_cache(maxsize=None)

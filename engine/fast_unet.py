@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels.temporal_attention import temporal_attention
+from fpkernels.temporal_attention import temporal_attention
 
 
 class TemporalAttnProcessor:
     """diffusers attention processor for the motion modules' self-attention over frames: the
     projections as diffusers does them (fused QKV when fused), the attention itself through
-    ``kernels.temporal_attention`` (whole short sequences per program) instead of SDPA."""
+    ``fpkernels.temporal_attention`` (whole short sequences per program) instead of SDPA."""
 
     def __init__(self, use_kernel=None):
         self.use_kernel = use_kernel
@@ -53,7 +53,7 @@ def use_temporal_kernel(unet, use_kernel=None) -> int:
 
 def prepare_unet(unet, channels_last: bool = True, fuse_qkv: bool = True, temporal_kernel: bool | str = True):
     """In place on a PoseGuidedUNet (CUDA, fp16): fused QKV, channels-last, the temporal kernel
-    (``"aot"``: its operator for ahead-of-time compiles, see ``kernels.temporal_attention``)."""
+    (``"aot"``: its operator for ahead-of-time compiles, see ``fpkernels.temporal_attention``)."""
     inner = unet.unet
     if fuse_qkv:
         inner.fuse_qkv_projections()

@@ -86,10 +86,10 @@ def code_hash() -> str:
 
     import engine.fast_unet
     import finephys.model.unet
-    import kernels.temporal_attention
+    import fpkernels.temporal_attention
 
     h = hashlib.sha256(diffusers.__version__.encode())
-    for mod in (finephys.model.unet, engine.fast_unet, kernels.temporal_attention):
+    for mod in (finephys.model.unet, engine.fast_unet, fpkernels.temporal_attention):
         h.update(inspect.getsource(mod).encode())
     return h.hexdigest()
 

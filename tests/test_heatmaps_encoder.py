@@ -5,7 +5,7 @@ import torch
 
 from finephys.model.config import EncoderConfig
 from finephys.model.encoder import HeatmapEncoder
-from kernels.heatmap import render_heatmaps_ref
+from fpkernels.heatmap import render_heatmaps_ref
 
 
 def test_heatmap_peaks_at_joints_with_the_formula():

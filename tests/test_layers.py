@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "finephys", "export", "engine")
+PACKAGES = ("fpkernels", "finephys", "export", "engine")
 
 # Lowest first; a module may import its own layer (without cycles) and the layers below it.
 LAYERS = [
-    ("kernels", ("kernels",)),
+    ("fpkernels", ("fpkernels",)),
     ("base", ("finephys", "finephys.errors", "finephys.files", "finephys.precision")),
     ("model and pose I/O", ("finephys.model", "finephys.poses")),
     ("sampler", ("finephys.sampler",)),

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -176,9 +177,13 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
     from engine.backends.triton import CompileSpec
     from export.build import export_engine
 
+    t0 = time.perf_counter()
+
+    def log(line):  # seen with -s: where a device run that ran out of time spent it
+        print(f"[{time.perf_counter() - t0:6.1f} s] {line}", flush=True)
+
     eng = tmp_path / "e"
-    export_engine(demo_ckpt, eng, compile=CompileSpec([StepShape(2, 8, 128, 128)], [1]), graphs=False,
-                  log=lambda s: None)
+    export_engine(demo_ckpt, eng, compile=CompileSpec([StepShape(2, 8, 128, 128)], [1]), graphs=False, log=log)
     runs = {}
     for mode in ("compiled", "jit"):
         for interval in (1, 2):
@@ -186,6 +191,7 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
             subprocess.run([sys.executable, "-c", _FRESH, str(eng), str(out), mode, str(interval)], check=True,
                            env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}")})
             runs[mode, interval] = torch.load(out)
+            log(f"fresh process: {mode}, DeepCache interval {interval}")
     # the plain run loads the UNet step's package; DeepCache's loads its full and shallow ones
     assert runs["compiled", 1]["compiled_calls"] == 1 and runs["compiled", 2]["compiled_calls"] == 2
     assert runs["jit", 1]["compiled_calls"] == 0

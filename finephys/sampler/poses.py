@@ -16,8 +16,8 @@ from finephys.poses.clip import PoseClip, resample, to_layout
 from finephys.poses.layouts import H36M17
 from finephys.poses.layout_check import layout_warning
 from finephys.sampler.options import GenerateOptions, Plan, plan
-from kernels.heatmap import render_heatmaps
-from kernels.physnet import physnet_fused
+from fpkernels.heatmap import render_heatmaps
+from fpkernels.physnet import physnet_fused
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ def interp():
         pytest.skip("triton is not installed")
     if not _interpreting():
         pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set automatically where no GPU is present)")
-    import kernels.physnet
+    import fpkernels.physnet
 
-    if type(kernels.physnet._physnet_fused_slots_kernel).__name__ != "InterpretedFunction":
+    if type(fpkernels.physnet._physnet_fused_slots_kernel).__name__ != "InterpretedFunction":
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it in the test environment")
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.heatmap import _render_heatmaps_triton, render_heatmaps, render_heatmaps_ref
+from fpkernels.heatmap import _render_heatmaps_triton, render_heatmaps, render_heatmaps_ref
 
 
 def make_inputs(B, T, J, H, W, device="cpu", gen=None, dtype=torch.float32):
@@ -84,7 +84,7 @@ def test_unshuffled_layout_matches_pixel_unshuffle(gen, r, use_kernel, request):
 
 def test_dispatch_on_cpu_uses_the_reference(gen, monkeypatch):
     """Routing: on CPU tensors the default never enters the kernel path (made to raise here)."""
-    import kernels.heatmap as mod
+    import fpkernels.heatmap as mod
 
     def kernel(*a, **k):
         raise AssertionError("the Triton path was taken for CPU tensors")
@@ -159,7 +159,7 @@ def test_gpu_unshuffled_layout(r, gen):
 
 @pytest.mark.gpu
 def test_gpu_cached_launches_follow_sizes_and_sigma(gen):
-    """Repeated calls replay cached compiled kernels (kernels.launch.Launcher); each must follow its
+    """Repeated calls replay cached compiled kernels (fpkernels.launch.Launcher); each must follow its
     own sizes, sigma and keypoints."""
     for _ in range(2):
         for B, T, J, H, W, sigma in [(1, 4, 17, 64, 64, 2.0), (1, 4, 17, 64, 64, 5.0), (2, 3, 5, 48, 80, 3.0)]:

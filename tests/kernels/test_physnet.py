@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
+from fpkernels.physnet import _physnet_fused_triton, physnet_fused, physnet_fused_ref
 
 DT = 1.0 / 30.0
 
@@ -180,7 +180,7 @@ def test_kernel_middle_frame_and_fuse_weight_edges(interp, gen):
 def test_kernel_reuses_a_layouts_plan_but_checks_every_call(interp, gen):
     """A second call with the same layout reuses the launch plan: it must still follow dt and the
     fuse weight, still reject bad numbers, and a new layout (a strided view) gets its own plan."""
-    from kernels.physnet import _PLANS
+    from fpkernels.physnet import _PLANS
 
     args = make_inputs(2, 5, 4, gen=gen)
     _physnet_fused_triton(*args, DT, 0.3)
@@ -205,7 +205,7 @@ def test_kernel_rejects_float64(interp, gen):
 
 def test_dispatch_on_cpu_uses_the_reference(gen, monkeypatch):
     """Routing: on CPU tensors the default never enters the kernel path (made to raise here)."""
-    import kernels.physnet as mod
+    import fpkernels.physnet as mod
 
     def kernel(*a, **k):
         raise AssertionError("the Triton path was taken for CPU tensors")
@@ -291,9 +291,9 @@ def test_gpu_kernel_configs(slots, num_warps, programs, maxnreg, dtype, gen):
 
 @pytest.mark.gpu
 def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
-    """The second and later calls go through ``kernels.launch.Launcher``'s cached path: results must
+    """The second and later calls go through ``fpkernels.launch.Launcher``'s cached path: results must
     still follow every argument (other sizes, a 2-byte-offset view, other dt and fuse weight)."""
-    from kernels.physnet import _launch_physnet
+    from fpkernels.physnet import _launch_physnet
 
     cases = []
     for B, T, dt, w in [(2, 16, DT, 0.5), (2, 16, 0.02, 0.25), (1, 16, DT, 0.5), (3, 17, 0.05, 0.9)]:
@@ -315,7 +315,7 @@ def test_gpu_cached_launches_follow_alignment_sizes_and_scalars(gen):
 def test_gpu_register_caps_take_the_first_build_without_spills(J, caps, gen):
     """A tuple of register caps: the launcher keeps the first build that spills nothing (72 registers
     suffice for fp16 at J = 17 with Triton 3.6's ptxas, 40 never do), and the results stay exact."""
-    from kernels.physnet import _launch_physnet
+    from fpkernels.physnet import _launch_physnet
 
     args = make_inputs(3, 9, J, torch.float16, device="cuda", gen=gen)
     for _ in range(2):  # the build, then the cached launch
@@ -337,7 +337,7 @@ def test_reverse_triangle_offset_and_bank_model():
     interleaved. The bank model (checked against Nsight Compute, benchmarks/RESULTS.md) says both
     beat the side-by-side copy."""
     from benchmarks.physnet_bank_model import gather_wavefronts, interleaved_wavefronts
-    from kernels.physnet import _reverse_start
+    from fpkernels.physnet import _reverse_start
 
     for n, per_bank in [(663, 1), (1326, 1), (561, 2), (1008, 1), (6, 1)]:
         r0 = _reverse_start(n, per_bank)

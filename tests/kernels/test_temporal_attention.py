@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.temporal_attention import _temporal_attention_triton, temporal_attention, temporal_attention_ref
+from fpkernels.temporal_attention import _temporal_attention_triton, temporal_attention, temporal_attention_ref
 
 
 def make_qkv(N, T, C, dtype=torch.float32, device="cpu", gen=None, fused=False):
@@ -49,7 +49,7 @@ def test_kernel_rejects_float64(interp, gen):
 
 def test_dispatch_on_cpu_uses_the_reference(gen, monkeypatch):
     """Routing: on CPU tensors the default never enters the kernel path (made to raise here)."""
-    import kernels.temporal_attention as mod
+    import fpkernels.temporal_attention as mod
 
     def kernel(*a, **k):
         raise AssertionError("the Triton path was taken for CPU tensors")

@@ -14,9 +14,9 @@ import numbers
 
 import torch
 
-from kernels.launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
+from fpkernels.launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
 
-try:  # kernels/ imports only torch and triton; triton is optional off Linux
+try:  # fpkernels/ imports only torch and triton; triton is optional off Linux
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
