@@ -7,11 +7,12 @@
 # --time-limit, which stopped it there; stage 6 in two calls, the second with --resume). Stage 7
 # starts from the demo as shipped after stage 6 (its fp16 weights), so it packs demo6 first; stage 9
 # starts from stage 7's, so pack demo7 before it. Stages 1-7 made a demo with a factor-8 VAE (16x16
-# latents), stage 9 moves it to a factor-4 one (32x32 latents) and stage 10 trains on (the demo as shipped). Then
-#   python -m finephys.model.demo pack OUT_DIR/demo10     installs the generator as the shipped demo
+# latents), stage 9 moves it to a factor-4 one (32x32 latents) and stages 10-12 train on (12: the demo as
+# shipped). Then
+#   python -m finephys.model.demo pack OUT_DIR/demo12     installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
-STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9|10 [MOTION_DIR] [OUT_DIR]}
+STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9|10|11|12 [MOTION_DIR] [OUT_DIR]}
 MOTION=${2:-../shared/data/motion}
 OUT=${3:-demo-train}
 FPENGINE=${FPENGINE:-fpengine}
@@ -72,5 +73,13 @@ case $STAGE in
     $FPENGINE init --demo "$OUT/start10" --overwrite
     $FPENGINE train --ckpt "$OUT/start10" --out "$OUT/demo10" --train $DIFFUSION --steps 757 --batch-size 32 \
         --lr 2e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}" ;;
-*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7, 9 or 10" >&2; exit 2 ;;
+11|12) # stage 10's recipe goes on twice more, each from the demo as shipped after the stage before
+    # (pack demo10, then demo11, first): 792 and 817 steps, each stopped by --time-limit (7.6 and 7.4
+    # min) while other jobs shared the GPU. Both kept --seed 0, so they drew the batches stage 10
+    # drew (step k's batch comes from (seed, k)); a next stage should take a new --seed
+    steps=$([ "$STAGE" = 11 ] && echo 792 || echo 817)
+    $FPENGINE init --demo "$OUT/start$STAGE" --overwrite
+    $FPENGINE train --ckpt "$OUT/start$STAGE" --out "$OUT/demo$STAGE" --train $DIFFUSION --steps "$steps" \
+        --batch-size 32 --lr 2e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}" ;;
+*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7, 9, 10, 11 or 12" >&2; exit 2 ;;
 esac
