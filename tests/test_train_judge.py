@@ -37,6 +37,39 @@ def test_a_time_limit_sizes_the_run_to_fit(motion):
     assert len(losses) == TIMED_STEPS  # never more than asked
 
 
+def test_a_run_that_slows_down_is_shortened_to_end_near_its_limit(motion, monkeypatch):
+    """Another job takes the device after step 40: the steps planned at the start no longer fit,
+    so the run is re-planned shorter and ends about on time (the schedule still ends at its floor)."""
+    import types
+
+    import finephys.training.judge as judge
+
+    clock = types.SimpleNamespace(t=0.0, monotonic=lambda: clock.t)
+    monkeypatch.setattr(judge, "time", clock)
+    monkeypatch.setattr(judge, "REPLAN_EVERY", 10)
+    inner = RenderSource([motion / "131_01.bvh"], (64, 64), 8.0, 4)
+
+    class Slowing:  # one batch a step: the clock moves 10 ms a step, then 50 ms from step 40
+        calls = 0
+
+        def batch(self, rng, n, device):
+            clock.t += 0.01 if Slowing.calls < 40 else 0.05
+            Slowing.calls += 1
+            return inner.batch(rng, n, device)
+
+    lrs = []
+    real_cycle = judge.one_cycle
+    monkeypatch.setattr(judge, "one_cycle", lambda s, total, peak: lrs.append(real_cycle(s, total, peak)) or lrs[-1])
+    _, losses = judge.train_judge(Slowing(), steps=10_000, batch=1, device="cpu", width=4, time_limit=1.2 / 60,
+                                  progress=False)
+    # planned at 10 ms a step: 120 steps in 1.2 s (from step 5); at 50 ms from step 40 they would take 4.4 s
+    assert 50 < len(losses) < 100, len(losses)
+    assert clock.t <= 0.05 + 1.2 + 10 * 0.05, clock.t  # past the limit by at most the steps between checks
+    assert lrs[-1] == pytest.approx(2e-3 / 25e4, rel=1e-3)  # the shortened schedule still ends at its floor
+    top = int(np.argmax(lrs))
+    assert all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:]))  # and never rises again
+
+
 def test_train_judge_cli_writes_an_onnx_judge(tmp_path, motion):
     out = tmp_path / "judge.onnx"
     args = ["train-judge", "--data", f"render:{motion / '131_01.bvh'}", "--steps", "3", "--batch-size", "1",

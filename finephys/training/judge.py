@@ -145,6 +145,21 @@ def one_cycle(step: int, total: int, peak: float) -> float:
     return end + (peak - end) * (1 + math.cos(math.pi * min(f, 1.0))) / 2
 
 
+REPLAN_EVERY = 50  # steps between two checks of the pace under a time limit
+
+
+def _replan(step: int, steps: int, mark: tuple[int, float], deadline: float) -> tuple[int, tuple[int, float]]:
+    """The total step count that still fits before ``deadline`` at the pace since ``mark`` (a step
+    and its time); only ever shorter (a longer run would raise the falling learning rate again)."""
+    now = time.monotonic()
+    pace = (now - mark[1]) / max(step - mark[0], 1)
+    fit = step + max(int((deadline - now) / pace), 1)
+    if fit < steps * 0.98:
+        tqdm.write(f"the judge: slower than timed ({pace * 1000:.0f} ms a step), {fit} steps fit now")
+        steps = fit
+    return steps, (step, now)
+
+
 def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, device="cpu", seed: int = 0,
                 progress: bool = True, width: int = 32, depth: int = 0,
                 time_limit: float | None = None) -> tuple[JudgeNet, list[float]]:
@@ -152,13 +167,16 @@ def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, de
 
     With ``time_limit`` (minutes) steps 5-19 are timed and ``steps`` becomes as many as fit
     (at most ``steps``), so the learning-rate schedule still runs to its end; the count is logged
-    and ``steps`` = that count repeats the run without the limit."""
+    and ``steps`` = that count repeats the run without the limit. Every REPLAN_EVERY steps the
+    pace since the last check is measured again, and where the steps left no longer fit (another
+    job took the device) the run is shortened, its schedule with it, and a line says so; such a
+    run is not repeated by ``steps`` alone."""
     torch.manual_seed(seed)
     net = JudgeNet(width, depth).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator(device).manual_seed(seed)
     bf16 = torch.device(device).type == "cuda"
-    losses, start = [], 0.0
+    losses, start, mark = [], 0.0, (0, 0.0)
     bar = tqdm(total=steps, desc="training the judge", disable=not progress)
     for step in itertools.count():
         if step == 5:
@@ -168,6 +186,10 @@ def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, de
             steps = min(steps, max(TIMED_STEPS + 1, int(time_limit * 60 / per_step)))
             bar.total = steps
             tqdm.write(f"the judge: {per_step * 1000:.0f} ms a step, {steps} steps fit in {time_limit:g} min")
+            mark = (step, time.monotonic())
+        elif time_limit is not None and step > TIMED_STEPS and step % REPLAN_EVERY == 0 and step < steps:
+            steps, mark = _replan(step, steps, mark, start + time_limit * 60)
+            bar.total = steps
         if step >= steps:
             break
         for group in opt.param_groups:
