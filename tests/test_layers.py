@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_packaging import top_level_packages
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fpkernels", "finephys", "export", "engine")
+PACKAGES = tuple(top_level_packages())  # what pyproject.toml installs
 
 # Lowest first; a module may import its own layer (without cycles) and the layers below it.
 LAYERS = [
