@@ -3,6 +3,7 @@ machine, the one-line reasons when it may not, the refusal of a tampered file, a
 compiled engine that matches the just-in-time path and loads in a new process without compiling."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -184,14 +185,19 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
 
     eng = tmp_path / "e"
     export_engine(demo_ckpt, eng, compile=CompileSpec([StepShape(2, 8, 128, 128)], [1]), graphs=False, log=log)
-    runs = {}
+    log("export done; four fresh processes at once (each with an empty Inductor cache of its own)")
+    procs = {}
     for mode in ("compiled", "jit"):
         for interval in (1, 2):
-            out = tmp_path / f"{mode}{interval}.pt"
-            subprocess.run([sys.executable, "-c", _FRESH, str(eng), str(out), mode, str(interval)], check=True,
-                           env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}")})
-            runs[mode, interval] = torch.load(out)
-            log(f"fresh process: {mode}, DeepCache interval {interval}")
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}{interval}")}
+            procs[mode, interval] = subprocess.Popen(
+                [sys.executable, "-c", _FRESH, str(eng), str(tmp_path / f"{mode}{interval}.pt"), mode, str(interval)],
+                env=env)
+    runs = {}
+    for (mode, interval), proc in procs.items():
+        assert proc.wait() == 0, (mode, interval, proc.returncode)
+        runs[mode, interval] = torch.load(tmp_path / f"{mode}{interval}.pt")
+        log(f"fresh process done: {mode}, DeepCache interval {interval}")
     # the plain run loads the UNet step's package; DeepCache's loads its full and shallow ones
     assert runs["compiled", 1]["compiled_calls"] == 1 and runs["compiled", 2]["compiled_calls"] == 2
     assert runs["jit", 1]["compiled_calls"] == 0
