@@ -6,7 +6,7 @@ wrapper script whose linked ``.so`` carries a second copy of libstdc++'s locale 
 built with it kills the process that loads it (SIGSEGV in the package's constructor;
 benchmarks/RESULTS.md, "AOTInductor probe"), the exporting process included. A crash cannot be
 caught, so before compiling, a one-op package is built and loaded in a subprocess with each
-candidate compiler, and the first that works builds the real packages:
+candidate compiler (all at once), and the first in this order that works builds the real packages:
 
 - ``$CXX`` where it is set, else Inductor's default (``g++`` on ``PATH``);
 - then ``/usr/bin/g++`` where that is another file (the lent GPU's image sets ``CXX`` to the
@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from finephys.errors import InputError
@@ -94,9 +95,13 @@ def _choose(device: str) -> tuple[str, str | None]:
     is returned as ``g++``, what Inductor takes without ``$CXX``, so the export passes it explicitly
     (an empty ``$CXX`` would otherwise reach Inductor)."""
     default = shutil.which("g++")
+    order = candidates(os.environ.get("CXX"), default, Path(SYSTEM_GXX).exists())
+    # every candidate's probe at once: each is a process of its own that spends over a minute on the
+    # lent GPU (import, export, compile, load), and the first candidate is the one that crashes there
+    with ThreadPoolExecutor(len(order)) as pool:
+        verdicts = list(pool.map(lambda cxx: probe(cxx, device), order))
     tried = []
-    for i, cxx in enumerate(candidates(os.environ.get("CXX"), default, Path(SYSTEM_GXX).exists())):
-        why = probe(cxx, device)
+    for i, (cxx, why) in enumerate(zip(order, verdicts)):
         chosen = cxx or "g++"
         if why is None:
             return chosen, (f"compile: {tried[-1]}; linking packages with {chosen} instead" if tried else None)

@@ -174,7 +174,8 @@ _FRESH = textwrap.dedent("""
 @pytest.mark.gpu
 def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path, demo_ckpt):
     """The plain step and DeepCache's (interval 2, depth 1) from the engine's packages, each in a
-    fresh process, against the just-in-time triton path."""
+    fresh process, against the triton path without packages (compiled just in time; DeepCache's
+    run eagerly, with Dynamo off)."""
     from engine.backends.triton import CompileSpec
     from export.build import export_engine
 
@@ -190,6 +191,8 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
     for mode in ("compiled", "jit"):
         for interval in (1, 2):
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}{interval}")}
+            if (mode, interval) == ("jit", 2):  # DeepCache's reference runs eagerly: its two just-in-time
+                env["TORCHDYNAMO_DISABLE"] = "1"  # graphs cost two minutes more than the test's device call has
             procs[mode, interval] = subprocess.Popen(
                 [sys.executable, "-c", _FRESH, str(eng), str(tmp_path / f"{mode}{interval}.pt"), mode, str(interval)],
                 env=env)
@@ -200,10 +203,10 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
         log(f"fresh process done: {mode}, DeepCache interval {interval}")
     # the plain run loads the UNet step's package; DeepCache's loads its full and shallow ones
     assert runs["compiled", 1]["compiled_calls"] == 1 and runs["compiled", 2]["compiled_calls"] == 2
-    assert runs["jit", 1]["compiled_calls"] == 0
+    assert runs["jit", 1]["compiled_calls"] == 0 and runs["jit", 2]["compiled_calls"] == 0
+    assert runs["jit", 1]["frames"].get("total", 0) >= 1  # the counter does count a compile
     for interval in (1, 2):
         compiled, jit = runs["compiled", interval], runs["jit", interval]
         assert compiled["frames"].get("total", 0) == 0, compiled["frames"]  # Dynamo traced nothing
-        assert jit["frames"].get("total", 0) >= 1  # the counter does count a compile
         err = (compiled["latents"].float() - jit["latents"].float()).abs().max().item()
         assert err <= 2e-2, (interval, err)  # Inductor kernels both, fused differently (AOT and JIT): fp16 rounding
