@@ -213,7 +213,10 @@ def _package(out_dir: Path, component: str, key: str, module, inputs, weights, b
     rel = package_file(component, key)
     log(f"compile: {component} at {key} (AOTInductor) ...")
     t0 = time.perf_counter()
-    configs = {"aot_inductor.package_constants_in_so": False, "cpp.cxx": (None, cxx)}
+    from engine.aoti_toolchain import host_isa_configs
+
+    configs = {"aot_inductor.package_constants_in_so": False, "cpp.cxx": (None, cxx),
+               **host_isa_configs(inputs[0].device.type)}
     with torch.no_grad():
         exported = torch.export.export(module, inputs, strict=False)
         torch._inductor.aoti_compile_and_package(exported, package_path=str(out_dir / rel), inductor_configs=configs)

@@ -44,12 +44,22 @@ if not torch.equal(out, x * 2 + 1):
 """
 
 
+def host_isa_configs(device: str) -> dict:
+    """Inductor settings for a package on ``device``: on a GPU, no probe of the host's vector
+    instruction sets. Every AOTInductor compile otherwise builds and runs a test program per x86
+    instruction set (``pick_vec_isa``), although a GPU package's host code is only the launcher;
+    on the lent GPU a process's first package took ~70 s and a one-op probe ~80 s."""
+    return {"cpp.vec_isa_ok": False} if device == "cuda" else {}
+
+
 def probe(cxx: str | None, device: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None where a one-op package linked by ``cxx`` (None: Inductor's default) loads and runs in a
     fresh process on ``device`` ('cpu' or 'cuda'); else what went wrong, in words."""
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     if cxx is not None:
         env["CXX"] = cxx
+    if host_isa_configs(device):
+        env["TORCHINDUCTOR_VEC_ISA_OK"] = "0"
     with tempfile.TemporaryDirectory() as d:
         try:
             r = subprocess.run([sys.executable, "-c", _PROBE, str(Path(d) / "probe.pt2"), device], env=env,

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -48,6 +49,8 @@ def test_probe_names_a_crash_by_its_signal_a_failure_by_its_error_line_and_a_tim
     assert tc.probe("cc", "cpu") == "failed: torch._inductor.exc.InductorError: CppCompileError: x"
     monkeypatch.setattr(tc.subprocess, "run", fake(0))
     assert tc.probe("cc", "cpu") is None
+    assert "TORCHINDUCTOR_VEC_ISA_OK" not in envs[-1]
+    assert tc.probe("cc", "cuda") is None and envs[-1]["TORCHINDUCTOR_VEC_ISA_OK"] == "0"  # as the packages
 
     def slow(*a, **k):
         raise subprocess.TimeoutExpired(a, 5)
@@ -116,8 +119,13 @@ def test_every_package_is_linked_by_the_chosen_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: None)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     with pytest.raises(Stop):
-        aoti._package(tmp_path, "unet", "k", None, (), {}, {}, lambda s: None, "/usr/bin/g++")
+        aoti._package(tmp_path, "unet", "k", None, (torch.zeros(1),), {}, {}, lambda s: None, "/usr/bin/g++")
     assert seen == {"aot_inductor.package_constants_in_so": False, "cpp.cxx": (None, "/usr/bin/g++")}
+    # a GPU package's compile skips Inductor's probe of the host's vector instruction sets
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(Stop):
+        aoti._package(tmp_path, "unet", "k", None, (on_gpu,), {}, {}, lambda s: None, "/usr/bin/g++")
+    assert seen["cpp.vec_isa_ok"] is False and seen["cpp.cxx"] == (None, "/usr/bin/g++")
 
 
 @pytest.mark.slow

@@ -174,10 +174,16 @@ _FRESH = textwrap.dedent("""
 @pytest.mark.gpu
 def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path, demo_ckpt):
     """The plain step and DeepCache's (interval 2, depth 1) from the engine's packages, each in a
-    fresh process, against the triton path without packages (compiled just in time; DeepCache's
-    run eagerly, with Dynamo off)."""
+    fresh process, within DESIGN.md's fp16 rule of the fp32 reference (err <= 2 * err(eager fp16)
+    + atol, as tests/test_triton_backend.py checks the just-in-time path); a fresh process of the
+    just-in-time path shows that the frame counter does count a compile."""
     from engine.backends.triton import CompileSpec
     from export.build import export_engine
+    from finephys.model.assembly import assemble
+    from finephys.model.demo import load_demo
+    from finephys.poses.clip import load_clip
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
 
     t0 = time.perf_counter()
 
@@ -186,16 +192,21 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
 
     eng = tmp_path / "e"
     export_engine(demo_ckpt, eng, compile=CompileSpec([StepShape(2, 8, 128, 128)], [1]), graphs=False, log=log)
-    log("export done; four fresh processes at once (each with an empty Inductor cache of its own)")
+    log("export done; three fresh processes at once (each with an empty Inductor cache of its own)")
     procs = {}
-    for mode in ("compiled", "jit"):
+    for mode, interval in (("compiled", 1), ("compiled", 2), ("jit", 1)):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}{interval}")}
+        procs[mode, interval] = subprocess.Popen(
+            [sys.executable, "-c", _FRESH, str(eng), str(tmp_path / f"{mode}{interval}.pt"), mode, str(interval)],
+            env=env)
+    refs = {}  # meanwhile, here: the fp32 reference and eager fp16, same options as the fresh processes
+    for dtype in (torch.float32, torch.float16):
+        model = assemble(load_demo(), device="cuda", dtype=dtype)
         for interval in (1, 2):
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache_{mode}{interval}")}
-            if (mode, interval) == ("jit", 2):  # DeepCache's reference runs eagerly: its two just-in-time
-                env["TORCHDYNAMO_DISABLE"] = "1"  # graphs cost two minutes more than the test's device call has
-            procs[mode, interval] = subprocess.Popen(
-                [sys.executable, "-c", _FRESH, str(eng), str(tmp_path / f"{mode}{interval}.pt"), mode, str(interval)],
-                env=env)
+            opts = GenerateOptions("a person walking", num_frames=8, height=128, width=128, num_inference_steps=3,
+                                   seed=1, deep_cache=interval, deep_cache_depth=1)
+            refs[dtype, interval] = generate(model, load_clip("examples/walk.npz"), opts,
+                                             progress=False).latents.float().cpu()
     runs = {}
     for (mode, interval), proc in procs.items():
         assert proc.wait() == 0, (mode, interval, proc.returncode)
@@ -203,10 +214,13 @@ def test_compiled_engine_matches_jit_and_a_new_process_does_not_compile(tmp_path
         log(f"fresh process done: {mode}, DeepCache interval {interval}")
     # the plain run loads the UNet step's package; DeepCache's loads its full and shallow ones
     assert runs["compiled", 1]["compiled_calls"] == 1 and runs["compiled", 2]["compiled_calls"] == 2
-    assert runs["jit", 1]["compiled_calls"] == 0 and runs["jit", 2]["compiled_calls"] == 0
+    assert runs["jit", 1]["compiled_calls"] == 0
     assert runs["jit", 1]["frames"].get("total", 0) >= 1  # the counter does count a compile
-    for interval in (1, 2):
-        compiled, jit = runs["compiled", interval], runs["jit", interval]
-        assert compiled["frames"].get("total", 0) == 0, compiled["frames"]  # Dynamo traced nothing
-        err = (compiled["latents"].float() - jit["latents"].float()).abs().max().item()
-        assert err <= 2e-2, (interval, err)  # Inductor kernels both, fused differently (AOT and JIT): fp16 rounding
+    for (mode, interval), run in runs.items():
+        if mode == "compiled":
+            assert run["frames"].get("total", 0) == 0, run["frames"]  # Dynamo traced nothing
+        want = refs[torch.float32, interval]
+        err = (run["latents"].float() - want).abs().max().item()
+        err_eager = (refs[torch.float16, interval] - want).abs().max().item()
+        log(f"{mode}, interval {interval}: error {err:.4f} against fp32 (eager fp16: {err_eager:.4f})")
+        assert err <= 2 * err_eager + 1e-3, (mode, interval, err, err_eager)
