@@ -86,6 +86,29 @@ def phase_times(model, clip, opts) -> dict:
     return {k: round(v, 4) for k, v in spent.items()}
 
 
+def top_kernels(model, clip, opts, n: int, device: str = "cuda") -> list[dict]:
+    """One more clip under torch.profiler: the ``n`` GPU kernels with the most total time (kernels
+    replayed inside CUDA graphs included), each with its calls, total milliseconds and share of
+    all kernel time; to see where two paths' clip times part."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        generate(model, clip, opts, progress=False)
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def spent(e):  # a kernel's own time on the device (the CPU's own time on the CPU)
+        return e.self_device_time_total if on_gpu else e.self_cpu_time_total
+
+    kernels = [e for e in prof.key_averages() if e.device_type.name == device.upper() and spent(e) > 0]
+    total = sum(spent(e) for e in kernels) or 1.0
+    kernels.sort(key=spent, reverse=True)
+    return [{"name": e.key[:120], "calls": e.count, "ms": round(spent(e) / 1e3, 2),
+             "share": round(spent(e) / total, 4)} for e in kernels[:n]] + \
+        [{"name": "(all kernels)", "calls": sum(e.count for e in kernels), "ms": round(total / 1e3, 2), "share": 1.0}]
+
+
 def stream_peak(model, clip, frames, size):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -130,6 +153,7 @@ def main():
     ap.add_argument("--modes", default="eager,compile,triton", help="eager, compile, triton, packaged (--engine)")
     ap.add_argument("--engine", type=Path, default=None, help="exported engine: triton runs from its weights")
     ap.add_argument("--phases", action="store_true", help="also one clip per mode with its calls timed apart")
+    ap.add_argument("--kernels", type=int, default=0, help="also one profiled clip per mode: its N costliest kernels")
     ap.add_argument("--memory", default="", help="e.g. 64,512: stream these frame counts on the triton backend")
     ap.add_argument("--deep-cache", default="", help="e.g. 2,3: also time the triton backend with these intervals")
     ap.add_argument("--deep-cache-depth", type=int, default=1)
@@ -150,6 +174,8 @@ def main():
     def record(mode, first, times, extra=None, model=None):
         if a.phases and model is not None:
             extra = {**(extra or {}), "phases_s": phase_times(model, clip, opts)}
+        if a.kernels and model is not None:
+            extra = {**(extra or {}), "top_kernels": top_kernels(model, clip, opts, a.kernels)}
         row = {"bench": "generate", "mode": mode, "size": a.size, "frames": 16, "steps": a.steps,
                "median_s": statistics.median(times), "min_s": min(times), "first_run_s": first,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **(extra or {}), **info}
@@ -158,6 +184,8 @@ def main():
               f"peak {row['peak_gib']:.1f} GiB)", flush=True)
         if "phases_s" in row:
             print(f"{'':>22} phases (s): {row['phases_s']}", flush=True)
+        for k in row.get("top_kernels", []):
+            print(f"{'':>22} {k['ms']:9.2f} ms {k['share']:6.1%} x{k['calls']:<5} {k['name']}", flush=True)
 
     if "eager" in modes or "compile" in modes:
         ref = assemble(parts, device="cuda", dtype=torch.float16)
