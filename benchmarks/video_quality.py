@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # python benchmarks/video_quality.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import commit  # noqa: E402
 
-from engine.eval_video import evaluate
+from engine.eval_video import evaluate, standard_error
 from finephys.training.judge import JUDGE_ONNX
 from engine.load import load_model
 from finephys.sampler.options import GenerateOptions
@@ -188,6 +188,7 @@ def main():
         summary[v] = {k: float(np.mean([float(m[k]) for m in ms if k in m])) for k in keys if any(k in m for m in ms)}
         if "psnr_vs_fp32" in summary[v]:  # frames identical to fp32 give inf; the median is the readable one
             summary[v]["psnr_vs_fp32"] = float(np.median([m["psnr_vs_fp32"] for m in ms if "psnr_vs_fp32" in m]))
+        summary[v]["pck_se"] = standard_error([m["pck"] for m in ms if "pck" in m])
         summary[v]["clips"] = len(ms)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "ckpt": str(args.ckpt or "embedded demo"), "clips": args.clips,
@@ -197,11 +198,11 @@ def main():
                          else args.judge)}
     meta["commit"] = commit()
     print(json.dumps(meta))
-    print("| variant | PCK@0.1 | joint error px | jitter px (guide) | shirt ok | trousers ok | PSNR vs fp32 |")
+    print("| variant | PCK@0.1 (± standard error over clips) | joint error px | jitter px (guide) | shirt ok | trousers ok | PSNR vs fp32 |")
     print("|---|---|---|---|---|---|---|")
     for v, s in summary.items():
         fmt = lambda k, f="{:.3f}": f.format(s[k]) if k in s else ""  # noqa: E731
-        print(f"| {v} | {fmt('pck')} | {fmt('joint_error_px', '{:.2f}')} | {fmt('jitter_px', '{:.2f}')} "
+        print(f"| {v} | {fmt('pck')} ± {fmt('pck_se')} | {fmt('joint_error_px', '{:.2f}')} | {fmt('jitter_px', '{:.2f}')} "
               f"({fmt('guide_jitter_px', '{:.2f}')}) | {fmt('shirt_ok', '{:.0%}')} | {fmt('trousers_ok', '{:.0%}')} | "
               f"{fmt('psnr_vs_fp32', '{:.1f}')} |")
     if args.out:

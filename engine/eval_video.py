@@ -100,6 +100,13 @@ def detect_joints(frames: np.ndarray, fps: float, pose_model: Path | None, norm:
     return result.coco_keypoints, result.coco_scores
 
 
+def standard_error(values) -> float:
+    """The standard error of the mean of per-clip ``values`` (nan for fewer than two): how far a
+    mean over this many clips may sit from the mean over all clips."""
+    values = np.asarray(values, np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
 def evaluate(frames: np.ndarray, guide: np.ndarray, fps: float, prompt: str | None = None,
              pose_model: Path | None = JUDGE_ONNX, norm: str = "unit") -> dict:
     """All of the module's measures for frames (T,H,W,3) uint8 guided by ``guide`` (T,17,2)."""

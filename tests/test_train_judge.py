@@ -77,7 +77,7 @@ def test_train_judge_cli_writes_an_onnx_judge(tmp_path, motion):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "after 3 steps" in r.output
-    pck = float(re.search(r"held-out renders \(2 windows of \d+ frames\): PCK@0.1 ([0-9.]+)", r.output).group(1))
+    pck = float(re.search(r"held-out renders \(2 windows of \d+ frames, seed 0\): PCK@0.1 ([0-9.]+)", r.output).group(1))
     assert pck < 0.3  # three steps find nobody
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (hm,) = sess.run(None, {"image": np.zeros((1, 3, 128, 128), np.float32)})
@@ -106,10 +106,14 @@ def test_the_judge_report_scores_the_benchmarks_windows(motion):
     from engine.eval_video import evaluate
     from engine.load import load_model
     from finephys.training.judge import JUDGE_ONNX, SIZE
+    from finephys.training.scene import BACKGROUNDS
 
     paths = [motion / "cmu", motion / "131_01.bvh"]
     line = judge_report(JUDGE_ONNX, RenderSource(paths, (SIZE, SIZE), 8.0, 16, held_out=[motion / "panoptic_160906_band2"]), 2)
     clips = held_out_clips(load_model(None), 2, 0, motion)
-    expected = np.mean([evaluate(f, j, 8.0, c)["pck"] for f, j, c in clips])
-    assert f"PCK@0.1 {expected:.3f}," in line and "2 windows of 16 frames" in line, (line, expected)
+    pcks = [evaluate(f, j, 8.0, c)["pck"] for f, j, c in clips]
+    expected, se = np.mean(pcks), np.std(pcks, ddof=1) / np.sqrt(2)
+    assert f"PCK@0.1 {expected:.3f} (standard error {se:.3f};" in line and "2 windows of 16 frames, seed 0" in line, (line, expected)
+    split = re.findall(r"(\w+) [\d.]+ \((\d+)\)", line.split("by background: ")[1].split("), joint error")[0])
+    assert {name for name, _ in split} <= set(BACKGROUNDS) and sum(int(n) for _, n in split) == 2, line
     assert expected >= 0.7
