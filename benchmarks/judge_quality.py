@@ -29,6 +29,12 @@ def main():
     ap.add_argument("--judge", type=Path, default=JUDGE_ONNX)
     ap.add_argument("--motion", type=Path, default=MOTION)
     a = ap.parse_args()
+    if a.clips < 2:
+        ap.error(f"--clips {a.clips}: expected at least 2 (a standard error needs two windows)")
+    if not a.judge.is_file():
+        ap.error(f"--judge {a.judge}: file not found, expected a judge .onnx (train-judge writes one)")
+    if not (a.motion / "cmu").is_dir():
+        ap.error(f"--motion {a.motion}: no cmu/ folder there, expected the shared motion capture (../shared/data/motion)")
     source = RenderSource([a.motion / "cmu", a.motion / "131_01.bvh"], (SIZE, SIZE), 8.0, 16,
                           held_out=[a.motion / "panoptic_160906_band2"])
     t0 = time.perf_counter()

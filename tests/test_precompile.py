@@ -1,6 +1,6 @@
 """Precompiled UNet steps (``engine.precompile``): which steps an engine directory may use on this
 machine, the one-line reasons when it may not, the refusal of a tampered file, and (on a GPU) a
-compiled engine that matches the just-in-time path and loads in a new process without compiling."""
+compiled engine within DESIGN.md's fp16 rule that loads in a new process without compiling."""
 import hashlib
 import json
 import os
