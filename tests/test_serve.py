@@ -659,13 +659,12 @@ def _health(svc) -> dict:
     return {**r.json(), "code": r.status_code}
 
 
-def test_a_dead_replica_gives_503_and_shows_in_healthz(service, tmp_path):
-    """A replica killed while it runs one request and holds another: the held one gets 503 with
-    Retry-After (not a 500), /healthz says so within 3 s, and Serve brings a new replica up."""
-    assert len(_replica_pids(service)) == 2 and _health(service)["status"] == "ok"
+def _kill_a_replica_holding_requests(service):
+    """Four slow requests, one at a time (each replica runs one alone and then, as the router
+    places it, holds one behind it), then one replica killed: (/healthz once it shows one replica
+    running, seconds that took, the two held requests' responses)."""
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = []
-        # one request at a time, so each replica runs one alone and then holds one behind it
         for i, (metric, n) in enumerate((("in_flight", 1), ("in_flight", 2), ("waiting", 1), ("waiting", 2))):
             futures.append(pool.submit(_post, service, {**SLOW, "seed": i}))
             _wait_metrics(service, lambda m: m[f"fpengine_requests_{metric}"] == n, f"{metric} {n}")
@@ -680,6 +679,19 @@ def test_a_dead_replica_gives_503_and_shows_in_healthz(service, tmp_path):
                 f.result()
             except Exception:
                 pass
+    return health, seen_after, held
+
+
+def test_a_dead_replica_gives_503_and_shows_in_healthz(service, tmp_path):
+    """A replica killed while it runs one request and holds another: the held one gets 503 with
+    Retry-After (not a 500), /healthz says so within 3 s, and Serve brings a new replica up."""
+    assert len(_replica_pids(service)) == 2 and _health(service)["status"] == "ok"
+    health, seen_after, held = _kill_a_replica_holding_requests(service)
+    if sorted(r.status_code for r in held) == [200, 200]:
+        # Ray's router placed both held requests behind the replica that survived, so the killed
+        # one held none (seen once, in a clean-clone run of the slow suite on 2 busy cores): again.
+        service.wait_for(lambda: _health(service)["status"] == "ok", "a new replica", timeout=180)
+        health, seen_after, held = _kill_a_replica_holding_requests(service)
     assert health["replicas"]["running"] == 1 and health["status"] == "degraded" and seen_after < 3, \
         (health, seen_after)
     codes = sorted(r.status_code for r in held)
