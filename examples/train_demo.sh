@@ -12,7 +12,7 @@
 #   python -m finephys.model.demo pack OUT_DIR/demo12     installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
-STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9|10|11|12 [MOTION_DIR] [OUT_DIR]}
+STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9|10|11|12|13 [MOTION_DIR] [OUT_DIR]}
 MOTION=${2:-../shared/data/motion}
 OUT=${3:-demo-train}
 FPENGINE=${FPENGINE:-fpengine}
@@ -81,5 +81,17 @@ case $STAGE in
     $FPENGINE init --demo "$OUT/start$STAGE" --overwrite
     $FPENGINE train --ckpt "$OUT/start$STAGE" --out "$OUT/demo$STAGE" --train $DIFFUSION --steps "$steps" \
         --batch-size 32 --lr 2e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}" ;;
-*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7, 9, 10, 11 or 12" >&2; exit 2 ;;
+13) # stage 12's recipe with new batches (stages 10-12 all drew seed 0's) and the learning rate falling
+    # to 0 on a cosine over the steps that fit (--time-limit 7.6); beside it the judge is trained
+    # again with wider colour changes (judge13.onnx, kept apart from the shipped judge)
+    $FPENGINE init --demo "$OUT/start13" --overwrite
+    $FPENGINE train-judge --data "$DATA" $HOLD --out "$OUT/judge13.onnx" --steps 3829 --batch-size 48 \
+        --time-limit 6.3 --overwrite > "$OUT/judge13.log" 2>&1 &
+    judge=$!
+    $FPENGINE train --ckpt "$OUT/start13" --out "$OUT/demo13" --train $DIFFUSION --steps 800 --batch-size 32 \
+        --lr 2e-4 --lr-schedule cosine --seed 13 --figure-weight 10 --checkpoint-every 200 --time-limit 7.6 \
+        "${COMMON[@]}"
+    wait $judge
+    tail -n 1 "$OUT/judge13.log" ;;
+*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12 or 13" >&2; exit 2 ;;
 esac

@@ -225,3 +225,19 @@ def test_figure_weight_weighs_the_diffusion_loss_but_not_validation(untrained, m
     assert r.exit_code == 2 and "--figure-weight -1" in r.output and not (tmp_path / "x").exists()
     r = _train(untrained, _render_spec(made_motion), tmp_path / "y", "--figure-weight", "20", "--steps", "1")
     assert r.exit_code == 0, r.output
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_steps_and_the_run_uses_it(untrained, made_motion, tmp_path,
+                                                                                  monkeypatch):
+    import finephys.training.train as train
+    assert [train._lr(s, 4) for s in (0, 3, 50)] == [0.25, 1.0, 1.0]
+    cos = [train._lr(s, 4, "cosine", 104) for s in range(110)]
+    assert cos[:4] == [0.25, 0.5, 0.75, 1.0] and cos[54] == pytest.approx(0.5) and cos[104:] == [0.0] * 6
+    assert all(a >= b for a, b in zip(cos[3:], cos[4:]))
+    with pytest.raises(Exception, match="--lr-schedule linear"):
+        train.GenTrainOptions(train=("encoder",), lr_schedule="linear").check()
+    seen = []
+    monkeypatch.setattr(train, "_lr", lambda *a: seen.append(a) or 1.0)
+    r = _train(untrained, _render_spec(made_motion), tmp_path / "out", "--steps", "3", "--lr-schedule", "cosine")
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == (2, 200, "cosine", 3)

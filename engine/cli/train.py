@@ -50,6 +50,8 @@ def _device(name: str) -> str:
 @click.option("--height", type=int, default=None, help="Video height (default: the model's).")
 @click.option("--width", type=int, default=None, help="Video width (default: the model's).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="After the warm-up: constant (the EMA averages), or cosine down to 0 at --steps.")
 @click.option("--lora-rank", type=int, default=None, help="Rank of a new LoRA (default: the checkpoint's, else 64).")
 @click.option("--pose-stack/--no-pose-stack", default=False, show_default=True,
               help="Guide with the pose stack's projection of the 2D (as inference does) instead of the 2D itself.")
@@ -65,7 +67,7 @@ def _device(name: str) -> str:
 @click.option("--smoke", is_flag=True, help="CPU smoke test: 2 steps (or --steps) of 1 clip of 4 frames at 64x64.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT and start a new training state.")
-def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, figure_weight, batch_size, frames, height, width, lr, lora_rank, pose_stack,
+def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, figure_weight, batch_size, frames, height, width, lr, lr_schedule, lora_rank, pose_stack,
               precision, seed, checkpoint_every, val_every, time_limit, compile_, resume, smoke, device, overwrite):
     """Train the heatmap encoder + a LoRA (or every module of a small model) with the DDPM loss."""
     from finephys.model.checkpoint import read_manifest
@@ -84,7 +86,7 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
     opts = GenTrainOptions(train=modules, steps=steps, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
                            vae_figure_weight=vae_figure_weight, figure_weight=figure_weight, vae_from=str(vae_from) if vae_from else None,
                            batch_size=batch_size, frames=frames,
-                           height=height, width=width, lr=lr, lora_rank=lora_rank, pose_stack=pose_stack,
+                           height=height, width=width, lr=lr, lr_schedule=lr_schedule, lora_rank=lora_rank, pose_stack=pose_stack,
                            precision=precision, seed=seed, checkpoint_every=checkpoint_every, val_every=val_every,
                            time_limit=time_limit, compile=compile_)
     opts.check()

@@ -64,6 +64,7 @@ class GenTrainOptions:
     height: int | None = None  # default: the model's size
     width: int | None = None
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # after the warm-up: constant, or cosine down to 0 at ``steps``
     vae_lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup: int = 200
@@ -104,6 +105,8 @@ class GenTrainOptions:
             raise InputError("--text-dropout / --val-fraction: expected fractions in [0, 1) / (0, 1)")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise InputError(f"--lr {self.lr}: expected a number > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise InputError(f"--time-limit {self.time_limit}: expected minutes > 0")
 
@@ -210,10 +213,18 @@ def _swap_vae(parts, donor: Path, seed: int = 0) -> None:
     parts.config = cfg
 
 
-def _lr(step: int, warmup: int) -> float:
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _lr(step: int, warmup: int, schedule: str = "constant", total: int = 1) -> float:
     """Linear warm-up, then constant (the EMA does the averaging), so a run cut short by
-    ``time_limit`` has followed the same schedule as a longer one."""
-    return min(1.0, (step + 1) / warmup)
+    ``time_limit`` has followed the same schedule as a longer one; or, with ``cosine``, down to 0
+    at ``total`` on half a cosine (a last stage that settles: give it the steps that fit)."""
+    rise = min(1.0, (step + 1) / warmup)
+    if schedule == "constant" or step < warmup:
+        return rise
+    f = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return (1 + math.cos(math.pi * f)) / 2
 
 
 class Trainer:
@@ -428,7 +439,7 @@ class Trainer:
             rng, gen = self._rng(self.step, 1)
             batch = self.source.batch(rng, o.batch_size, self.device)
             for g in self.opt.param_groups:
-                g["lr"] = o.lr * _lr(self.step, o.warmup)
+                g["lr"] = o.lr * _lr(self.step, o.warmup, o.lr_schedule, o.steps)
             for m in ("encoder", "unet", "text_encoder"):
                 self.modules[m].train()
             loss = self._compiled_loss(batch, gen, rng)
