@@ -110,6 +110,21 @@ if triton is not None:
                 _attend_head(o_ptr, q_ptr, k_ptr, v_ptr, n, h, N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,
                              DH, FP, DP, IEEE)
 
+    @triton.jit
+    def _temporal_attention_static(
+        o_ptr, q_ptr, k_ptr, v_ptr, N: tl.constexpr, F: tl.constexpr, C: tl.constexpr, sqn: tl.constexpr,
+        sqf: tl.constexpr, skn: tl.constexpr, skf: tl.constexpr, svn: tl.constexpr, svf: tl.constexpr,
+        scale_log2: tl.constexpr, DH: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr,
+        HEADS: tl.constexpr,
+    ):
+        """The kernel for ahead-of-time packages, whose shapes are fixed: sizes, strides and scale
+        are compile-time constants (Inductor passes run-time ints without Triton's divisibility
+        hints, and floats as fp64), one sequence per program walking every head."""
+        n = tl.program_id(0).to(tl.int64) + tl.zeros([1, 1, 1], dtype=tl.int64)
+        for h in range(HEADS):
+            _attend_head(o_ptr, q_ptr, k_ptr, v_ptr, n, h, N, F, C, sqn, sqf, skn, skf, svn, svf, scale_log2,
+                         DH, FP, DP, IEEE)
+
     _launch = Launcher(_temporal_attention_kernel)
 
 
@@ -158,23 +173,31 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape)
 
 
+def _static_launch(q, k, v, heads):
+    """Grid and compile-time constants of ``_temporal_attention_static`` for q, k, v (N,F,C)."""
+    N, F, C = q.shape
+    d = C // heads
+    fp, dp, _, num_warps, _ = _config(F, d)
+    return (N, 1), dict(N=N, F=F, C=C, sqn=q.stride(0), sqf=q.stride(1), skn=k.stride(0), skf=k.stride(1),
+                        svn=v.stride(0), svf=v.stride(1), scale_log2=math.log2(math.e) / math.sqrt(d), DH=d, FP=fp,
+                        DP=dp, IEEE=q.dtype == torch.float32, HEADS=heads, num_warps=num_warps)
+
+
 @functools.cache  # registered on first use: torch.library.triton_op imports Dynamo
 def _aot_op():
-    """The same kernel as an operator Inductor can see into: ahead-of-time compiles (AOTInductor
-    packages) carry it as a compiled kernel, so a package runs without this module imported."""
+    """The kernel as an operator Inductor can see into: ahead-of-time compiles (AOTInductor
+    packages) carry it as a compiled kernel, so a package runs without this module imported. It
+    launches ``_temporal_attention_static`` (sizes, strides and scale as constants): given the
+    run-time ints and the fp64 scale Inductor passes, the same kernel ran 4-7x slower in a package
+    than under torch.compile (H200: 706 against 174 us at N=8192, C=320; 177 us now)."""
     if triton is None or not hasattr(torch.library, "triton_op"):
         raise ValueError("use_kernel='aot': needs triton and torch.library.triton_op")
 
     @torch.library.triton_op("fpengine::temporal_attention_aot", mutates_args=())
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-        N, F, C = q.shape
-        d = C // heads
-        out = torch.empty((N, F, C), device=q.device, dtype=q.dtype)
-        fp, dp, bn, num_warps, _ = _config(F, d)
-        torch.library.wrap_triton(_temporal_attention_kernel)[(_cdiv(N, bn), 1)](
-            out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            math.log2(math.e) / math.sqrt(d), DH=d, FP=fp, DP=dp, BN=bn, IEEE=q.dtype == torch.float32,
-            HEADS=heads, num_warps=num_warps)
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        grid, consts = _static_launch(q, k, v, heads)
+        torch.library.wrap_triton(_temporal_attention_static)[grid](out, q, k, v, **consts)
         return out
 
     return op

@@ -119,3 +119,21 @@ def test_unet_with_temporal_processor_matches_diffusers(interp, gen, fuse):
         name, attn = next((n, m) for n, m in unet.named_modules() if "motion_modules" in n and hasattr(m, "heads"))
         attn.to_out[0].weight.mul_(5.0)
         assert (unet(x, torch.tensor(500), text).sample - want).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("dtype,layout,tol", [(torch.float32, "fused", 1e-5), (torch.float16, "fused", 2e-3),
+                                              (torch.float32, "mixed", 1e-5)])
+def test_the_packages_kernel_with_constant_strides_matches_ref(interp, gen, dtype, layout, tol):
+    """The kernel AOTInductor packages carry (sizes and strides as compile-time constants); "mixed":
+    q contiguous, k a slice of a wider tensor, v frame-major, so every stride differs."""
+    from fpkernels.temporal_attention import _static_launch, _temporal_attention_static
+    if layout == "fused":
+        q, k, v = make_qkv(5, 16, 80, dtype, gen=gen, fused=True)
+    else:
+        q = torch.randn(5, 16, 80, generator=gen, dtype=dtype)
+        k = torch.randn(5, 16, 160, generator=gen, dtype=dtype)[..., 40:120]
+        v = torch.randn(16, 5, 80, generator=gen, dtype=dtype).transpose(0, 1)
+    out = torch.empty(q.shape, dtype=dtype)
+    grid, consts = _static_launch(q, k, v, 2)
+    _temporal_attention_static[grid](out, q, k, v, **consts)
+    torch.testing.assert_close(out.float(), temporal_attention_ref(q, k, v, 2).float(), rtol=tol, atol=tol)
