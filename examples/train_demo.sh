@@ -8,11 +8,11 @@
 # starts from the demo as shipped after stage 6 (its fp16 weights), so it packs demo6 first; stage 9
 # starts from stage 7's, so pack demo7 before it. Stages 1-7 made a demo with a factor-8 VAE (16x16
 # latents), stage 9 moves it to a factor-4 one (32x32 latents) and stages 10-12 train on (12: the demo as
-# shipped). Then
+# shipped; stage 13, in benchmarks/RESULTS.md, was tried and not shipped). Then
 #   python -m finephys.model.demo pack OUT_DIR/demo12     installs the generator as the shipped demo
 #   cp OUT_DIR/judge_pose.onnx finephys/assets/      installs the judge
 set -euo pipefail
-STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9|10|11|12|13 [MOTION_DIR] [OUT_DIR]}
+STAGE=${1:?usage: examples/train_demo.sh 1|2|3|4|5|6|7|9|10|11|12 [MOTION_DIR] [OUT_DIR]}
 MOTION=${2:-../shared/data/motion}
 OUT=${3:-demo-train}
 FPENGINE=${FPENGINE:-fpengine}
@@ -81,17 +81,5 @@ case $STAGE in
     $FPENGINE init --demo "$OUT/start$STAGE" --overwrite
     $FPENGINE train --ckpt "$OUT/start$STAGE" --out "$OUT/demo$STAGE" --train $DIFFUSION --steps "$steps" \
         --batch-size 32 --lr 2e-4 --figure-weight 10 --checkpoint-every 200 "${COMMON[@]}" ;;
-13) # stage 12's recipe with new batches (stages 10-12 all drew seed 0's) and the learning rate falling
-    # to 0 on a cosine over the steps that fit (--time-limit 7.6); beside it the judge is trained
-    # again with wider colour changes (judge13.onnx, kept apart from the shipped judge)
-    $FPENGINE init --demo "$OUT/start13" --overwrite
-    $FPENGINE train-judge --data "$DATA" $HOLD --out "$OUT/judge13.onnx" --steps 3829 --batch-size 48 \
-        --time-limit 6.3 --overwrite > "$OUT/judge13.log" 2>&1 &
-    judge=$!
-    $FPENGINE train --ckpt "$OUT/start13" --out "$OUT/demo13" --train $DIFFUSION --steps 800 --batch-size 32 \
-        --lr 2e-4 --lr-schedule cosine --seed 13 --figure-weight 10 --checkpoint-every 200 --time-limit 7.6 \
-        "${COMMON[@]}"
-    wait $judge
-    tail -n 1 "$OUT/judge13.log" ;;
-*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12 or 13" >&2; exit 2 ;;
+*)  echo "STAGE: expected 1, 2, 3, 4, 5, 6, 7, 9, 10, 11 or 12" >&2; exit 2 ;;
 esac

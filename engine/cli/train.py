@@ -126,14 +126,17 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
 @click.option("--time-limit", type=float, default=None,
               help="About this many minutes: as many of --steps as fit, timed on the first steps (the count is "
                    "printed; the export comes after).")
+@click.option("--wide-colours", is_flag=True,
+              help="Colour changes of the training crops that turn hues by any angle and saturation 0.3-1.5x "
+                   "(default: each channel 0.9-1.1x, as the shipped judge was trained).")
 @click.option("--eval-clips", type=int, default=64, show_default=True,
               help="Held-out windows (16 frames) the written judge is scored on, as eval-video runs it (0: none); "
                    "one window's PCK varies by about 0.06, so 16 windows leave a standard error near 0.016.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True)
-def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, eval_clips, seed, device,
-                    overwrite):
+def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, wide_colours, eval_clips, seed,
+                    device, overwrite):
     """Train the judge pose network that `eval-video` runs on the demo's figures."""
     from finephys.model.checkpoint import prepare_output_dir
     from finephys.files import atomic_path
@@ -159,7 +162,7 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, ti
     paths = [p for p in data[len("render:"):].split(",") if p]
     source = RenderSource(paths, (SIZE, SIZE), 8.0, 8, held_out=held_out)
     net, losses = train_judge(source, steps, batch_size, lr, dev, seed, width=width, depth=depth,
-                              time_limit=time_limit)
+                              time_limit=time_limit, wide_colours=wide_colours)
     with atomic_path(Path(out)) as tmp:
         export_judge(net, tmp)
     click.echo(f"wrote {out} after {len(losses)} steps (final loss {sum(losses[-50:]) / len(losses[-50:]):.3f})")

@@ -129,8 +129,9 @@ def recolour(x: torch.Tensor, rand) -> torch.Tensor:
     return x * (0.8 + 0.4 * rand(n, 3, 1, 1))
 
 
-def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Blur (some through a lower resolution), noise, brightness, contrast and colour changes."""
+def degrade(x: torch.Tensor, gen: torch.Generator, wide_colours: bool = False) -> torch.Tensor:
+    """Blur (some through a lower resolution), noise, brightness, contrast and colour changes: each
+    channel 0.9-1.1x (the shipped judge's), or with ``wide_colours`` those of ``recolour``."""
     n = x.shape[0]
     dev = x.device
     rand = lambda *s: torch.rand(*s, generator=gen, device=dev)  # noqa: E731
@@ -146,7 +147,7 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = pick * blur + (1 - pick) * x
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (0.7 + 0.6 * rand(n, 1, 1, 1)) + mean * (0.8 + 0.4 * rand(n, 1, 1, 1))
-    x = recolour(x, rand)
+    x = recolour(x, rand) if wide_colours else x * (0.9 + 0.2 * rand(n, 3, 1, 1))
     x = x + torch.randn(x.shape, generator=gen, device=dev) * 0.04 * rand(n, 1, 1, 1)
     return x.clamp(0, 1)
 
@@ -186,7 +187,7 @@ def _replan(step: int, steps: int, mark: tuple[int, float], deadline: float) -> 
 
 def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, device="cpu", seed: int = 0,
                 progress: bool = True, width: int = 32, depth: int = 0,
-                time_limit: float | None = None) -> tuple[JudgeNet, list[float]]:
+                time_limit: float | None = None, wide_colours: bool = False) -> tuple[JudgeNet, list[float]]:
     """Train on ``source`` (a ``RenderSource``; ``batch`` clips of its frames per step), bf16 on CUDA.
 
     With ``time_limit`` (minutes) steps 5-19 are timed and ``steps`` becomes as many as fit
@@ -223,7 +224,7 @@ def train_judge(source, steps: int = 3000, batch: int = 16, lr: float = 2e-3, de
         frames = (b.frames.flatten(0, 1) + 1) / 2
         kp = b.keypoints.flatten(0, 1)[:, list(COCO_FROM_H36M)]
         crops, kp_crop = random_crops(frames, kp, gen)
-        x = degrade(crops, gen)
+        x = degrade(crops, gen, wide_colours)
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
             pred = net(x)
         loss = ((pred.float() - _target(kp_crop, SIZE)) ** 2).mean() * 1000
