@@ -49,6 +49,9 @@ def save_npz(path: Path, arrays: dict) -> None:
         np.savez(f, **arrays)
 
 
+PNG_LEVEL = 1  # zlib's fastest: 5x faster than PIL's default 6 for 29% larger files (a 512x512 frame: 15 against 75 ms)
+
+
 class PngSequence:
     """Frames written one by one as ``folder/frame_00000.png`` ...: each file appears complete
     (temporary name, then rename), so an interrupted run leaves every finished frame. The folder
@@ -69,7 +72,7 @@ class PngSequence:
             self.folder.mkdir()
         final = self.folder / f"frame_{self.count:05d}.png"
         tmp = final.with_name(f".{final.name}.tmp")
-        Image.fromarray(frame).save(tmp, format="PNG")
+        Image.fromarray(frame).save(tmp, format="PNG", compress_level=PNG_LEVEL)
         os.replace(tmp, final)
         self.count += 1
 
