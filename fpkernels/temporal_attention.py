@@ -196,6 +196,9 @@ def _aot_op():
     @torch.library.triton_op("fpengine::temporal_attention_aot", mutates_args=())
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        if out.numel() == 0:
+            return out
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel's contract
         grid, consts = _static_launch(q, k, v, heads)
         torch.library.wrap_triton(_temporal_attention_static)[grid](out, q, k, v, **consts)
         return out

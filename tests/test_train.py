@@ -234,6 +234,8 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_steps_and_the_run_uses_i
     cos = [train._lr(s, 4, "cosine", 104) for s in range(110)]
     assert cos[:4] == [0.25, 0.5, 0.75, 1.0] and cos[54] == pytest.approx(0.5) and cos[104:] == [0.0] * 6
     assert all(a >= b for a, b in zip(cos[3:], cos[4:]))
+    short = [train._lr(s, 200, "cosine", 8) for s in range(9)]  # a run under the warm-up still falls to 0
+    assert short[:3] == [1 / 3, 2 / 3, 1.0] and short[8] == 0.0 and short[3] > short[7] > 0  # warm-up 8 // 4 + 1
     with pytest.raises(Exception, match="--lr-schedule linear"):
         train.GenTrainOptions(train=("encoder",), lr_schedule="linear").check()
     seen = []
@@ -241,3 +243,25 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_steps_and_the_run_uses_i
     r = _train(untrained, _render_spec(made_motion), tmp_path / "out", "--steps", "3", "--lr-schedule", "cosine")
     assert r.exit_code == 0, r.output
     assert seen[-1] == (2, 200, "cosine", 3)
+
+
+def test_resuming_a_cosine_run_keeps_its_steps_and_an_old_state_keeps_its_schedule(untrained, made_motion, tmp_path):
+    """A cosine schedule ends at the run's --steps, so a resume may not move them; a state written
+    before --lr-schedule existed ran at the constant rate, so resuming it as cosine is refused."""
+    import json
+
+    data = _render_spec(made_motion)
+    r = _train(untrained, data, tmp_path / "c", "--steps", "2", "--lr-schedule", "cosine", "--time-limit", "1e-9")
+    assert r.exit_code == 0, r.output
+    r = _train(untrained, data, tmp_path / "c", "--steps", "4", "--lr-schedule", "cosine", "--resume")
+    assert r.exit_code == 2 and "--steps 4, but the run" in r.output and "has 2" in r.output, r.output
+    r = _train(untrained, data, tmp_path / "k", "--steps", "1", "--time-limit", "1e-9")
+    assert r.exit_code == 0, r.output
+    state = tmp_path / "k.training" / "state.json"
+    info = json.loads(state.read_text())
+    del info["options"]["lr_schedule"]  # as a state from before the option
+    state.write_text(json.dumps(info))
+    r = _train(untrained, data, tmp_path / "k", "--steps", "2", "--lr-schedule", "cosine", "--resume")
+    assert r.exit_code == 2 and "lr_schedule" in r.output, r.output
+    r = _train(untrained, data, tmp_path / "k", "--steps", "2", "--resume")
+    assert r.exit_code == 0, r.output

@@ -127,8 +127,9 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
               help="About this many minutes: as many of --steps as fit, timed on the first steps (the count is "
                    "printed; the export comes after).")
 @click.option("--wide-colours", is_flag=True,
-              help="Colour changes of the training crops that turn hues by any angle and saturation 0.3-1.5x "
-                   "(default: each channel 0.9-1.1x, as the shipped judge was trained).")
+              help="Wider colour changes of the training crops: half of them turn their hues by any angle, "
+                   "saturation 0.3-1.5x, each channel 0.8-1.2x (default: each channel 0.9-1.1x, as the shipped "
+                   "judge was trained).")
 @click.option("--eval-clips", type=int, default=64, show_default=True,
               help="Held-out windows (16 frames) the written judge is scored on, as eval-video runs it (0: none); "
                    "one window's PCK varies by about 0.06, so 16 windows leave a standard error near 0.016.")

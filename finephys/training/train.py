@@ -16,7 +16,8 @@ Training state (weights, EMA, optimiser, losses) goes to ``<out>.training/`` eve
 ``checkpoint_every`` steps and when ``time_limit`` minutes are up; ``resume`` continues from it.
 Batches and noise of step k come from ``(seed, k)`` and the learning rate is constant after its
 warm-up, so a resumed run, or one cut short by ``time_limit``, follows what an unbroken run of
-the same number of steps does. The result, written to ``out`` when the run ends or stops, is a
+the same number of steps does. (With ``lr_schedule="cosine"`` the rate falls to 0 at ``steps``:
+a run cut short stops above 0, and a resumed one must keep its ``steps``.) The result, written to ``out`` when the run ends or stops, is a
 normal FinePhys checkpoint (EMA weights).
 """
 from __future__ import annotations
@@ -220,6 +221,8 @@ def _lr(step: int, warmup: int, schedule: str = "constant", total: int = 1) -> f
     """Linear warm-up, then constant (the EMA does the averaging), so a run cut short by
     ``time_limit`` has followed the same schedule as a longer one; or, with ``cosine``, down to 0
     at ``total`` on half a cosine (a last stage that settles: give it the steps that fit)."""
+    if schedule == "cosine":
+        warmup = min(warmup, total // 4 + 1)  # a short run still falls
     rise = min(1.0, (step + 1) / warmup)
     if schedule == "constant" or step < warmup:
         return rise
@@ -512,12 +515,17 @@ class Trainer:
     def _load_state(self) -> None:
         d = self.state_dir
         info = json.loads((d / "state.json").read_text())
-        same = {k: v for k, v in info["options"].items() if k not in ("steps", "time_limit", "checkpoint_every", "compile")}
+        defaults = {f.name: f.default for f in dataclasses.fields(GenTrainOptions) if f.default is not dataclasses.MISSING}
+        saved = json.loads(json.dumps({**defaults, **info["options"]}))  # a state written before an option existed ran at its default
+        same = {k: v for k, v in saved.items() if k not in ("steps", "time_limit", "checkpoint_every", "compile")}
         mine = {k: v for k, v in dataclasses.asdict(self.opts).items() if k in same}
         mine = json.loads(json.dumps(mine))
         if mine != same:
             diff = sorted(k for k in same if same[k] != mine.get(k))
             raise InputError(f"--resume: options {diff} differ from the run in {d}; only --steps, --time-limit, --checkpoint-every and --compile may change")
+        if self.opts.lr_schedule == "cosine" and saved.get("steps") != self.opts.steps:
+            raise InputError(f"--resume: --steps {self.opts.steps}, but the run in {d} has {saved.get('steps')} "
+                             "(its cosine learning rate ends there); keep --steps")
         sd = load_file(str(d / "weights.safetensors"))
         for name in ("encoder", "unet", "text_encoder", "vae"):
             prefix = name + "."

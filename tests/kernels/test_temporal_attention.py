@@ -137,3 +137,14 @@ def test_the_packages_kernel_with_constant_strides_matches_ref(interp, gen, dtyp
     grid, consts = _static_launch(q, k, v, 2)
     _temporal_attention_static[grid](out, q, k, v, **consts)
     torch.testing.assert_close(out.float(), temporal_attention_ref(q, k, v, 2).float(), rtol=tol, atol=tol)
+
+
+def test_the_aot_operator_takes_any_layout_and_empty_inputs(interp, gen):
+    """``use_kernel="aot"`` (the operator packages carry), run eagerly: a v whose last stride is not 1
+    is made contiguous for the kernel, and no sequences give an empty result without a launch."""
+    q = torch.randn(3, 16, 32, generator=gen)
+    k = torch.randn(3, 16, 32, generator=gen)
+    v = torch.randn(3, 32, 16, generator=gen).transpose(1, 2)  # strides (512, 1, 16)
+    got = temporal_attention(q, k, v, 2, use_kernel="aot")
+    torch.testing.assert_close(got, temporal_attention_ref(q, k, v, 2), rtol=1e-5, atol=1e-5)
+    assert temporal_attention(q[:0], k[:0], v[:0], 2, use_kernel="aot").shape == (0, 16, 32)
