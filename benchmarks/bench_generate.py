@@ -150,7 +150,9 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--modes", default="eager,compile,triton", help="eager, compile, triton, packaged (--engine)")
+    ap.add_argument("--modes", default="eager,compile,triton",
+                    help="eager, compile, triton, packaged, packaged-nographs (--engine; nographs: the UNet package "
+                         "called directly, not replayed in a CUDA graph)")
     ap.add_argument("--engine", type=Path, default=None, help="exported engine: triton runs from its weights")
     ap.add_argument("--phases", action="store_true", help="also one clip per mode with its calls timed apart")
     ap.add_argument("--kernels", type=int, default=0, help="also one profiled clip per mode: its N costliest kernels")
@@ -166,8 +168,9 @@ def main():
     opts = GenerateOptions("a person walking in a park", num_frames=16, height=a.size, width=a.size,
                            num_inference_steps=a.steps, guidance_scale=7.5)
     modes = a.modes.split(",")
-    if "packaged" in modes and a.engine is None:
-        ap.error("--modes packaged: needs --engine (exported with --compile)")
+    for mode in ("packaged", "packaged-nographs"):
+        if mode in modes and a.engine is None:
+            ap.error(f"--modes {mode}: needs --engine (exported with --compile)")
     parts = full_size_parts() if a.engine is None or "eager" in modes or "compile" in modes else None
     rows = []
 
@@ -198,14 +201,18 @@ def main():
             record("torch.compile default", *run_clip(ref, clip, opts, a.reps))
             torch._dynamo.reset()
         del ref
-    if "packaged" in modes:
+    for mode, graphs in (("packaged", True), ("packaged-nographs", False)):
+        if mode not in modes:
+            continue
         from engine.backends.aoti import load_packaged
 
-        packaged = load_packaged(a.engine, torch.device("cuda"), require_compiled=True)
+        packaged = load_packaged(a.engine, torch.device("cuda"), require_compiled=True, cuda_graphs=graphs)
         if packaged is None:
             raise SystemExit(f"--engine {a.engine}: no AOTInductor packages this machine can load")
         torch.cuda.reset_peak_memory_stats()
-        record("packaged (AOTInductor)", *run_clip(packaged, clip, opts, a.reps), model=packaged)
+        name = "packaged (AOTInductor)" if graphs else "packaged (AOTInductor), no CUDA graph"
+        record(name, *run_clip(packaged, clip, opts, a.reps), model=packaged)
+        del packaged
     if "triton" in modes or a.memory:
         from engine.backends.triton import triton_from_parts
 
