@@ -128,6 +128,16 @@ if triton is not None:
     _launch = Launcher(_temporal_attention_kernel)
 
 
+def _kernel_inputs(q, k, v):
+    """q, k, v as the kernels read them: unit last stride (a copy only where it is not)."""
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+
+
+def _scale_log2(d):
+    """log2(e) / sqrt(d): the kernels' softmax runs on exp2."""
+    return math.log2(math.e) / math.sqrt(d)
+
+
 def _config(F, d):
     """(FP, DP, sequences per program, warps, all heads per program) for F frames, head dim d.
 
@@ -152,9 +162,9 @@ def _temporal_attention_triton(q, k, v, heads, bn=None, num_warps=None, all_head
     fp, dp, bn0, nw0, ah0 = _config(F, d)
     bn, num_warps = bn or bn0, num_warps or nw0
     all_heads = ah0 if all_heads is None else all_heads
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = _kernel_inputs(q, k, v)
     args = (out, q, k, v, N, F, C, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            math.log2(math.e) / math.sqrt(d))
+            _scale_log2(d))
     consts = {"DH": d, "FP": fp, "DP": dp, "BN": bn, "IEEE": q.dtype == torch.float32,
               "HEADS": heads if all_heads else 0}
     _launch((_cdiv(N, bn), 1 if all_heads else heads), args, consts, num_warps=num_warps)
@@ -179,7 +189,7 @@ def _static_launch(q, k, v, heads):
     d = C // heads
     fp, dp, _, num_warps, _ = _config(F, d)
     return (N, 1), dict(N=N, F=F, C=C, sqn=q.stride(0), sqf=q.stride(1), skn=k.stride(0), skf=k.stride(1),
-                        svn=v.stride(0), svf=v.stride(1), scale_log2=math.log2(math.e) / math.sqrt(d), DH=d, FP=fp,
+                        svn=v.stride(0), svf=v.stride(1), scale_log2=_scale_log2(d), DH=d, FP=fp,
                         DP=dp, IEEE=q.dtype == torch.float32, HEADS=heads, num_warps=num_warps)
 
 
@@ -198,7 +208,7 @@ def _aot_op():
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         if out.numel() == 0:
             return out
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel's contract
+        q, k, v = _kernel_inputs(q, k, v)
         grid, consts = _static_launch(q, k, v, heads)
         torch.library.wrap_triton(_temporal_attention_static)[grid](out, q, k, v, **consts)
         return out

@@ -17,8 +17,8 @@ Training state (weights, EMA, optimiser, losses) goes to ``<out>.training/`` eve
 Batches and noise of step k come from ``(seed, k)`` and the learning rate is constant after its
 warm-up, so a resumed run, or one cut short by ``time_limit``, follows what an unbroken run of
 the same number of steps does. (With ``lr_schedule="cosine"`` the rate falls to 0 at ``steps``:
-a run cut short stops above 0, and a resumed one must keep its ``steps``.) The result, written to ``out`` when the run ends or stops, is a
-normal FinePhys checkpoint (EMA weights).
+a run cut short stops above 0, and a resumed one must keep its ``steps``.) The result, written to
+``out`` when the run ends or stops, is a normal FinePhys checkpoint (EMA weights).
 """
 from __future__ import annotations
 
@@ -217,12 +217,17 @@ def _swap_vae(parts, donor: Path, seed: int = 0) -> None:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def _short_warmup(warmup: int, total: int) -> int:
+    """The warm-up of a run of ``total`` steps: at most a quarter of it (a short run still gets past it)."""
+    return min(warmup, total // 4 + 1)
+
+
 def _lr(step: int, warmup: int, schedule: str = "constant", total: int = 1) -> float:
     """Linear warm-up, then constant (the EMA does the averaging), so a run cut short by
     ``time_limit`` has followed the same schedule as a longer one; or, with ``cosine``, down to 0
     at ``total`` on half a cosine (a last stage that settles: give it the steps that fit)."""
     if schedule == "cosine":
-        warmup = min(warmup, total // 4 + 1)  # a short run still falls
+        warmup = _short_warmup(warmup, total)  # a short run still falls
     rise = min(1.0, (step + 1) / warmup)
     if schedule == "constant" or step < warmup:
         return rise
@@ -424,7 +429,7 @@ class Trainer:
                 rng, gen = self._rng(self.vae_step, 0)
                 batch = self.source.batch(rng, per_step, self.device)
                 for g in self.vae_opt.param_groups:
-                    g["lr"] = o.vae_lr * _lr(self.vae_step, min(o.warmup, o.vae_steps // 4 + 1))
+                    g["lr"] = o.vae_lr * _lr(self.vae_step, _short_warmup(o.warmup, o.vae_steps))
                 loss = self.vae_loss(batch.frames.flatten(0, 1), gen, batch.keypoints.flatten(0, 1),
                                       batch.scores.flatten(0, 1))
                 self._backward(loss, self.vae_opt, self.vae_params)
