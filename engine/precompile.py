@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import inspect
 import platform
 import re
 from dataclasses import dataclass
@@ -80,17 +79,22 @@ def environment() -> dict:
             "python": ".".join(platform.python_version_tuple()[:2])}
 
 
+# the source the UNet step is traced from (read from disk: nothing is imported, so the packaged
+# path can check its key without loading diffusers)
+CODE_MODULES = ("finephys.model.unet", "engine.fast_unet", "fpkernels.temporal_attention")
+
+
 def code_hash() -> str:
     """sha256 over the source the UNet step is traced from, and the diffusers version."""
-    import diffusers
+    import importlib.util
 
-    import engine.fast_unet
-    import finephys.model.unet
-    import fpkernels.temporal_attention
-
-    h = hashlib.sha256(diffusers.__version__.encode())
-    for mod in (finephys.model.unet, engine.fast_unet, fpkernels.temporal_attention):
-        h.update(inspect.getsource(mod).encode())
+    try:
+        version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "none"
+    h = hashlib.sha256(version.encode())
+    for name in CODE_MODULES:
+        h.update(Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8").encode())
     return h.hexdigest()
 
 

@@ -38,6 +38,28 @@ def test_constants_derive_fused_projections_channels_last_and_buffers():
         derive_constants("unet", ["vae.conv.weight"], w, {})
 
 
+def test_load_says_which_packages_it_skips_and_which_are_stale(tmp_path, monkeypatch):
+    """Packages built for another torch are skipped after one line; packages built from older code
+    of the UNet step still run, after one line asking for a rebuild (the packaged temporal kernel
+    of engines before 283252d was 4-7x slower); current packages load without a word."""
+    import engine.backends.aoti as aoti
+    import export.manifest
+    from engine.precompile import code_hash, environment
+
+    info = {"env": environment(), "code": code_hash(), "packages": [{"component": "unet", "key": "2x4x4x16x16"}]}
+    monkeypatch.setattr(export.manifest, "read_engine_manifest", lambda d: {"compiled": info})
+    monkeypatch.setattr(aoti, "PackagedTritonModel", lambda *a, **k: "model")
+    lines = []
+    assert aoti.load_packaged(tmp_path, "cpu", log=lines.append) == "model" and lines == []
+    info["code"] = "0" * 64
+    assert aoti.load_packaged(tmp_path, "cpu", log=lines.append) == "model"
+    assert len(lines) == 1 and "older version of the UNet step's code" in lines[0] and "--compile" in lines[0]
+    info["env"] = {**environment(), "torch": "2.9.0"}
+    lines.clear()
+    assert aoti.load_packaged(tmp_path, "cpu", log=lines.append) is None
+    assert len(lines) == 1 and "torch 2.9.0" in lines[0], lines
+
+
 def test_package_dims_cover_the_sampler_calls_of_a_shape(demo_ckpt):
     from finephys.model.checkpoint import read_config
 

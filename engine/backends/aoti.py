@@ -22,7 +22,7 @@ from engine.aoti import (
     WEIGHTS, PackageRunner, base_component, cache_component, cache_depth, derive_constants, package_dims, shape_key,
 )
 from engine.backends.base import GraphBackend
-from engine.precompile import env_mismatch, environment
+from engine.precompile import code_hash, env_mismatch, environment
 
 
 def usable_packages(info: dict | None) -> tuple[list[dict], str | None]:
@@ -50,6 +50,9 @@ def load_packaged(engine_dir: Path, device, require_compiled: bool = False, log=
         if (info or {}).get("packages"):
             (log or _stderr)(f"compiled packages: {why}; using the compiled steps or compiling just in time")
         return None
+    if info.get("code") not in (None, code_hash()):
+        (log or _stderr)("compiled packages: built from an older version of the UNet step's code (its "
+                         "temporal-attention kernel may run slower); fpengine export --compile rebuilds them")
     return PackagedTritonModel(engine_dir, device, packages, require_compiled, log=log, **kw)
 
 
