@@ -6,8 +6,9 @@ Accepted models (checked when loading; anything else is an error naming what was
   * SimCC (RTMPose): two outputs ``(N, K, W*r)`` and ``(N, K, H*r)`` with the same split ratio r
     (x first, or named with ``x`` / ``y``); a joint is at the arg-max bin / r, its score the
     smaller of the two maxima, or
-  * heatmaps (SimpleBaseline, HRNet, ViTPose...): one output ``(N, K, h, w)``; arg-max with a
-    quarter-pixel shift toward the higher neighbour, score = the maximum;
+  * heatmaps (SimpleBaseline, HRNet, ViTPose...): one output ``(N, K, h, w)``; the peak to a
+    fraction of a pixel (``engine.detect.peaks``: a Newton step on the log of the smoothed map,
+    else a quarter-pixel shift toward the higher neighbour), score = the maximum;
 - K = 17 (COCO-17 order), 26 (Halpe-26) or 133 (COCO-WholeBody): the first 17 are COCO-17.
 Scores are clipped to [0, 1]. The crop is the tracked region made to the input's aspect ratio
 (padding with black outside the frame), normalised as ``norm`` says: ``imagenet`` (RGB, mean
@@ -23,6 +24,7 @@ import numpy as np
 from finephys.errors import InputError
 
 from engine.detect.backend import EXTRA_HINT, PoseOutput
+from engine.detect.peaks import heatmap_peaks
 from engine.detect.track import Box, box_from_keypoints
 
 KNOWN_K = {17: "COCO-17", 26: "Halpe-26", 133: "COCO-WholeBody"}
@@ -160,16 +162,8 @@ class OnnxPose:
             if hm.ndim != 4:
                 raise InputError(f"{where}: heatmap output has shape {hm.shape}, expected (1, K, h, w)")
             hm = hm[0]
-            k, h, w = hm.shape
-            flat = hm.reshape(k, -1).argmax(axis=1)
-            iy, ix = np.divmod(flat, w)
-            score = hm.reshape(k, -1).max(axis=1)
-            px, py = ix.astype(np.float64), iy.astype(np.float64)
-            for j in range(k):  # quarter-pixel shift toward the higher neighbour
-                if 0 < ix[j] < w - 1:
-                    px[j] += 0.25 * np.sign(hm[j, iy[j], ix[j] + 1] - hm[j, iy[j], ix[j] - 1])
-                if 0 < iy[j] < h - 1:
-                    py[j] += 0.25 * np.sign(hm[j, iy[j] + 1, ix[j]] - hm[j, iy[j] - 1, ix[j]])
+            _, h, w = hm.shape
+            px, py, score = heatmap_peaks(hm)
             # heatmap pixel centre j sits at input pixel (j + 0.5) * stride - 0.5
             x = (px + 0.5) * (self.width / w) - 0.5
             y = (py + 0.5) * (self.height / h) - 0.5
