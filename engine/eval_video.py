@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finephys.errors import InputError
+from finephys.files import read_npz
 from finephys.training.judge import COCO_FROM_H36M, JUDGE_ONNX
 from finephys.training.scene import SHIRTS, TROUSERS, parse_caption
 
@@ -122,16 +123,11 @@ def evaluate(frames: np.ndarray, guide: np.ndarray, fps: float, prompt: str | No
 def read_guide(path: Path) -> np.ndarray:
     """``video_2d`` of a ``--save-poses`` file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--poses {path}: file not found, expected the stages.npz of generate --save-poses")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "video_2d" not in data.files:
-                raise InputError(f"--poses {path}: no key 'video_2d', expected a stages.npz written by "
-                                 f"generate --save-poses (keys found: {', '.join(sorted(data.files))})")
-            guide = np.asarray(data["video_2d"], np.float64)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"--poses {path}: cannot be read as an npz archive ({exc})") from None
+    data = read_npz(path, "the stages.npz of generate --save-poses")
+    if "video_2d" not in data:
+        raise InputError(f"--poses {path}: no key 'video_2d', expected a stages.npz written by "
+                         f"generate --save-poses (keys found: {', '.join(sorted(data))})")
+    guide = np.asarray(data["video_2d"], np.float64)
     if guide.ndim != 3 or guide.shape[1:] != (17, 2) or not np.isfinite(guide).all():
         raise InputError(f"--poses {path}: video_2d has shape {guide.shape}, expected finite (T, 17, 2)")
     return guide

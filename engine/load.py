@@ -13,7 +13,7 @@ from finephys.model.assembly import assemble
 from finephys.model.checkpoint import load_checkpoint
 from finephys.model.demo import load_demo
 from finephys.poses.clip import PoseClip
-from finephys.sampler.options import ConfigOnly, GenerateOptions, plan
+from finephys.sampler.options import ConfigOnly, GenerateOptions, check_settings, plan
 from finephys.sampler.poses import PoseModel, prepare_clip
 
 BACKENDS = ("reference", "onnxruntime", "tensorrt", "triton")  # all but the first run an engine directory (--engine)
@@ -45,11 +45,12 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engi
     return assemble(parts, device=pick_device(device), dtype=dtype)
 
 
-def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = None, engine: Path | None = None,
-                  require_compiled: bool = False) -> None:
+def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | None = None,
+                  engine: Path | None = None, require_compiled: bool = False) -> None:
     """``plan``'s checks from the config of ``ckpt`` / ``engine`` / the demo, before loading weights
     (seconds earlier); the stream checks again against the loaded backend. ``require_compiled``:
-    also that the engine carries a usable compiled UNet step for every call the plan makes."""
+    also that the engine carries a usable compiled UNet step for every call the plan makes.
+    Without a clip (a video whose poses are not detected yet), the checks that need none."""
     if engine is not None:
         from export.manifest import engine_config, read_engine_manifest
 
@@ -66,6 +67,9 @@ def check_options(clip: PoseClip, opts: GenerateOptions, ckpt: Path | None = Non
 
         config = demo_config()
     model = ConfigOnly(config)
+    if clip is None:
+        check_settings(model, opts)
+        return
     p = plan(model, prepare_clip(clip, model)[0], opts)
     if require_compiled and engine is not None:
         from engine.precompile import require_steps

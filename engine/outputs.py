@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finephys.files import atomic_path
+from finephys.files import atomic_path, check_new_path
 from finephys.poses.draw import render_pose_frames
 from finephys.errors import InputError
 from finephys.sampler.poses import PoseStages
@@ -24,10 +24,7 @@ def check_output(path: Path | None, overwrite: bool, option: str, suffixes: tupl
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise InputError(f"{option} {path}: expected a path ending in {' or '.join(suffixes)}")
-    if not path.parent.is_dir():
-        raise InputError(f"{option} {path}: the folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise InputError(f"{option} {path}: already exists (pass --overwrite to replace it)")
+    check_new_path(path, overwrite, option, folder=not suffixes)
     if path.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
         raise InputError(f"{option} {path}: writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg), "
                          "which is not installed here")

@@ -25,9 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from finephys.files import sha256, write_json
-from finephys.model.checkpoint import MANIFEST as CKPT_MANIFEST, read_manifest
-from finephys.model.config import FinePhysConfig
+from finephys.files import sha256, writable_folder, write_json
+from finephys.model.checkpoint import MANIFEST as CKPT_MANIFEST, read_config
 from finephys.errors import InputError
 from finephys.precision import Precision
 
@@ -135,11 +134,7 @@ def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: Shape
         precision = Precision.of(precision).value
     except InputError:
         raise InputError(f"--precision {precision}: expected fp16 or fp32") from None
-    ckpt_manifest = read_manifest(ckpt)
-    try:
-        cfg = FinePhysConfig.from_dict(ckpt_manifest["config"])
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"{ckpt / CKPT_MANIFEST}: bad config ({exc})") from None
+    cfg = read_config(ckpt)
     profile = profile or ShapeProfile.default(cfg)
     max_frames = cfg.max_frames
     if profile.frames[2] > max_frames:
@@ -147,6 +142,8 @@ def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: Shape
                          f"{max_frames} frames")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: the folder {out.parent} does not exist")
+    if not writable_folder(out.parent):
+        raise InputError(f"--out {out}: cannot write in the folder {out.parent} (no permission, or read-only)")
     if out.exists() and out.resolve() == ckpt.resolve():
         raise InputError(f"--out {out} is the checkpoint folder itself")
     source_hash = sha256(ckpt / CKPT_MANIFEST)

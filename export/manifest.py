@@ -68,7 +68,7 @@ def read_engine_manifest(engine_dir: Path) -> dict:
 def engine_config(manifest: dict) -> FinePhysConfig:
     try:
         return FinePhysConfig.from_dict(manifest["config"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{MANIFEST}: bad config ({exc})") from None
 
 

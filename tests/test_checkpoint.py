@@ -101,3 +101,30 @@ def test_build_loaded_names_what_does_not_fit(tmp_path):
     save_file({"weight": torch.zeros(3, 2)}, str(path))
     with pytest.raises(InputError, match="1 missing keys \\(bias\\).*mis-shaped"):
         build_loaded(lambda: torch.nn.Linear(2, 2), path)
+
+
+@pytest.mark.parametrize("change, said", [(lambda c: c.pop("config"), "bad config ('config')"),
+                                          (lambda c: c["config"].update(num_frames="x"), "num_frames is 'x', expected int"),
+                                          (lambda c: c["config"]["pose"]["lifter"].update(dim=2.5),
+                                           "pose.lifter.dim is 2.5, expected int"),
+                                          (lambda c: c["config"]["pose"].update(fuse_weight=3), "fuse_weight")])
+def test_a_config_of_the_wrong_shape_is_refused_by_every_command(demo_ckpt, tmp_path, change, said):
+    """A hand-edited finephys.json: one line naming the field, from generate, export, train and poses alike."""
+    from click.testing import CliRunner
+
+    from engine.cli.app import main
+    from finephys.model.checkpoint import read_config
+
+    ck = _copy(demo_ckpt, tmp_path / "c")
+    manifest = json.loads((ck / "finephys.json").read_text())
+    change(manifest)
+    (ck / "finephys.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="bad config") as err:
+        read_config(ck)
+    assert said in str(err.value)
+    for args in (["generate", "--poses", "examples/walk.npz", "--prompt", "a walk", "--out", str(tmp_path / "v.mp4")],
+                 ["export", "--out", str(tmp_path / "e")],
+                 ["train", "--data", "render:examples", "--out", str(tmp_path / "t"), "--smoke"],
+                 ["poses", "--poses", "examples/walk.npz", "--out", str(tmp_path / "p.npz")]):
+        r = CliRunner().invoke(main, [*args, "--ckpt", str(ck)])
+        assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)

@@ -97,6 +97,13 @@ def test_eval_video_cli(tmp_path, held_out):
                                   str(tmp_path / "n.json")])
     assert r.exit_code == 2 and "no key 'video_2d'" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "n.json").exists()
+    truncated, single = tmp_path / "cut.npz", tmp_path / "one.npy"
+    truncated.write_bytes(bad.read_bytes()[:100])
+    np.save(single, joints)
+    for path, said in ((truncated, "is not an npz (zip) archive, or is truncated"), (single, "a single .npy array")):
+        r = CliRunner().invoke(main, ["eval-video", "--video", str(video), "--poses", str(path)])
+        assert r.exit_code == 2 and said in r.output and "generate --save-poses" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(main, ["eval-video", "--video", str(video), "--poses", str(_stages(tmp_path, joints[:5]))])
     assert r.exit_code == 2 and "16 frames but video_2d has 5" in r.output
 

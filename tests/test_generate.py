@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +191,7 @@ def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     (["--steps", "0"], "--steps: expected 1..1000, got 0"),
     (["--frames", "100000"], "--frames 100000: expected 1..24"),
     (["--deep-cache", "2", "--deep-cache-depth", "9"], "--deep-cache-depth 9: expected 1..2"),
+    (["--prompt", "  "], "--prompt '  ': empty, expected a description of the video"),
 ])
 def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra, words):
     """Options are checked against the model's config before its weights load (that took 14-16 s)."""
@@ -248,3 +250,62 @@ def test_oversized_windows_are_refused_before_loading_with_what_fits(tmp_path):
     r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "a person", "--out", str(out),
                                   "--height", "2048", "--width", "2048", "--max-pixels", "100000000", "--steps", "0"])
     assert r.exit_code == 2 and "--steps" in r.output and "max-pixels" not in r.output  # the cap was raised
+
+
+def test_outputs_are_checked_for_permission_and_kind_before_any_work(tmp_path, monkeypatch):
+    """A folder that takes no new files, or a folder where a file goes (even with --overwrite),
+    gets one line before the weights load, and nothing is written."""
+    import engine.load
+    import finephys.files
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = finephys.files.writable_folder
+    monkeypatch.setattr(finephys.files, "writable_folder", lambda f: real(f) and Path(f) != locked)
+    monkeypatch.setattr(engine.load, "load_model", lambda *a, **k: pytest.fail("weights loaded before the checks"))
+    (tmp_path / "dir.npz").mkdir()
+    base = ["generate", "--poses", "examples/walk.npz", "--prompt", "a walk", *SMALL]
+    for extra, words in (
+            (["--out", str(locked / "v.mp4")], f"--out {locked / 'v.mp4'}: cannot write in the folder {locked}"),
+            (["--frames-dir", str(tmp_path / "f"), "--save-poses", str(tmp_path / "dir.npz"), "--overwrite"],
+             "dir.npz: is a folder, expected a file to replace")):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 2 and words in r.output and r.output.count("\n") == 1, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.npz", "locked"] and not any(locked.iterdir())
+    assert not real(tmp_path / "dir.npz" / "missing") and not real(Path("/proc"))
+
+
+def test_a_failed_write_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """What no check can foresee (the disk refuses a frame half-way) still ends in one line."""
+    import engine.outputs
+
+    def refuse(self, frame):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "f" / "frame_00000.png"))
+
+    monkeypatch.setattr(engine.outputs.PngSequence, "append", refuse)
+    r = CliRunner().invoke(main, ["generate", "--poses", "examples/walk.npz", "--prompt", "a walk",
+                                  "--frames-dir", str(tmp_path / "f"), *SMALL])
+    last = r.output.strip().splitlines()[-1]  # after the progress bar
+    assert r.exit_code == 2 and last == f"error: {tmp_path / 'f' / 'frame_00000.png'}: Permission denied", r.output
+    assert "Traceback" not in r.output
+
+
+def test_video_options_are_checked_before_the_detection_and_no_clip_is_left(tmp_path, monkeypatch):
+    """generate --video: a bad size or an empty prompt is refused before detection starts; a
+    check that needs the detected clip (--frames) leaves no --save-clip behind."""
+    import engine.cli.detect
+    from finephys.poses.clip import load_clip
+
+    video = tmp_path / "in.mp4"
+    video.write_bytes(b"not read: detection is replaced")
+    ran = []
+    clip = load_clip("examples/walk.npz")
+    monkeypatch.setattr(engine.cli.detect, "run_detection",
+                        lambda *a, **k: ran.append(1) or type("R", (), {"clip": clip, "found": np.ones(24, bool)})())
+    base = ["generate", "--video", str(video), "--out", str(tmp_path / "v.mp4"), "--save-clip", str(tmp_path / "c.npz")]
+    for extra, words in ((["--prompt", "a walk", "--height", "60"], "--height 60: expected a positive multiple of 8"),
+                         (["--prompt", ""], "--prompt '': empty")):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 2 and words in r.output and not ran, r.output
+    r = CliRunner().invoke(main, base + ["--prompt", "a walk", "--frames", "400"])
+    assert r.exit_code == 2 and "--frames 400" in r.output and ran and not (tmp_path / "c.npz").exists(), r.output

@@ -175,6 +175,21 @@ def test_bad_vae_options_are_refused(untrained, made_motion, tmp_path, args, mes
     assert not (tmp_path / "x").exists()
 
 
+def test_training_into_its_own_checkpoint_is_refused(untrained, made_motion, tmp_path):
+    """--out naming the --ckpt folder would replace the weights it trains from, even with --overwrite."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(untrained, ck)
+    before = sorted((p.relative_to(ck), p.stat().st_mtime_ns) for p in ck.rglob("*"))
+    for seed in ("0", "-1"):
+        r = CliRunner().invoke(main, ["train", "--ckpt", str(ck), "--data", _render_spec(made_motion), "--out", str(ck),
+                                      "--smoke", "--overwrite", "--seed", seed])
+        said = "is the checkpoint folder itself" if seed == "0" else "'--seed': -1 is not in the range x>=0"
+        assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert sorted((p.relative_to(ck), p.stat().st_mtime_ns) for p in ck.rglob("*")) == before
+
+
 def test_figure_weights_follow_the_bones():
     """1 on a bone, falling with the distance from the skeleton, ~0 far from it."""
     from finephys.poses.layouts import H36M17

@@ -89,7 +89,8 @@ def test_train_judge_cli_writes_an_onnx_judge(tmp_path, motion):
                                               ("--lr", "0", "--lr 0.0: expected a number > 0"),
                                               ("--lr", "inf", "--lr inf: expected a number > 0"),
                                               ("--time-limit", "-2", "--time-limit -2.0: expected minutes > 0"),
-                                              ("--time-limit", "inf", "--time-limit inf: expected minutes > 0")])
+                                              ("--time-limit", "inf", "--time-limit inf: expected minutes > 0"),
+                                              ("--seed", "-1", "'--seed': -1 is not in the range x>=0")])
 def test_train_judge_refuses_bad_options_before_work(tmp_path, motion, flag, value, said):
     out = tmp_path / "judge.onnx"
     r = CliRunner().invoke(main, ["train-judge", "--data", f"render:{motion / '131_01.bvh'}", "--out", str(out),

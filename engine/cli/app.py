@@ -16,7 +16,9 @@ from engine.options import prompt_options, sampler_options
 
 class _Group(click.Group):
     """Bad input becomes one line on stderr and exit status 2, never a traceback; so do click's
-    own errors on a command's options (an unknown option, a value not of its type or choices)."""
+    own errors on a command's options (an unknown option, a value not of its type or choices),
+    and a file the system would not read or write (no permission, a full disk) that no check
+    before the work could foresee."""
 
     def invoke(self, ctx):
         try:
@@ -25,6 +27,9 @@ class _Group(click.Group):
             fail(str(exc))
         except click.UsageError as exc:
             fail(" ".join(exc.format_message().split()))
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
         except KeyboardInterrupt:
             fail("interrupted")
 
@@ -94,8 +99,6 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     check_output(save_clip, overwrite, "--save-clip", (".npz",))
     check_distinct({"--out": out, "--frames-dir": frames_dir, "--save-poses": save_poses, "--preview": preview,
                     "--poses": poses, "--video": video, "--save-clip": save_clip})
-    clip, detected = generate_input(poses, video, save_clip, overwrite, detect_kw)
-    outputs = GenerateOutputs(out, frames_dir, save_poses, preview, overwrite, detected)
     if ckpt is not None:
         existing(ckpt, "--ckpt")
     opts = GenerateOptions(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
@@ -106,8 +109,16 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
         raise InputError("--deep-cache: not with --parallel (each process runs the full UNet)")
     if require_compiled and (engine is None or parallel is not None):
         raise InputError("--require-compiled goes with --engine, without --parallel")
+    if video is not None and (ckpt is None or engine is None):  # what needs no clip, before detection
+        check_options(None, opts, ckpt, engine)
+    clip, detected = generate_input(poses, video, save_clip, detect_kw)
+    outputs = GenerateOutputs(out, frames_dir, save_poses, preview, overwrite, detected)
     if ckpt is None or engine is None:  # both: load_model says which to drop
         check_options(clip, opts, ckpt, engine, require_compiled)  # before any weights load
+    if save_clip is not None:  # only once every check has passed
+        from finephys.poses.clip import save_clip as write_clip
+
+        write_clip(clip, save_clip, overwrite=overwrite)
     if parallel is not None:
         from engine.cli.parallel import CliJob, cli_generate
 

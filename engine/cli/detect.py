@@ -114,18 +114,18 @@ _DETECT_DEFAULTS = {"person": "largest", "pose_model": None, "pose_model_norm": 
 DETECT_OPTION_NAMES = tuple(_DETECT_DEFAULTS)  # the parameters of ``detect_options``
 
 
-def generate_input(poses: Path | None, video: Path | None, save_clip: Path | None,
-                   overwrite: bool, detect_kw: dict):
+def generate_input(poses: Path | None, video: Path | None, save_clip: Path | None, detect_kw: dict):
     """The clip ``generate`` runs on: ``--poses`` loaded, or ``--video`` detected first.
 
     Returns (clip, arrays to add to --save-poses): with --video the detected clip (COCO-17 or
     the chosen layout, at the video's size and fps) is kept there as ``detected_keypoints``,
     ``detected_scores``, ``detected_layout``, ``detected_image_size``, ``detected_fps``,
-    ``detected_found`` (per-frame bool); ``--save-clip`` writes it as a clip.npz of its own.
+    ``detected_found`` (per-frame bool); the caller writes it to ``--save-clip`` (a clip.npz of its
+    own) once its own checks have passed.
     """
     import numpy as np
 
-    from finephys.poses.clip import load_clip, save_clip as write_clip
+    from finephys.poses.clip import load_clip
 
     if (poses is None) == (video is None):
         raise InputError("generate: pass exactly one of --poses clip.npz or --video ref.mp4")
@@ -139,8 +139,6 @@ def generate_input(poses: Path | None, video: Path | None, save_clip: Path | Non
             raise InputError(f"--poses {poses} does not exist")
         return load_clip(poses), {}
     result = run_detection(video, make_options(**detect_kw))
-    if save_clip is not None:
-        write_clip(result.clip, save_clip, overwrite=overwrite)
     c = result.clip
     return c, {"detected_keypoints": c.keypoints, "detected_scores": c.scores,
                "detected_layout": np.asarray(c.layout),

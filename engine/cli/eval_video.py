@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from finephys.errors import InputError
+from finephys.files import check_new_path
 
 from engine.cli.common import PATH
 
@@ -48,10 +49,7 @@ def eval_video_cmd(video, poses, prompt, json_out, pose_model, pose_model_norm, 
     if json_out is not None:
         if Path(json_out).suffix != ".json":
             raise InputError(f"--json {json_out}: expected a .json file name")
-        if Path(json_out).exists() and not overwrite:
-            raise InputError(f"--json {json_out}: exists; pass --overwrite to replace it")
-        if not Path(json_out).resolve().parent.is_dir():
-            raise InputError(f"--json {json_out}: its folder does not exist")
+        check_new_path(Path(json_out), overwrite, "--json")
     guide = read_guide(poses)
     reader = VideoReader(video)
     frames = list(reader)

@@ -74,13 +74,12 @@ def export(ckpt, out, precision, frames, height, width, no_check, force, overwri
     from engine.check import export_parity
     from export.build import export_engine
     from export.contract import ShapeProfile
-    from finephys.model.checkpoint import read_manifest
-    from finephys.model.config import FinePhysConfig
+    from finephys.model.checkpoint import read_config
 
     if not Path(ckpt).exists():
         raise InputError(f"--ckpt {ckpt} does not exist")
     ranges = {k: _range(f"--{k}", v) for k, v in (("frames", frames), ("height", height), ("width", width))}
-    cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
+    cfg = read_config(ckpt)
     profile = replace(ShapeProfile.default(cfg), **{k: v for k, v in ranges.items() if v})
     spec = _compile_spec(cfg, profile, compile_, compile_shapes, compile_depths)
     from engine.cli.common import terminate_as_interrupt
@@ -99,7 +98,7 @@ def export(ckpt, out, precision, frames, height, width, no_check, force, overwri
               help="The runtime checked against the reference (eager fp32 PyTorch): onnxruntime (the ONNX graphs), "
                    "tensorrt (the plans), triton (CUDA: fp16 with the project's kernels); auto: tensorrt where the "
                    "engine has plans for this GPU, else triton on CUDA, else onnxruntime.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--ckpt", type=PATH, default=None, help="The source checkpoint (default: the path in the manifest).")
 @click.option("--device", type=DeviceChoice(), default="auto", show_default=True,
               help="Where to run: auto (CUDA where there is a GPU, else the CPU), cpu, cuda or cuda:N.")

@@ -21,13 +21,9 @@ def _pose_config(ckpt: Path | None):
 
         cfg = demo_config()
     else:
-        from finephys.model.checkpoint import read_manifest
-        from finephys.model.config import FinePhysConfig
+        from finephys.model.checkpoint import read_config
 
-        try:
-            cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
-        except (KeyError, TypeError) as exc:
-            raise InputError(f"{ckpt}: bad config in finephys.json ({exc})") from None
+        cfg = read_config(ckpt)
     return cfg.pose, cfg.fps
 
 
@@ -73,7 +69,7 @@ def _threads(n: int) -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Hold out the last fraction of every --motion sequence.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True,
               help="torch CPU threads (results are reproducible for a fixed seed and thread count).")
 @click.option("--fuse-weight", "fuse_weight", default=None, metavar="fit|W",
@@ -135,7 +131,7 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
               help="2D noise sigma, pixels per 1000 px of person height (legacy framing: pixels). "
                    "Repeatable.")
 @click.option("--drop", type=float, default=0.0, show_default=True, help="Fraction of joints given score 0.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--fuse-weight", "fuse_weight", default=None, metavar="W",
               help="Evaluate with one fusion weight w in [0, 1] for every joint instead of the weights file's.")

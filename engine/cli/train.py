@@ -57,7 +57,7 @@ def _device(name: str) -> str:
               help="Guide with the pose stack's projection of the 2D (as inference does) instead of the 2D itself.")
 @click.option("--mixed-precision", "precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Autocast on a GPU (fp32 weights).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--val-every", type=int, default=100, show_default=True)
 @click.option("--time-limit", type=float, default=None, help="Minutes for this call; the state is saved, --resume goes on.")
@@ -70,8 +70,7 @@ def _device(name: str) -> str:
 def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, figure_weight, batch_size, frames, height, width, lr, lr_schedule, lora_rank, pose_stack,
               precision, seed, checkpoint_every, val_every, time_limit, compile_, resume, smoke, device, overwrite):
     """Train the heatmap encoder + a LoRA (or every module of a small model) with the DDPM loss."""
-    from finephys.model.checkpoint import read_manifest
-    from finephys.model.config import FinePhysConfig
+    from finephys.model.checkpoint import read_config, read_manifest
     from finephys.sampler.options import check_video_size
     from finephys.model.text import load_tokenizer
     from finephys.training.train import GenTrainOptions, Trainer
@@ -90,7 +89,7 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
                            precision=precision, seed=seed, checkpoint_every=checkpoint_every, val_every=val_every,
                            time_limit=time_limit, compile=compile_)
     opts.check()
-    cfg = FinePhysConfig.from_dict(read_manifest(ckpt)["config"])
+    cfg = read_config(ckpt)
     if vae_from:
         read_manifest(vae_from)  # a checkpoint folder, checked before any work
     size = (height or cfg.height, width or cfg.width)
@@ -133,7 +132,7 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
 @click.option("--eval-clips", type=int, default=64, show_default=True,
               help="Held-out windows (16 frames) the written judge is scored on, as eval-video runs it (0: none); "
                    "one window's PCK varies by about 0.06, so 16 windows leave a standard error near 0.016.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True)
 def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, wide_colours, eval_clips, seed,
@@ -158,7 +157,7 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, ti
         raise InputError(f"--time-limit {time_limit}: expected minutes > 0")
     if Path(out).suffix != ".onnx":
         raise InputError(f"--out {out}: expected a .onnx file name")
-    prepare_output_dir(out, overwrite)
+    prepare_output_dir(out, overwrite, folder=False)
     dev = _device(device)
     paths = [p for p in data[len("render:"):].split(",") if p]
     source = RenderSource(paths, (SIZE, SIZE), 8.0, 8, held_out=held_out)

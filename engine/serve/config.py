@@ -63,12 +63,9 @@ class ModelSpec:
             from finephys.model.demo import demo_config
 
             return demo_config()
-        from finephys.model.checkpoint import MANIFEST, read_manifest
+        from finephys.model.checkpoint import read_config
 
-        try:
-            return FinePhysConfig.from_dict(read_manifest(Path(self.ckpt))["config"])
-        except (KeyError, TypeError) as exc:
-            raise InputError(f"{Path(self.ckpt) / MANIFEST}: bad config ({exc})") from None
+        return read_config(Path(self.ckpt))
 
     def load(self):
         """The model a replica runs (the backend contract of ``finephys.model.backend``), warmed up:

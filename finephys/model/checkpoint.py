@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from finephys.model.config import FORMAT_VERSION, FinePhysConfig
 from finephys.errors import InputError
-from finephys.files import sha256
+from finephys.files import check_new_path, sha256
 from finephys.model.assembly import FinePhysParts, new_parts
 from finephys.model.text import load_tokenizer
 from finephys.model.weights import check_state_dict, load_strict, read_safetensors
@@ -46,12 +46,9 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists (pass --overwrite to replace it)")
+def prepare_output_dir(out: Path, overwrite: bool, option: str = "--out", folder: bool = True) -> None:
+    """``out`` can be written (see ``check_new_path``): a checkpoint folder, or with ``folder=False`` a file."""
+    check_new_path(out, overwrite, option, folder=folder)
 
 
 def save_checkpoint(parts: FinePhysParts, out: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
@@ -126,7 +123,7 @@ def read_config(folder: Path) -> FinePhysConfig:
 def _config(folder: Path, manifest: dict) -> FinePhysConfig:
     try:
         return FinePhysConfig.from_dict(manifest["config"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{folder / MANIFEST}: bad config ({exc})") from None
 
 

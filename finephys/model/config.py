@@ -5,6 +5,17 @@ import dataclasses
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+
+
+def _typed(cls, values: dict, where: str = ""):
+    """``cls(**values)``, after checking that every number, text or dict field holds one (a config
+    read from JSON may not): a TypeError names the first field that does not."""
+    for f in dataclasses.fields(cls):
+        kinds, v = _KINDS.get(str(f.type)), values.get(f.name)
+        if f.name in values and kinds and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+            raise TypeError(f"{where}{f.name} is {v!r}, expected {f.type}")
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -99,13 +110,13 @@ class FinePhysConfig:
     def from_dict(d: dict) -> "FinePhysConfig":
         d = dict(d)
         pose = dict(d.get("pose", {}))
-        pose["lifter"] = LifterConfig(**pose.get("lifter", {}))
-        pose["physnet"] = PhysNetConfig(**pose.get("physnet", {}))
-        d["pose"] = PoseConfig(**pose)
+        pose["lifter"] = _typed(LifterConfig, pose.get("lifter", {}), "pose.lifter.")
+        pose["physnet"] = _typed(PhysNetConfig, pose.get("physnet", {}), "pose.physnet.")
+        d["pose"] = _typed(PoseConfig, pose, "pose.")
         enc = dict(d.get("encoder", {}))
         if "channels" in enc:
             enc["channels"] = tuple(enc["channels"])
-        d["encoder"] = EncoderConfig(**enc)
+        d["encoder"] = _typed(EncoderConfig, enc, "encoder.")
         if d.get("lora") is not None:
-            d["lora"] = LoraConfig(**d["lora"])
-        return FinePhysConfig(**d)
+            d["lora"] = _typed(LoraConfig, d["lora"], "lora.")
+        return _typed(FinePhysConfig, d)

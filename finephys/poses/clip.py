@@ -9,14 +9,13 @@ Keys: ``keypoints`` float32 (T,J,2) pixels (origin top-left) or (T,J,3) = x, y, 
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from finephys.errors import InputError
-from finephys.files import atomic_path
+from finephys.files import atomic_path, read_npz
 from finephys.poses.layouts import LAYOUTS, convert_keypoints, get_layout
 
 log = logging.getLogger(__name__)
@@ -151,48 +150,10 @@ def _check_fields(where, keypoints, scores, layout, image_size, fps, camera_matr
     return out
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _read_npz(path: Path) -> dict:
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a clip.npz file")
-    if not path.is_file():
-        raise InputError(f"{path}: file not found, expected a clip.npz file")
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic == b"\x93NUMPY":
-        raise InputError(f"{path}: holds a single .npy array, expected an npz archive of "
-                         f"named arrays (clip.npz)")
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: is not an npz (zip) archive, or is truncated, expected a "
-                         f"clip.npz file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot be read as an npz archive ({type(exc).__name__}: "
-                         f"{_one_line(exc)}), expected a clip.npz file") from None
-    data = {}
-    with archive:
-        for key in archive.files:
-            try:
-                data[key] = archive[key]
-            except ValueError as exc:
-                if "pickle" in str(exc):
-                    raise InputError(f"{path}: key '{key}' holds Python objects, expected a "
-                                     f"plain numeric or string array") from None
-                raise InputError(f"{path}: key '{key}' is corrupt ({_one_line(exc)})") from None
-            except Exception as exc:  # zlib.error, BadZipFile, EOFError, CRC errors
-                raise InputError(f"{path}: key '{key}' is corrupt ({type(exc).__name__}: "
-                                 f"{_one_line(exc)})") from None
-    return data
-
-
 def load_clip(path) -> PoseClip:
     """Read and validate a clip.npz file; InputError names the first problem found."""
     path = Path(path)
-    data = _read_npz(path)
+    data = read_npz(path, "a clip.npz file")
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise InputError(f"{path}: unknown key '{unknown[0]}', expected only {list(KEYS)}")

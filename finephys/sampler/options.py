@@ -93,22 +93,15 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def plan(model, clip, opts: GenerateOptions) -> Plan:
-    """Validate the options against the model (a backend or ``ConfigOnly``) and the prepared clip."""
+def check_settings(model, opts: GenerateOptions) -> tuple[int, int, int, float]:
+    """The checks that need no clip (the prompt, size, steps, guidance, seed, DeepCache) against
+    the model (a backend or ``ConfigOnly``); returns (height, width, steps, guidance)."""
     cfg = model.config
+    if not isinstance(opts.prompt, str) or not opts.prompt.strip():
+        raise InputError(f"--prompt {opts.prompt!r}: empty, expected a description of the video "
+                         "(for example \"a person in a red shirt walking\")")
     height, width = _pick(opts.height, cfg.height), _pick(opts.width, cfg.width)
     check_video_size(height, width)
-    frames = _pick(opts.num_frames, clip.num_frames)
-    if frames < 1 or frames > clip.num_frames:
-        raise InputError(f"--frames {frames}: expected 1..{clip.num_frames} (the clip's frames at {cfg.fps:g} fps)")
-    max_len = cfg.max_frames
-    length = _pick(opts.context_length, min(cfg.num_frames, max_len))
-    if length < 1 or length > max_len:
-        raise InputError(f"--context-length {length}: expected 1..{max_len} (the motion modules' longest sequence)")
-    _check_pixels(min(frames, length), height, width, opts.max_pixels)
-    stride = _pick(opts.context_stride, max(1, length * 3 // 4))
-    if frames > length and not 1 <= stride < length:
-        raise InputError(f"--context-stride {stride}: expected 1..{length - 1} so that windows overlap")
     steps = _pick(opts.num_inference_steps, cfg.num_inference_steps)
     if not 1 <= steps <= 1000:
         raise InputError(f"--steps: expected 1..1000, got {steps}")
@@ -127,5 +120,23 @@ def plan(model, clip, opts: GenerateOptions) -> Plan:
         if opts.deep_cache_depth not in depths:
             raise InputError(f"--deep-cache-depth {opts.deep_cache_depth}: expected {depths[0]}..{depths[-1]} "
                              "(pairs of the UNet's last up block)")
+    return height, width, steps, float(guidance)
+
+
+def plan(model, clip, opts: GenerateOptions) -> Plan:
+    """Validate the options against the model (a backend or ``ConfigOnly``) and the prepared clip."""
+    cfg = model.config
+    height, width, steps, guidance = check_settings(model, opts)
+    frames = _pick(opts.num_frames, clip.num_frames)
+    if frames < 1 or frames > clip.num_frames:
+        raise InputError(f"--frames {frames}: expected 1..{clip.num_frames} (the clip's frames at {cfg.fps:g} fps)")
+    max_len = cfg.max_frames
+    length = _pick(opts.context_length, min(cfg.num_frames, max_len))
+    if length < 1 or length > max_len:
+        raise InputError(f"--context-length {length}: expected 1..{max_len} (the motion modules' longest sequence)")
+    _check_pixels(min(frames, length), height, width, opts.max_pixels)
+    stride = _pick(opts.context_stride, max(1, length * 3 // 4))
+    if frames > length and not 1 <= stride < length:
+        raise InputError(f"--context-stride {stride}: expected 1..{length - 1} so that windows overlap")
     return Plan(frames, height, width, steps, float(guidance), length, stride,
                 (opts.deep_cache, opts.deep_cache_depth))

@@ -246,6 +246,8 @@ class Trainer:
                              f"it or --overwrite to start again")
         if resume and not (self.state_dir / "state.json").is_file():
             raise InputError(f"--resume: no training state in {self.state_dir}")
+        if self.out.exists() and self.out.resolve() == Path(ckpt).resolve():
+            raise InputError(f"--out {out} is the checkpoint folder itself (--ckpt): pick a new folder")
         prepare_output_dir(self.out, overwrite or resume)
         self.ckpt = Path(ckpt)
         parts = load_checkpoint(self.ckpt)
