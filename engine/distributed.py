@@ -262,6 +262,13 @@ def launch(fn, nprocs: int, args: tuple = (), device: str = "auto", threads: int
 
 # --- the sampler over several ranks ----------------------------------------------------------
 
+def check_guidance_split(mode: str, guidance: float) -> None:
+    """A mode that splits the guidance halves needs guidance on (> 1)."""
+    if mode in ("guidance", "both") and guidance <= 1.0:
+        raise InputError(f"--parallel {mode}: splits classifier-free guidance, which is off at "
+                         f"--guidance {guidance:g}; expected --guidance > 1, or --parallel windows")
+
+
 def split_layout(mode: str, world: int) -> tuple[int, int]:
     """(ranks per guidance batch, ranks the windows are dealt over) for ``mode`` on ``world`` ranks."""
     if mode not in MODES:
@@ -380,9 +387,7 @@ class ParallelGenerationStream:
             try:
                 clip, notes = prepare_clip(clip, model)
                 p = plan(model, clip, opts)
-                if self.guidance_ranks == 2 and p.guidance <= 1.0:
-                    raise InputError(f"--parallel {mode}: splits classifier-free guidance, which is off at "
-                                     f"--guidance {p.guidance:g}; expected --guidance > 1, or --parallel windows")
+                check_guidance_split(mode, p.guidance)
                 payload = [("ok", p, run_pose_stack(model, clip), notes)]
             except InputError as exc:
                 payload = [("error", str(exc))]

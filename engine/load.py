@@ -13,7 +13,7 @@ from finephys.model.assembly import assemble
 from finephys.model.checkpoint import load_checkpoint
 from finephys.model.demo import load_demo
 from finephys.poses.clip import PoseClip
-from finephys.sampler.options import ConfigOnly, GenerateOptions, check_settings, plan
+from finephys.sampler.options import ConfigOnly, GenerateOptions, Plan, check_settings, plan
 from finephys.sampler.poses import PoseModel, prepare_clip
 
 BACKENDS = ("reference", "onnxruntime", "tensorrt", "triton")  # all but the first run an engine directory (--engine)
@@ -46,18 +46,19 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engi
 
 
 def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | None = None,
-                  engine: Path | None = None, require_compiled: bool = False) -> None:
+                  engine: Path | None = None, require_compiled: bool = False) -> Plan | None:
     """``plan``'s checks from the config of ``ckpt`` / ``engine`` / the demo, before loading weights
     (seconds earlier); the stream checks again against the loaded backend. ``require_compiled``:
     also that the engine carries a usable compiled UNet step for every call the plan makes.
-    Without a clip (a video whose poses are not detected yet), the checks that need none."""
+    Without a clip (a video whose poses are not detected yet), the checks that need none.
+    Returns the plan (None without a clip, or where the engine's manifest is left to the loader)."""
     if engine is not None:
         from export.manifest import engine_config, read_engine_manifest
 
         try:
             config = engine_config(read_engine_manifest(engine))
         except InputError:
-            return  # loading the backend reports it, after what it checks first (a GPU for triton)
+            return None  # loading the backend reports it, after what it checks first (a GPU for triton)
     elif ckpt is not None:
         from finephys.model.checkpoint import read_config
 
@@ -69,12 +70,13 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
     model = ConfigOnly(config)
     if clip is None:
         check_settings(model, opts)
-        return
+        return None
     p = plan(model, prepare_clip(clip, model)[0], opts)
     if require_compiled and engine is not None:
         from engine.precompile import require_steps
 
         require_steps(engine, p)
+    return p
 
 
 def load_pose_model(ckpt: Path | None) -> PoseModel:

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from finephys.files import sha256, writable_folder, write_json
+from finephys.files import sha256, share_tree, writable_folder, write_json
 from finephys.model.checkpoint import MANIFEST as CKPT_MANIFEST, read_config
 from finephys.errors import InputError
 from finephys.precision import Precision
@@ -104,6 +104,7 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
+    share_tree(tmp)
     if not out.exists():
         os.replace(tmp, out)
         return

@@ -19,6 +19,15 @@ def file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def share_tree(folder: Path) -> None:
+    """Give ``folder`` and everything in it the umask's permissions (a temporary folder and some
+    writers, safetensors among them, start private), before it is renamed into place."""
+    folder = Path(folder)
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, file_mode(directory=p.is_dir()))
+
+
 def writable_folder(folder: Path) -> bool:
     """Whether a new file can be made in ``folder``: tried, not read from the mode bits, which
     root, ACLs, immutable folders and read-only mounts all overrule."""

@@ -128,3 +128,14 @@ def test_a_config_of_the_wrong_shape_is_refused_by_every_command(demo_ckpt, tmp_
                  ["poses", "--poses", "examples/walk.npz", "--out", str(tmp_path / "p.npz")]):
         r = CliRunner().invoke(main, [*args, "--ckpt", str(ck)])
         assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
+
+
+def test_a_written_checkpoint_and_engine_take_the_umasks_permissions(demo_ckpt, engine32):
+    """Others may read what init, train and export write, as with any file the user makes (the
+    temporary folder they are built in, and safetensors' files, start private)."""
+    from finephys.files import file_mode
+
+    for root in (demo_ckpt, engine32):
+        modes = {p: p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+        wrong = {str(p): oct(m) for p, m in modes.items() if m != file_mode(directory=p.is_dir())}
+        assert not wrong, wrong

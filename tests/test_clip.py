@@ -84,7 +84,12 @@ BAD = [
     (dict(fps=np.array(1e9)), r"key 'fps' is 1e\+09, expected a frame rate from 0\.1 to 1000$"),
     (dict(fps=np.array([25.0, 30.0])), "key 'fps' has shape"),
     (dict(format_version=np.array(2)), "key 'format_version' is 2, expected 1"),
-    (dict(camera_matrix=np.eye(4)), r"key 'camera_matrix' has shape \(4, 4\)"),
+    (dict(camera_matrix=np.eye(4)), r"key 'camera_matrix' is .*last row \(0, 0, 1\)"),
+    (dict(camera_matrix=np.diag([500.0, 500.0, 0.0])), r"key 'camera_matrix' is .*last row \(0, 0, 1\)"),
+    (dict(image_size=np.array([1, 1])), r"key 'image_size' is \[1, 1\], expected .* from 16 to 32768"),
+    (dict(image_size=np.array([100000, 100000])), "key 'image_size' is \\[100000, 100000\\]"),
+    (dict(keypoints=np.full((T, J, 2), 1e30)), r"key 'keypoints' is \(1e\+30, 1e\+30\) at frame 0, joint 0, expected "
+                                               r"pixel coordinates of the \d+x\d+ image"),
     (dict(dist_coeffs=np.zeros(6)), r"key 'dist_coeffs' has shape \(6,\)"),
     (dict(extra=np.zeros(1)), "unknown key 'extra'"),
 ]

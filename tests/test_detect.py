@@ -165,6 +165,14 @@ def test_heatmap_peaks_find_a_gaussian_to_a_fraction_of_a_pixel():
     assert x[1:].tolist() == [5.0, 3.75] and y[1:].tolist() == [0.0, 4.0]
 
 
+def test_an_fps_no_clip_can_hold_is_refused_with_the_options():
+    from engine.detect.run import DetectOptions
+
+    with pytest.raises(InputError, match=r"--fps 1e-300: expected a frame rate from 0\.1 to 1000"):
+        DetectOptions(fps=1e-300).checked()
+    assert DetectOptions(fps=25.0).checked().fps == 25.0
+
+
 def test_onnx_pose_model_is_checked(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")

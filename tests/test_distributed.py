@@ -185,6 +185,7 @@ def test_cli_errors_before_any_process_starts(tmp_path):
         (["--parallel", "windows", "--gpus", "1"], "2 or more"),
         (["--parallel", "windows", "--device", "cuda:1"], "cuda:i"),
         (["--gpus", "2"], "--gpus goes with --parallel"),
+        (["--parallel", "guidance", "--guidance", "1"], "splits classifier-free guidance, which is off at --guidance 1"),
     ]
     for extra, message in cases:
         if extra[-1] == "cuda" and torch.cuda.device_count() >= 2:

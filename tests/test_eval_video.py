@@ -146,3 +146,9 @@ def test_the_demo_wears_the_prompted_shirt(held_out):
         frames, guide = _generate(model, joints, prompt)
         m = colour_metrics(frames, guide, prompt)
         assert m["shirt_seen"] == shirt and m["trousers_ok"], m
+
+
+def test_a_norm_without_an_onnx_model_is_refused(tmp_path):
+    r = CliRunner().invoke(main, ["eval-video", "--video", str(tmp_path / "v.mp4"), "--poses", str(tmp_path / "s.npz"),
+                                  "--mediapipe", "--pose-model-norm", "unit"])
+    assert r.exit_code == 2 and "--pose-model-norm goes with an ONNX pose model" in r.output, r.output

@@ -251,8 +251,9 @@ def test_eval_pose_prints_tables_per_class_framing_and_noise(tmp_path):
                                              "of person height)"),
     (("--drop", 1), "--drop: 1, expected a fraction in [0, 1)"),
     (("--tail", 0), "--tail: 0, expected a fraction in (0, 1]"),
-    (("--phases", 0), "--phases: 0, expected >= 1"),
-    (("--cameras", 0), "--cameras: 0, expected >= 1"),
+    (("--phases", 0), "--phases: 0, expected 1..64"),
+    (("--phases", 100000), "--phases: 100000, expected 1..64"),
+    (("--cameras", 0), "--cameras: 0, expected 1..64"),
     (("--threads", 0), "--threads: 0, expected >= 1"),
 ])
 def test_eval_pose_refuses_bad_values_in_one_line_before_reading_motion(tmp_path, args, expected):

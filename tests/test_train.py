@@ -280,3 +280,26 @@ def test_resuming_a_cosine_run_keeps_its_steps_and_an_old_state_keeps_its_schedu
     assert r.exit_code == 2 and "lr_schedule" in r.output, r.output
     r = _train(untrained, data, tmp_path / "k", "--steps", "2", "--resume")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-rank", "0"], "--lora-rank 0: expected >= 1"),
+    (["--lora-rank", "8", "--train", "encoder,lora"], "already has a LoRA of rank"),
+    (["--height", "4096", "--width", "4096", "--frames", "4"], "pixels per clip, expected at most"),
+    (["--steps", "0"], "--steps: 0, expected >= 1"),
+])
+def test_training_options_that_were_ignored_or_crashed_are_refused(demo_ckpt, made_motion, tmp_path, args, message):
+    """--smoke keeps the options given (--steps 0 is refused, not made 2); a LoRA rank the
+    checkpoint's LoRA does not have, and a clip no GPU holds, are refused before any work."""
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(demo_ckpt), "--data", _render_spec(made_motion),
+                                  "--out", str(tmp_path / "x"), "--smoke", *args])
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_held_out_motion_that_is_also_trained_on_is_refused(untrained, made_motion, tmp_path):
+    motion = made_motion / "walk1.npz"  # one of the two walks the data folder holds
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(untrained), "--data", _render_spec(made_motion),
+                                  "--hold-out", str(motion), "--out", str(tmp_path / "x"), "--smoke"])
+    assert r.exit_code == 2 and "is also in the training motion" in r.output, r.output
+    assert not (tmp_path / "x").exists()

@@ -44,6 +44,8 @@ def eval_video_cmd(video, poses, prompt, json_out, pose_model, pose_model_norm, 
 
     if mediapipe and pose_model is not None:
         raise InputError("--mediapipe and --pose-model exclude each other; pass one")
+    if mediapipe and pose_model_norm is not None:
+        raise InputError("--pose-model-norm goes with an ONNX pose model, not --mediapipe")
     if pose_model is not None and not Path(pose_model).is_file():
         raise InputError(f"--pose-model {pose_model}: file not found, expected an ONNX pose model")
     if json_out is not None:

@@ -82,7 +82,7 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
                    batch_size, val_fraction, seed, threads, fuse_weight, overwrite, quiet):
     """Train the pose stack (lifter + PhysNet) on 3D motion; write its weights."""
     from finephys.training.loss_plot import plot_history
-    from finephys.training.pose_data import find_motion, split_held_out
+    from finephys.training.pose_data import check_apart, find_motion, split_held_out
     from finephys.training.train_pose import TrainOptions, save_trained, train_pose
 
     from engine.outputs import check_distinct, check_output
@@ -98,7 +98,9 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
         pose_cfg = dataclasses.replace(pose_cfg, fuse_weight=fuse)
     motions = find_motion(motion)
     motions, whole = split_held_out(motions, hold_out)
-    held_out = find_motion(val_motion) + whole
+    val = find_motion(val_motion)
+    check_apart(motions, val, "--val-motion")
+    held_out = val + whole
     opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
                         batch_size=batch_size,
                         seed=seed, val_fraction=val_fraction)
@@ -155,9 +157,9 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
     noises = tuple(dict.fromkeys(noises))
     for name in framings:
         get_framing(name)
-    for name, value, lo in (("--phases", phases, 1), ("--cameras", cameras, 1)):
-        if value < lo:
-            raise InputError(f"{name}: {value}, expected >= {lo}")
+    for name, value, most in (("--phases", phases, 64), ("--cameras", cameras, 64)):
+        if not 1 <= value <= most:
+            raise InputError(f"{name}: {value}, expected 1..{most}")
     for noise in noises:
         if not (math.isfinite(noise) and noise >= 0):
             raise InputError(f"--noise-px: {noise:g}, expected a finite sigma >= 0 (pixels per 1000 px of "

@@ -64,23 +64,30 @@ def _device(name: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run whose state is in OUT.training/.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the UNet for the training steps (GPU; falls back to eager if it fails).")
-@click.option("--smoke", is_flag=True, help="CPU smoke test: 2 steps (or --steps) of 1 clip of 4 frames at 64x64.")
+@click.option("--smoke", is_flag=True,
+              help="CPU smoke test: 2 steps of 1 clip of 4 frames at 64x64 (options given keep their values).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT and start a new training state.")
 def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_batch_size, vae_figure_weight, figure_weight, batch_size, frames, height, width, lr, lr_schedule, lora_rank, pose_stack,
               precision, seed, checkpoint_every, val_every, time_limit, compile_, resume, smoke, device, overwrite):
     """Train the heatmap encoder + a LoRA (or every module of a small model) with the DDPM loss."""
     from finephys.model.checkpoint import read_config, read_manifest
-    from finephys.sampler.options import check_video_size
+    from finephys.sampler.options import MAX_PIXELS, check_video_size
     from finephys.model.text import load_tokenizer
     from finephys.training.train import GenTrainOptions, Trainer
     from finephys.training.train_data import open_source
 
     modules = ("encoder", "lora", "unet", "text_encoder", "vae") if train == "all" else \
         tuple(m.strip() for m in train.split(",") if m.strip())
-    if smoke:
-        steps, vae_steps = steps or 2, (2 if {"vae", "vae_decoder"} & set(modules) else 0)
-        batch_size, frames, height, width, device, vae_batch_size = 1, 4, 64, 64, "cpu", 4
+    if smoke:  # small sizes, in place of the defaults only: options given keep their values
+        given = click.get_current_context().get_parameter_source
+        small = dict(batch_size=1, frames=4, height=64, width=64, device="cpu", vae_batch_size=4,
+                     vae_steps=2 if {"vae", "vae_decoder"} & set(modules) else 0)
+        values = dict(batch_size=batch_size, frames=frames, height=height, width=width, device=device,
+                      vae_batch_size=vae_batch_size, vae_steps=vae_steps)
+        values = {k: small[k] if given(k) == click.core.ParameterSource.DEFAULT else v for k, v in values.items()}
+        batch_size, frames, height, width, device, vae_batch_size, vae_steps = values.values()
+        steps = 2 if steps is None else steps
     steps = 1000 if steps is None else steps
     opts = GenTrainOptions(train=modules, steps=steps, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
                            vae_figure_weight=vae_figure_weight, figure_weight=figure_weight, vae_from=str(vae_from) if vae_from else None,
@@ -98,6 +105,11 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
         raise InputError(f"--frames {frames}: expected at least 3")
     if (frames or cfg.num_frames) > cfg.max_frames:
         raise InputError(f"--frames {frames}: expected at most the motion modules' {cfg.max_frames}")
+    pixels = (frames or cfg.num_frames) * size[0] * size[1]
+    if pixels > MAX_PIXELS:
+        raise InputError(f"--height {size[0]} --width {size[1]}: {frames or cfg.num_frames} frames x "
+                         f"{size[0]}x{size[1]} = {pixels:,} pixels per clip, expected at most {MAX_PIXELS:,} "
+                         "(the largest window generate takes)")
     dev = _device(device)
     source = open_source(data, size, cfg.fps, frames or cfg.num_frames, load_tokenizer(Path(ckpt) / "tokenizer"),
                          held_out=held_out)
@@ -151,6 +163,9 @@ def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, ti
     for name, value in (("--depth", depth), ("--eval-clips", eval_clips)):
         if value < 0:
             raise InputError(f"{name} {value}: expected >= 0")
+    for name, value, most in (("--width", width, 512), ("--depth", depth, 64), ("--batch-size", batch_size, 4096)):
+        if value > most:  # a judge of 128x128 crops; more would only exhaust the memory
+            raise InputError(f"{name} {value}: expected at most {most}")
     if not (math.isfinite(lr) and lr > 0):
         raise InputError(f"--lr {lr}: expected a number > 0")
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finephys.poses.clip import PoseClip, to_layout
+from finephys.poses.clip import FPS_RANGE, PoseClip, to_layout
 from finephys.errors import InputError
 from finephys.poses.layouts import LAYOUTS
 
@@ -45,6 +45,8 @@ class DetectOptions:
                              "own detector)")
         if int(self.max_gap) != self.max_gap or self.max_gap < 0:
             raise InputError(f"--max-gap {self.max_gap}: expected a whole number of frames >= 0")
+        if self.fps is not None and not FPS_RANGE[0] <= self.fps <= FPS_RANGE[1]:
+            raise InputError(f"--fps {self.fps:g}: expected a frame rate from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
         return replace(self, person=parse_person(self.person), max_gap=int(self.max_gap))
 
 

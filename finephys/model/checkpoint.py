@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from finephys.model.config import FORMAT_VERSION, FinePhysConfig
 from finephys.errors import InputError
-from finephys.files import check_new_path, sha256
+from finephys.files import check_new_path, sha256, share_tree
 from finephys.model.assembly import FinePhysParts, new_parts
 from finephys.model.text import load_tokenizer
 from finephys.model.weights import check_state_dict, load_strict, read_safetensors
@@ -78,6 +78,7 @@ def save_checkpoint(parts: FinePhysParts, out: Path, tokenizer_dir: Path, overwr
         }
         manifest = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        share_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -24,6 +24,7 @@ SCORE_MARGIN = 1.1  # heatmap detectors' maxima run a little over 1 (HRNet: 1.06
 FORMAT_VERSION = 1
 MIN_FRAMES = 3
 FPS_RANGE = (0.1, 1000.0)  # frames per second a clip may declare
+IMAGE_SIDE = (16, 32768)  # pixels a clip's image may have on a side
 KEYS = ("keypoints", "scores", "layout", "image_size", "fps", "format_version",
         "camera_matrix", "dist_coeffs")
 _NUMERIC = "fiu"
@@ -122,9 +123,16 @@ def _check_fields(where, keypoints, scores, layout, image_size, fps, camera_matr
     kp = np.where(visible[..., None], kp, np.float32(0))
 
     size = _array(where, kind, "image_size", image_size, "iu", "integers (height, width)")
-    if size.shape != (2,) or (size <= 0).any():
-        raise InputError(f"{where}: {kind} 'image_size' is {size.tolist()}, expected "
-                         f"(height, width) of two positive integers")
+    if size.shape != (2,) or (size < IMAGE_SIDE[0]).any() or (size > IMAGE_SIDE[1]).any():
+        raise InputError(f"{where}: {kind} 'image_size' is {size.tolist()}, expected (height, width) "
+                         f"of two integers from {IMAGE_SIDE[0]} to {IMAGE_SIDE[1]}")
+    wh = np.array([size[1], size[0]], np.float64)
+    far = visible & ((kp < -wh).any(axis=-1) | (kp > 2 * wh).any(axis=-1))
+    if far.any():  # off the frame by more than the frame itself: not a pixel coordinate of this image
+        f, j = np.argwhere(far)[0]
+        raise InputError(f"{where}: {kind} 'keypoints' is ({kp[f, j, 0]:g}, {kp[f, j, 1]:g}) at frame {f}, "
+                         f"joint {j}, expected pixel coordinates of the {int(size[1])}x{int(size[0])} image (at most one "
+                         "image width or height beyond its edges)")
     fps = _scalar(where, kind, "fps", fps)
     if not np.isfinite(fps) or fps <= 0:
         raise InputError(f"{where}: {kind} 'fps' is {fps}, expected a finite number > 0")
@@ -137,9 +145,10 @@ def _check_fields(where, keypoints, scores, layout, image_size, fps, camera_matr
            "camera_matrix": None, "dist_coeffs": None}
     if camera_matrix is not None:
         cam = _array(where, kind, "camera_matrix", camera_matrix).astype(np.float64)
-        if cam.shape != (3, 3) or not np.isfinite(cam).all() or cam[0, 0] <= 0 or cam[1, 1] <= 0:
-            raise InputError(f"{where}: {kind} 'camera_matrix' has shape {cam.shape}, expected "
-                             f"a finite (3, 3) intrinsic matrix with fx, fy > 0")
+        if cam.shape != (3, 3) or not np.isfinite(cam).all() or cam[0, 0] <= 0 or cam[1, 1] <= 0 \
+                or not np.allclose(cam[2], (0, 0, 1)):
+            raise InputError(f"{where}: {kind} 'camera_matrix' is {np.round(cam, 3).tolist()}, expected "
+                             f"a finite (3, 3) intrinsic matrix with fx, fy > 0 and last row (0, 0, 1)")
         out["camera_matrix"] = cam
     if dist_coeffs is not None:
         dist = _array(where, kind, "dist_coeffs", dist_coeffs).astype(np.float64)

@@ -347,6 +347,16 @@ def motion_stem(motion: Motion) -> str:
     return Path(motion.name.split(":")[0]).stem
 
 
+def check_apart(train: list[Motion], held: list[Motion], option: str) -> None:
+    """Refuse held-out motion that is also trained on (the same sequence reached twice)."""
+    seen = {(m.name, m.joints.shape): m for m in train}
+    for m in held:
+        twin = seen.get((m.name, m.joints.shape))
+        if twin is not None and np.array_equal(twin.joints, m.joints):
+            raise InputError(f"{option}: the sequence {m.name} is also in the training motion; held-out motion "
+                             f"must not be trained on (name other motion, or leave it out of the training set)")
+
+
 def split_held_out(motions: list[Motion], patterns) -> tuple[list[Motion], list[Motion]]:
     """(kept, held out): motions whose ``motion_stem`` matches any glob pattern are held out."""
     patterns = list(patterns)

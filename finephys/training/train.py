@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from finephys.model.checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint
+from finephys.model.checkpoint import load_checkpoint, prepare_output_dir, read_config, save_checkpoint
 from finephys.model.config import LoraConfig
 from finephys.errors import InputError
 from finephys.training.loss_plot import plot_history
@@ -108,6 +108,8 @@ class GenTrainOptions:
             raise InputError(f"--lr {self.lr}: expected a number > 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise InputError(f"--lora-rank {self.lora_rank}: expected >= 1")
         if self.time_limit is not None and not self.time_limit > 0:
             raise InputError(f"--time-limit {self.time_limit}: expected minutes > 0")
 
@@ -249,6 +251,11 @@ class Trainer:
         if self.out.exists() and self.out.resolve() == Path(ckpt).resolve():
             raise InputError(f"--out {out} is the checkpoint folder itself (--ckpt): pick a new folder")
         prepare_output_dir(self.out, overwrite or resume)
+        lora = read_config(ckpt).lora
+        if opts.lora_rank is not None and lora is not None and lora.rank != opts.lora_rank and \
+                (Path(ckpt) / "lora").is_dir():
+            raise InputError(f"--lora-rank {opts.lora_rank}: {ckpt} already has a LoRA of rank {lora.rank}, which "
+                             "training goes on with (leave --lora-rank out, or start from a checkpoint without one)")
         self.ckpt = Path(ckpt)
         parts = load_checkpoint(self.ckpt)
         if opts.vae_from:

@@ -19,7 +19,7 @@ import torch
 
 from finephys.poses.clip import load_clip, to_layout
 from finephys.errors import InputError
-from finephys.training.pose_data import WindowSampler, find_motion, split_ranges
+from finephys.training.pose_data import WindowSampler, check_apart, find_motion, split_ranges
 from finephys.training.scene import random_cameras, random_look, render_clips
 from finephys.model.text import MAX_LENGTH
 
@@ -50,6 +50,7 @@ class RenderSource:
         motions = find_motion(paths)
         train, val = split_ranges(motions, val_fraction)
         extra = find_motion(held_out) if held_out else []
+        check_apart(motions, extra, "--hold-out")
         val += [(m, 0.0, m.duration) for m in extra]
         self.samplers = {"train": WindowSampler(train, fps), "val": WindowSampler(val, fps)}
         self.size, self.frames = size, frames
