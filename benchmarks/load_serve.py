@@ -46,6 +46,8 @@ def _args(argv=None):
                                 ("--num-cpus", int, None), ("--object-store-mb", int, 200)):
         p.add_argument(name, type=kind, default=default, help="With --start: passed to `fpengine serve`.")
     p.add_argument("--ckpt", default=None, help="With --start: checkpoint folder (default: demo model).")
+    p.add_argument("--engine", default=None, help="With --start: an engine directory instead (fpengine export).")
+    p.add_argument("--backend", default=None, help="With --start and --engine: its backend (e.g. triton).")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="Requests sent (one at a time) before timing.")
@@ -82,8 +84,9 @@ class Started:
                "--object-store-mb", str(a.object_store_mb), "--max-frames", str(max(a.frames, 256))]
         if a.num_cpus:
             cmd += ["--num-cpus", str(a.num_cpus)]
-        if a.ckpt:
-            cmd += ["--ckpt", a.ckpt]
+        for flag, value in (("--ckpt", a.ckpt), ("--engine", a.engine), ("--backend", a.backend)):
+            if value:
+                cmd += [flag, value]
         # Token auth with a throwaway token (nothing written to ~/.ray); Ray's files in self.tmp.
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.tmp),
                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
