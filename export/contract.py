@@ -30,12 +30,10 @@ import torch
 from finephys.model.config import FinePhysConfig
 from finephys.errors import InputError
 from finephys.precision import Precision
-from finephys.sampler.options import MAX_PIXELS
 
 COMPONENTS = ("text_encoder", "heatmap_encoder", "unet", "vae_decoder")
 TEXT_LENGTH = 77
 VAE_CHUNK = 8  # finephys.sampler.stream.decode decodes 8 frames at a time
-MAX_SIDE = math.isqrt(MAX_PIXELS)  # 4096: one frame of this side fills generate's default --max-pixels
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -118,9 +116,6 @@ class ShapeProfile:
         for name in ("height", "width"):
             if any(v % 8 for v in getattr(self, name)):
                 raise InputError(f"{name}: profile sizes must be multiples of 8, got {getattr(self, name)}")
-            if getattr(self, name)[2] > MAX_SIDE:  # generate refuses windows this large (--max-pixels)
-                raise InputError(f"--{name} {':'.join(map(str, getattr(self, name)))}: expected sizes up to "
-                                 f"{MAX_SIDE}, the largest side generate can run")
 
     def point(self, i: int) -> dict:
         """i = 0, 1, 2: the min, opt or max corner as keyword arguments of ``resolve_dims``."""

@@ -107,7 +107,10 @@ def test_build_loaded_names_what_does_not_fit(tmp_path):
                                           (lambda c: c["config"].update(num_frames="x"), "num_frames is 'x', expected int"),
                                           (lambda c: c["config"]["pose"]["lifter"].update(dim=2.5),
                                            "pose.lifter.dim is 2.5, expected int"),
-                                          (lambda c: c["config"]["pose"].update(fuse_weight=3), "fuse_weight")])
+                                          (lambda c: c["config"]["pose"].update(fuse_weight=3), "fuse_weight"),
+                                          (lambda c: c["config"].update(lora=4), "lora is 4, expected an object"),
+                                          (lambda c: c["config"]["pose"].update(lifter=[1, 2]),
+                                           "pose.lifter is [1, 2], expected an object")])
 def test_a_config_of_the_wrong_shape_is_refused_by_every_command(demo_ckpt, tmp_path, change, said):
     """A hand-edited finephys.json: one line naming the field, from generate, export, train and poses alike."""
     from click.testing import CliRunner

@@ -154,15 +154,24 @@ def test_heatmap_peaks_find_a_gaussian_to_a_fraction_of_a_pixel():
     x, y, score = heatmap_peaks(hm.astype(np.float32))
     assert np.abs(np.stack([x, y], 1) - where).max() < 0.01
     assert np.allclose(score, hm.reshape(17, -1).max(1))
-    flat = np.zeros((3, 8, 8))
-    flat[0, 2:5, 2:5] = 1.0  # a plateau centred on (3, 3); its first maximum is (2, 2)
+    flat = np.zeros((3, 16, 16))
+    flat[0, 6:9, 6:9] = 1.0  # a plateau centred on (7, 7); its first maximum is (6, 6)
     flat[1, 0, 5] = 1.0  # on the border row
     flat[2] -= 1.0
     flat[2, 4, 3] = -0.5  # nothing positive
     flat[2, 4, 4] = -0.2
     x, y, _ = heatmap_peaks(flat)
-    assert 2.5 < x[0] <= 3.0 and abs(y[0] - x[0]) < 1e-9
+    assert 6.5 < x[0] <= 7.0 and abs(y[0] - x[0]) < 1e-9
     assert x[1:].tolist() == [5.0, 3.75] and y[1:].tolist() == [0.0, 4.0]
+    # near the border the step is taken on the map as it is (smoothing would pad it and pull the
+    # peak toward the edge), so a wide Gaussian there is still found exactly
+    for x0 in (1.0, 1.3, 2.2, 29.6, 30.2):
+        wide = np.exp(-((g[None, None, :] - x0) ** 2 + (g[None, :, None] - 15.3) ** 2) / 8)
+        x, y, _ = heatmap_peaks(wide)
+        assert abs(x[0] - x0) < 0.01 and abs(y[0] - 15.3) < 0.01, (x0, x, y)
+    for shape in ((2, 1, 5), (2, 5, 1), (2, 1, 1), (2, 2, 2)):  # maps too small for a step: arg-max, quarter shift
+        x, y, _ = heatmap_peaks(np.random.default_rng(1).random(shape))
+        assert x.shape == (2,) and (0 <= x).all() and (x <= shape[2] - 1).all() and (y <= shape[1] - 1).all()
 
 
 def test_an_fps_no_clip_can_hold_is_refused_with_the_options():

@@ -177,7 +177,10 @@ def _run_cli(args, **kw):
                           text=True, timeout=300, **kw)
 
 
-def test_cli_errors_before_any_process_starts(tmp_path):
+def test_cli_errors_before_any_process_starts(tmp_path, monkeypatch):
+    import engine.cli.parallel
+
+    monkeypatch.setattr(engine.cli.parallel, "launch", lambda *a, **k: pytest.fail("processes started"))
     base = ["--poses", WALK, "--prompt", "a walk", "--frames-dir", str(tmp_path / "f"), "--height", "32", "--width", "32"]
     cases = [
         (["--parallel", "guidance", "--device", "cuda"], "CUDA devices"),

@@ -210,7 +210,7 @@ def test_export_full_disk_leaves_nothing(demo_ckpt, tmp_path, monkeypatch):
     (["--frames", "1:16:64"], "at most 32 frames"),
     (["--height", "64:60:128"], "MIN <= OPT <= MAX"),
     (["--out", "nodir/e"], "does not exist"),
-    (["--height", "8:100000:100000"], "--height 8:100000:100000: expected sizes up to 4096"),
+    (["--height", "8:100000:100000"], "--height 8:100000:100000: expected sizes up to 8192 pixels"),
 ])
 def test_export_bad_options(demo_ckpt, tmp_path, args, words):
     base = {"--ckpt": str(demo_ckpt), "--out": str(tmp_path / "e")}

@@ -175,10 +175,14 @@ def test_bad_vae_options_are_refused(untrained, made_motion, tmp_path, args, mes
     assert not (tmp_path / "x").exists()
 
 
-def test_training_into_its_own_checkpoint_is_refused(untrained, made_motion, tmp_path):
-    """--out naming the --ckpt folder would replace the weights it trains from, even with --overwrite."""
+def test_training_into_its_own_checkpoint_is_refused(untrained, made_motion, tmp_path, monkeypatch):
+    """--out naming the --ckpt folder would replace the weights it trains from, even with --overwrite;
+    refused before the data is read (a folder of videos is decoded first)."""
     import shutil
 
+    import finephys.training.train_data
+
+    monkeypatch.setattr(finephys.training.train_data, "open_source", lambda *a, **k: pytest.fail("data read first"))
     ck = tmp_path / "ck"
     shutil.copytree(untrained, ck)
     before = sorted((p.relative_to(ck), p.stat().st_mtime_ns) for p in ck.rglob("*"))
@@ -288,9 +292,13 @@ def test_resuming_a_cosine_run_keeps_its_steps_and_an_old_state_keeps_its_schedu
     (["--height", "4096", "--width", "4096", "--frames", "4"], "pixels per clip, expected at most"),
     (["--steps", "0"], "--steps: 0, expected >= 1"),
 ])
-def test_training_options_that_were_ignored_or_crashed_are_refused(demo_ckpt, made_motion, tmp_path, args, message):
+def test_training_options_that_were_ignored_or_crashed_are_refused(demo_ckpt, made_motion, tmp_path, args, message,
+                                                                   monkeypatch):
     """--smoke keeps the options given (--steps 0 is refused, not made 2); a LoRA rank the
     checkpoint's LoRA does not have, and a clip no GPU holds, are refused before any work."""
+    import finephys.training.train_data
+
+    monkeypatch.setattr(finephys.training.train_data, "open_source", lambda *a, **k: pytest.fail("data read first"))
     r = CliRunner().invoke(main, ["train", "--ckpt", str(demo_ckpt), "--data", _render_spec(made_motion),
                                   "--out", str(tmp_path / "x"), "--smoke", *args])
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
@@ -298,7 +306,7 @@ def test_training_options_that_were_ignored_or_crashed_are_refused(demo_ckpt, ma
 
 
 def test_held_out_motion_that_is_also_trained_on_is_refused(untrained, made_motion, tmp_path):
-    motion = made_motion / "walk1.npz"  # one of the two walks the data folder holds
+    motion = made_motion / ".." / made_motion.name / "walk1.npz"  # one of the data folder's walks, spelled otherwise
     r = CliRunner().invoke(main, ["train", "--ckpt", str(untrained), "--data", _render_spec(made_motion),
                                   "--hold-out", str(motion), "--out", str(tmp_path / "x"), "--smoke"])
     assert r.exit_code == 2 and "is also in the training motion" in r.output, r.output

@@ -51,8 +51,9 @@ def load_packaged(engine_dir: Path, device, require_compiled: bool = False, log=
             (log or _stderr)(f"compiled packages: {why}; using the compiled steps or compiling just in time")
         return None
     if info.get("code") not in (None, code_hash()):
-        (log or _stderr)("compiled packages: built from an older version of the UNet step's code (its "
-                         "temporal-attention kernel may run slower); fpengine export --compile rebuilds them")
+        (log or _stderr)("compiled packages: built from another version of the UNet step's code or of diffusers "
+                         "(before 283252d, a temporal-attention kernel 4-7x slower); fpengine export --compile "
+                         "rebuilds them")
     return PackagedTritonModel(engine_dir, device, packages, require_compiled, log=log, **kw)
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from finephys.errors import InputError
-from finephys.files import check_new_path
 
 from engine.cli.common import PATH
 
@@ -40,6 +39,7 @@ def eval_video_cmd(video, poses, prompt, json_out, pose_model, pose_model_norm, 
     from finephys.training.judge import JUDGE_ONNX
 
     from engine.detect.video_in import VideoReader
+    from engine.outputs import check_output
     from engine.eval_video import evaluate, read_guide
 
     if mediapipe and pose_model is not None:
@@ -48,10 +48,7 @@ def eval_video_cmd(video, poses, prompt, json_out, pose_model, pose_model_norm, 
         raise InputError("--pose-model-norm goes with an ONNX pose model, not --mediapipe")
     if pose_model is not None and not Path(pose_model).is_file():
         raise InputError(f"--pose-model {pose_model}: file not found, expected an ONNX pose model")
-    if json_out is not None:
-        if Path(json_out).suffix != ".json":
-            raise InputError(f"--json {json_out}: expected a .json file name")
-        check_new_path(Path(json_out), overwrite, "--json")
+    check_output(json_out, overwrite, "--json", (".json",))
     guide = read_guide(poses)
     reader = VideoReader(video)
     frames = list(reader)

@@ -10,6 +10,8 @@ from finephys.errors import InputError
 
 from engine.cli.common import PATH, DeviceChoice
 
+MAX_SIDE = 8192  # a profile's largest height or width (generate's --max-pixels caps the window anyway)
+
 
 def _range(option: str, text: str | None):
     if text is None:
@@ -20,6 +22,8 @@ def _range(option: str, text: str | None):
         values = ()
     if len(values) != 3:
         raise InputError(f"{option} {text}: expected MIN:OPT:MAX, three integers")
+    if option in ("--height", "--width") and values[2] > MAX_SIDE:
+        raise InputError(f"{option} {text}: expected sizes up to {MAX_SIDE} pixels")
     return values
 
 

@@ -74,7 +74,7 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
     from finephys.model.checkpoint import read_config, read_manifest
     from finephys.sampler.options import MAX_PIXELS, check_video_size
     from finephys.model.text import load_tokenizer
-    from finephys.training.train import GenTrainOptions, Trainer
+    from finephys.training.train import GenTrainOptions, Trainer, check_run
     from finephys.training.train_data import open_source
 
     modules = ("encoder", "lora", "unet", "text_encoder", "vae") if train == "all" else \
@@ -111,6 +111,7 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
                          f"{size[0]}x{size[1]} = {pixels:,} pixels per clip, expected at most {MAX_PIXELS:,} "
                          "(the largest window generate takes)")
     dev = _device(device)
+    check_run(ckpt, out, opts, resume, overwrite)  # before the data, which may be videos to decode
     source = open_source(data, size, cfg.fps, frames or cfg.num_frames, load_tokenizer(Path(ckpt) / "tokenizer"),
                          held_out=held_out)
     trainer = Trainer(ckpt, source, out, opts, device=dev, resume=resume, overwrite=overwrite)

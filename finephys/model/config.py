@@ -11,6 +11,8 @@ _KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), 
 def _typed(cls, values: dict, where: str = ""):
     """``cls(**values)``, after checking that every number, text or dict field holds one (a config
     read from JSON may not): a TypeError names the first field that does not."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{where.rstrip('.') or 'config'} is {values!r}, expected an object of fields")
     for f in dataclasses.fields(cls):
         kinds, v = _KINDS.get(str(f.type)), values.get(f.name)
         if f.name in values and kinds and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):

@@ -348,11 +348,12 @@ def motion_stem(motion: Motion) -> str:
 
 
 def check_apart(train: list[Motion], held: list[Motion], option: str) -> None:
-    """Refuse held-out motion that is also trained on (the same sequence reached twice)."""
-    seen = {(m.name, m.joints.shape): m for m in train}
+    """Refuse held-out motion that is also trained on: the same joints, however the file was named."""
+    seen = {}
+    for m in train:
+        seen.setdefault(m.joints.shape, []).append(m)
     for m in held:
-        twin = seen.get((m.name, m.joints.shape))
-        if twin is not None and np.array_equal(twin.joints, m.joints):
+        if any(np.array_equal(t.joints, m.joints) for t in seen.get(m.joints.shape, ())):
             raise InputError(f"{option}: the sequence {m.name} is also in the training motion; held-out motion "
                              f"must not be trained on (name other motion, or leave it out of the training set)")
 

@@ -237,25 +237,33 @@ def _lr(step: int, warmup: int, schedule: str = "constant", total: int = 1) -> f
     return (1 + math.cos(math.pi * f)) / 2
 
 
+def check_run(ckpt: Path, out: Path, opts: GenTrainOptions, resume: bool = False, overwrite: bool = False) -> Path:
+    """The options, the output and its training state, and the LoRA rank against the checkpoint's,
+    checked before any data is read; returns the training-state folder (OUT.training)."""
+    opts.check()
+    out = Path(out)
+    state_dir = out.with_name(out.name + ".training")
+    if state_dir.exists() and not resume and not overwrite:
+        raise InputError(f"{state_dir} holds an earlier run's training state: pass --resume to continue "
+                         f"it or --overwrite to start again")
+    if resume and not (state_dir / "state.json").is_file():
+        raise InputError(f"--resume: no training state in {state_dir}")
+    if out.exists() and out.resolve() == Path(ckpt).resolve():
+        raise InputError(f"--out {out} is the checkpoint folder itself (--ckpt): pick a new folder")
+    prepare_output_dir(out, overwrite or resume)
+    lora = read_config(ckpt).lora
+    if opts.lora_rank is not None and lora is not None and lora.rank != opts.lora_rank and \
+            (Path(ckpt) / "lora").is_dir():
+        raise InputError(f"--lora-rank {opts.lora_rank}: {ckpt} already has a LoRA of rank {lora.rank}, which "
+                         "training goes on with (leave --lora-rank out, or start from a checkpoint without one)")
+    return state_dir
+
+
 class Trainer:
     def __init__(self, ckpt: Path, source, out: Path, opts: GenTrainOptions, device="cpu",
                  resume: bool = False, overwrite: bool = False, progress: bool = True):
-        opts.check()
+        self.state_dir = check_run(ckpt, out, opts, resume, overwrite)
         self.opts, self.source, self.out, self.device, self.progress = opts, source, Path(out), torch.device(device), progress
-        self.state_dir = self.out.with_name(self.out.name + ".training")
-        if self.state_dir.exists() and not resume and not overwrite:
-            raise InputError(f"{self.state_dir} holds an earlier run's training state: pass --resume to continue "
-                             f"it or --overwrite to start again")
-        if resume and not (self.state_dir / "state.json").is_file():
-            raise InputError(f"--resume: no training state in {self.state_dir}")
-        if self.out.exists() and self.out.resolve() == Path(ckpt).resolve():
-            raise InputError(f"--out {out} is the checkpoint folder itself (--ckpt): pick a new folder")
-        prepare_output_dir(self.out, overwrite or resume)
-        lora = read_config(ckpt).lora
-        if opts.lora_rank is not None and lora is not None and lora.rank != opts.lora_rank and \
-                (Path(ckpt) / "lora").is_dir():
-            raise InputError(f"--lora-rank {opts.lora_rank}: {ckpt} already has a LoRA of rank {lora.rank}, which "
-                             "training goes on with (leave --lora-rank out, or start from a checkpoint without one)")
         self.ckpt = Path(ckpt)
         parts = load_checkpoint(self.ckpt)
         if opts.vae_from:
