@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from finephys.files import sha256, share_tree, writable_folder, write_json
+from finephys.files import check_parent, sha256, share_tree, write_json
 from finephys.model.checkpoint import MANIFEST as CKPT_MANIFEST, read_config
 from finephys.errors import InputError
 from finephys.precision import Precision
@@ -141,10 +141,7 @@ def export_engine(ckpt: Path, out: Path, precision: str = "fp16", profile: Shape
     if profile.frames[2] > max_frames:
         raise InputError(f"--frames {':'.join(map(str, profile.frames))}: this model's motion modules see at most "
                          f"{max_frames} frames")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
-    if not writable_folder(out.parent):
-        raise InputError(f"--out {out}: cannot write in the folder {out.parent} (no permission, or read-only)")
+    check_parent(out, "--out")  # an engine there already is updated in place (_previous)
     if out.exists() and out.resolve() == ckpt.resolve():
         raise InputError(f"--out {out} is the checkpoint folder itself")
     source_hash = sha256(ckpt / CKPT_MANIFEST)

@@ -38,16 +38,21 @@ def writable_folder(folder: Path) -> bool:
         return False
 
 
+def check_parent(path: Path, option: str) -> None:
+    """That the folder ``path`` goes in exists and takes new files."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: the folder {parent} does not exist")
+    if not writable_folder(parent):
+        raise InputError(f"{option} {path}: cannot write in the folder {parent} (no permission, or read-only)")
+
+
 def check_new_path(path: Path, overwrite: bool, option: str, folder: bool = False) -> None:
     """That ``path`` can be written as a new file (``folder``: a new folder) before any work
     starts: its folder exists and takes new files, and what is there already is replaced only
     with ``overwrite`` and only by the same kind of thing."""
     path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{option} {path}: the folder {parent} does not exist")
-    if not writable_folder(parent):
-        raise InputError(f"{option} {path}: cannot write in the folder {parent} (no permission, or read-only)")
+    check_parent(path, option)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise InputError(f"{option} {path}: already exists (pass --overwrite to replace it)")

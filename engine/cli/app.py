@@ -182,7 +182,8 @@ def init(out, demo, untrained, vae_scale_factor, base, motion_module, lora, pose
     """Compose a FinePhys checkpoint folder OUT (from public parts, or --demo)."""
     import tempfile
 
-    from finephys.model.checkpoint import prepare_output_dir, save_checkpoint
+    from finephys.files import check_new_path
+    from finephys.model.checkpoint import save_checkpoint
     from finephys.model.compose import compose, tokenizer_source
     from finephys.model.demo import make_demo_parts
     from finephys.model.text import write_clip_tokenizer
@@ -195,7 +196,7 @@ def init(out, demo, untrained, vae_scale_factor, base, motion_module, lora, pose
         raise InputError("init: --vae-scale-factor goes with --demo --untrained (the trained demo's is fixed)")
     if demo and (lora is not None or pose_weights is not None):
         raise InputError("init: --lora and --pose-weights go with --base, not --demo")
-    prepare_output_dir(out, overwrite)
+    check_new_path(out, overwrite, "--out", folder=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp)
         if demo:

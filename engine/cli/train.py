@@ -151,29 +151,27 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
 def train_judge_cmd(data, held_out, out, steps, batch_size, lr, width, depth, time_limit, wide_colours, eval_clips, seed,
                     device, overwrite):
     """Train the judge pose network that `eval-video` runs on the demo's figures."""
-    from finephys.model.checkpoint import prepare_output_dir
     from finephys.files import atomic_path
     from finephys.training.judge import SIZE, export_judge, train_judge
+
+    from engine.outputs import check_output
     from finephys.training.train_data import RenderSource
 
     if not data.startswith("render:"):
         raise InputError(f"--data {data}: expected render:MOTION[,MOTION...]")
-    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--width", width)):
-        if value < 1:
-            raise InputError(f"{name} {value}: expected >= 1")
-    for name, value in (("--depth", depth), ("--eval-clips", eval_clips)):
-        if value < 0:
-            raise InputError(f"{name} {value}: expected >= 0")
-    for name, value, most in (("--width", width, 512), ("--depth", depth, 64), ("--batch-size", batch_size, 4096)):
-        if value > most:  # a judge of 128x128 crops; more would only exhaust the memory
+    # (least, most): a judge of 128x128 crops; more would only exhaust the memory
+    for name, value, least, most in (("--steps", steps, 1, None), ("--batch-size", batch_size, 1, 4096),
+                                     ("--width", width, 1, 512), ("--depth", depth, 0, 64),
+                                     ("--eval-clips", eval_clips, 0, None)):
+        if value < least:
+            raise InputError(f"{name} {value}: expected >= {least}")
+        if most is not None and value > most:
             raise InputError(f"{name} {value}: expected at most {most}")
     if not (math.isfinite(lr) and lr > 0):
         raise InputError(f"--lr {lr}: expected a number > 0")
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise InputError(f"--time-limit {time_limit}: expected minutes > 0")
-    if Path(out).suffix != ".onnx":
-        raise InputError(f"--out {out}: expected a .onnx file name")
-    prepare_output_dir(out, overwrite, folder=False)
+    check_output(out, overwrite, "--out", (".onnx",))
     dev = _device(device)
     paths = [p for p in data[len("render:"):].split(",") if p]
     source = RenderSource(paths, (SIZE, SIZE), 8.0, 8, held_out=held_out)

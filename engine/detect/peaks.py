@@ -7,9 +7,10 @@ Gaussian, as models trained on Gaussian targets draw it, its logarithm is a quad
 one Newton step from the arg-max: offset = -H^-1 g, with the gradient g and the Hessian H of the
 log-map taken by central differences there (the distribution-aware decoding of Zhang et al.,
 CVPR 2020, "DARK"). The map is smoothed first with a small Gaussian, which keeps a Gaussian peak
-Gaussian and evens out a noisy one. Where the log-map is not concave at the arg-max (a flat top,
-a map that is zero or negative nearby, the border), or the step would leave the peak's pixel by
-more than one, the quarter shift is used instead.
+Gaussian and evens out a noisy one; near the border, where the smoothing would pad the map, the
+step is taken on the map as it is. Where the log-map is not concave at the arg-max (a flat top,
+a map that is zero or negative nearby, the border itself, a map under 3 pixels wide), or the step
+would leave the peak's pixel by more than one, the quarter shift is used instead.
 """
 from __future__ import annotations
 

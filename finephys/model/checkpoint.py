@@ -46,14 +46,9 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def prepare_output_dir(out: Path, overwrite: bool, option: str = "--out", folder: bool = True) -> None:
-    """``out`` can be written (see ``check_new_path``): a checkpoint folder, or with ``folder=False`` a file."""
-    check_new_path(out, overwrite, option, folder=folder)
-
-
 def save_checkpoint(parts: FinePhysParts, out: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
     out = Path(out)
-    prepare_output_dir(out, overwrite)
+    check_new_path(out, overwrite, "--out", folder=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         cfg = parts.config

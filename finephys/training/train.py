@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from finephys.model.checkpoint import load_checkpoint, prepare_output_dir, read_config, save_checkpoint
+from finephys.files import check_new_path
+from finephys.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from finephys.model.config import LoraConfig
 from finephys.errors import InputError
 from finephys.training.loss_plot import plot_history
@@ -250,7 +251,7 @@ def check_run(ckpt: Path, out: Path, opts: GenTrainOptions, resume: bool = False
         raise InputError(f"--resume: no training state in {state_dir}")
     if out.exists() and out.resolve() == Path(ckpt).resolve():
         raise InputError(f"--out {out} is the checkpoint folder itself (--ckpt): pick a new folder")
-    prepare_output_dir(out, overwrite or resume)
+    check_new_path(out, overwrite or resume, "--out", folder=True)
     lora = read_config(ckpt).lora
     if opts.lora_rank is not None and lora is not None and lora.rank != opts.lora_rank and \
             (Path(ckpt) / "lora").is_dir():
