@@ -1,5 +1,6 @@
 """Start-up of ``fpengine generate --engine E --backend triton`` in a new process (issue 19):
-wall time from process start to exit (the last frame written), for a full-size random-weight
+wall time from process start to exit, and to the last frame written (``*_last_frame_s``: the
+output's newest file time; CUDA's teardown comes after it), for a full-size random-weight
 engine (SD 1.5 + AnimateDiff v2 shapes) with and without precompiled UNet steps.
 
     python benchmarks/bench_startup.py --work /tmp/startup --size 512 [--frames 16 --steps 25] [--cases ...]
@@ -49,6 +50,12 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> flo
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}); see {log}")
     return wall
+
+
+def last_written(target: Path) -> float:
+    """When the output was last written (the mp4, or the newest frame of a PNG folder), as time.time()."""
+    files = [p for p in target.iterdir()] if target.is_dir() else [target]
+    return max(p.stat().st_mtime for p in files)
 
 
 PEAK = "bench_startup peak_gpu_mb="
@@ -152,8 +159,10 @@ def main():
         target = a.work / f"{name}.mp4" if row["output"] == "mp4" else a.work / f"{name}_frames"
         out = ["--out" if row["output"] == "mp4" else "--frames-dir", str(target)]
         env = {"TORCHINDUCTOR_CACHE_DIR": cdir, "BENCH_STARTUP_PROFILE": "1" if name == "precompiled_again" else "0"}
+        started = time.time()
         row[f"{name}_s"] = round(run([sys.executable, __file__, "_run", load, save] + gen + out + ["--engine", str(eng)]
                                      + extra, env=env, log=a.work / f"{name}.log"), 1)
+        row[f"{name}_last_frame_s"] = round(last_written(target) - started, 1)  # the process ends after (teardown)
         row[f"{name}_peak_gpu_mb"] = peak_mb(a.work / f"{name}.log")
         if name == "jit_cold":
             row["portable_cache_mb"] = round(portable.stat().st_size / 2**20, 1) if portable.exists() else None

@@ -2,6 +2,7 @@
 to a temporary name and renamed, never overwritten without ``--overwrite``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -47,31 +48,55 @@ def save_npz(path: Path, arrays: dict) -> None:
 
 
 PNG_LEVEL = 1  # zlib's fastest: 5x faster than PIL's default 6 for 29% larger files (a 512x512 frame: 15 against 75 ms)
+PNG_THREADS = min(4, os.cpu_count() or 1)
 
 
 class PngSequence:
     """Frames written one by one as ``folder/frame_00000.png`` ...: each file appears complete
     (temporary name, then rename), so an interrupted run leaves every finished frame. The folder
     is made (an old one replaced, with ``overwrite``) at the first frame: a run stopped before
-    it leaves nothing."""
+    it leaves nothing. Frames are compressed on a few threads (zlib runs without the GIL): the 16
+    frames of a window arrive at once, and one thread took 0.56 s for them at 512x512 on an H200's
+    host. ``close`` waits for every frame handed over and raises the first failure."""
 
-    def __init__(self, folder: Path, overwrite: bool):
-        self.folder, self.count = Path(folder), 0
+    def __init__(self, folder: Path, overwrite: bool, threads: int = PNG_THREADS):
+        self.folder, self.count, self.threads = Path(folder), 0, max(1, threads)
         if self.folder.exists() and not overwrite:
             raise InputError(f"{self.folder} already exists (pass --overwrite to replace it)")
+        self._pool, self._pending = None, []
 
-    def append(self, frame: np.ndarray) -> None:
+    def _write(self, frame: np.ndarray, index: int) -> None:
         from PIL import Image
 
+        final = self.folder / f"frame_{index:05d}.png"
+        tmp = final.with_name(f".{final.name}.tmp")
+        Image.fromarray(frame).save(tmp, format="PNG", compress_level=PNG_LEVEL)
+        os.replace(tmp, final)
+
+    def append(self, frame: np.ndarray) -> None:
         if self.count == 0:
             if self.folder.exists():
                 shutil.rmtree(self.folder) if self.folder.is_dir() else self.folder.unlink()
             self.folder.mkdir()
-        final = self.folder / f"frame_{self.count:05d}.png"
-        tmp = final.with_name(f".{final.name}.tmp")
-        Image.fromarray(frame).save(tmp, format="PNG", compress_level=PNG_LEVEL)
-        os.replace(tmp, final)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="png")
+        while len(self._pending) >= 2 * self.threads:  # a bounded queue: finished frames are not held in memory
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self._write, np.array(frame, copy=True), self.count))
         self.count += 1
+
+    def close(self) -> None:
+        """Wait for every frame handed over; raise the first write that failed."""
+        pending, self._pending = self._pending, []
+        try:
+            for f in pending:
+                f.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
 
 def interrupted_line(count: int, out: Path | None, frames_dir: Path | None, when: str = "") -> str:
@@ -104,7 +129,12 @@ def stream_frames(frames, fps: float, out: Path | None, frames_dir: Path | None,
     except BaseException:
         if video is not None:
             video.abort()
+        if pngs is not None:
+            with contextlib.suppress(Exception):  # the frames already handed over are finished; the first error stands
+                pngs.close()
         raise
+    if pngs is not None:
+        pngs.close()
     if video is not None:
         video.close() if video.count else video.abort()
     return count, interrupt

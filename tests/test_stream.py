@@ -373,6 +373,7 @@ def test_png_frames_are_written_with_zlibs_fastest_level(tmp_path):
     frame = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     seq = PngSequence(tmp_path / "f", overwrite=False)
     seq.append(frame)
+    seq.close()
     data = (tmp_path / "f" / "frame_00000.png").read_bytes()
     at = 8
     while data[at + 4:at + 8] != b"IDAT":
@@ -380,3 +381,33 @@ def test_png_frames_are_written_with_zlibs_fastest_level(tmp_path):
     assert data[at + 9] >> 6 == 0  # zlib FLG: FLEVEL in the top two bits
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(tmp_path / "f" / "frame_00000.png")), frame)
+
+
+def test_png_frames_written_on_threads_keep_their_order_content_and_errors(tmp_path, monkeypatch):
+    """Frames compressed on several threads land under their own index with their own pixels
+    (each is copied when handed over: the caller may reuse its buffer), and a frame the disk
+    refuses surfaces from close() as the OSError it was."""
+    from PIL import Image
+
+    from engine.outputs import PngSequence
+    rng = np.random.default_rng(1)
+    frames = [(rng.random((32, 48, 3)) * 255).astype(np.uint8) for _ in range(9)]
+    seq = PngSequence(tmp_path / "f", overwrite=False, threads=3)
+    buf = np.empty_like(frames[0])
+    for f in frames:
+        buf[:] = f  # one buffer, overwritten after each append
+        seq.append(buf)
+    seq.close()
+    names = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert names == [f"frame_{i:05d}.png" for i in range(9)]
+    for i, f in enumerate(frames):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "f" / names[i])), f)
+
+    def refuse(self, frame, index):
+        raise PermissionError(13, "Permission denied", f"frame {index}")
+
+    monkeypatch.setattr(PngSequence, "_write", refuse)
+    seq = PngSequence(tmp_path / "g", overwrite=False, threads=2)
+    seq.append(frames[0])
+    with pytest.raises(PermissionError):
+        seq.close()

@@ -110,7 +110,7 @@ class PackagedTritonModel(GraphBackend):
             if self._graphs and self.device.type == "cuda":
                 from engine.fast_unet import CudaGraphCall
 
-                runner = CudaGraphCall(runner)
+                runner = CudaGraphCall(runner, warmup=1)  # a package is compiled: one call sets up its handles
         self._runners[key] = runner
         return runner
 
