@@ -54,7 +54,7 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> flo
 
 def last_written(target: Path) -> float:
     """When the output was last written (the mp4, or the newest frame of a PNG folder), as time.time()."""
-    files = [p for p in target.iterdir()] if target.is_dir() else [target]
+    files = list(target.iterdir()) if target.is_dir() else [target]
     return max(p.stat().st_mtime for p in files)
 
 
