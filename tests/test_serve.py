@@ -727,9 +727,11 @@ def test_shutdown_drains_then_is_clean(service, tmp_path):
     print(f"service: ready in {service.ready_s:.1f}s, stopped in {time.time() - t0:.1f}s")
 
 
-def test_model_spec_runs_an_engine_directory(tmp_path, engine16, walk_clip):
+def test_model_spec_runs_an_engine_directory(tmp_path, engine16, walk_clip, monkeypatch):
     """`fpengine serve --engine E --backend B`: replicas load the engine on its backend (here
-    onnxruntime on the CPU) and give what `generate --engine` gives; bad combinations get one line."""
+    onnxruntime on the CPU), warm it up, and give what `generate --engine` gives; bad combinations
+    get one line."""
+    import engine.serve.warmup
     from engine.load import load_model
     from engine.serve.config import ModelSpec
     from finephys.sampler.options import GenerateOptions
@@ -740,8 +742,10 @@ def test_model_spec_runs_an_engine_directory(tmp_path, engine16, walk_clip):
     assert spec.config().to_dict() == load_model(None, "cpu", engine=engine16, backend="onnxruntime").config.to_dict()
     assert "onnxruntime backend" in spec.name and not spec.wants_gpu()
     assert ModelSpec(engine=str(engine16), backend="triton").wants_gpu()
+    warmed = []
+    monkeypatch.setattr(engine.serve.warmup, "warm_up_requests", lambda m, log: warmed.append(m.name))
     model = spec.load()
-    assert model.name == "onnxruntime"
+    assert model.name == "onnxruntime" and warmed == ["onnxruntime"]
     opts = GenerateOptions("a person walking", num_frames=4, height=64, width=64, num_inference_steps=2, seed=3)
     want = generate(load_model(None, "cpu", engine=engine16, backend="onnxruntime"), walk_clip, opts, progress=False)
     got = generate(model, walk_clip, opts, progress=False)
@@ -754,3 +758,48 @@ def test_model_spec_runs_an_engine_directory(tmp_path, engine16, walk_clip):
     ]:
         with pytest.raises(InputError, match=message):
             bad.check()
+
+
+def test_warm_up_requests_run_every_precompiled_shape_end_to_end():
+    """A replica's warm-up runs one short request of each precompiled shape (BxFxHxW) through the
+    request path itself: the pose stack on a standing figure, the text, the UNet at that batch
+    (2: guidance on, 1: off) and the decode of every frame; a model without such shapes runs none."""
+    from engine.load import load_model
+    from engine.serve.warmup import standing_clip, warm_up_requests
+
+    class Packaged:
+        """The demo model, claiming precompiled shapes and recording the UNet's and VAE's inputs."""
+
+        def __init__(self, model, shapes):
+            self.model, self.shapes, self.unet, self.decoded = model, shapes, [], []
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def compiled_shapes(self):
+            return self.shapes
+
+        def predict_noise(self, sample, *args):
+            self.unet.append(tuple(sample.shape))
+            return self.model.predict_noise(sample, *args)
+
+        def decode_latents(self, latents):
+            self.decoded.append(tuple(latents.shape))
+            return self.model.decode_latents(latents)
+
+    base = load_model(None, device="cpu")
+    s = base.config.vae_scale_factor
+    model = Packaged(base, ["2x4x64x64", "1x3x32x64"])
+    lines = []
+    assert warm_up_requests(model, steps=2, log=lines.append) == ["2x4x64x64", "1x3x32x64"]
+    c = 4  # SD's latent channels
+    assert model.unet == [(2, c, 4, 64 // s, 64 // s)] * 2 + [(1, c, 3, 32 // s, 64 // s)] * 2
+    assert sum(d[0] for d in model.decoded if d[2:] == (64 // s, 64 // s)) == 4
+    assert sum(d[0] for d in model.decoded if d[2:] == (32 // s, 64 // s)) == 3
+    assert [line.split(":")[0] for line in lines] == ["warm-up request 4x64x64", "warm-up request 3x32x64"]
+    idle = Packaged(base, [])
+    assert warm_up_requests(idle, log=lines.append) == [] and idle.unet == []
+    clip = standing_clip(16, 512, 256, 8.0)
+    assert clip.keypoints.shape == (16, 17, 2) and clip.image_size == (512, 256)
+    assert (clip.keypoints[..., 0] > 0).all() and (clip.keypoints[..., 0] < 256).all()
+    assert (clip.keypoints[..., 1] > 0).all() and (clip.keypoints[..., 1] < 512).all()

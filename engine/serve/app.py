@@ -108,7 +108,7 @@ class Generator:
         tempfile.tempdir = str(self.root / "tmp")  # library temp files stay in the working folder too
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.root / "cache"))  # else it lands in tmp
         torch.set_num_threads(max(1, round(config.replica_cpus)))
-        self.model = config.model.load()
+        self.model = config.model.load(log=log.info)
         self.batcher = Batcher(self._rounds, config.max_batch_size, config.batch_wait_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batch_sizes: Counter = Counter()

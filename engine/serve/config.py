@@ -67,16 +67,20 @@ class ModelSpec:
 
         return read_config(Path(self.ckpt))
 
-    def load(self):
+    def load(self, log=print):
         """The model a replica runs (the backend contract of ``finephys.model.backend``), warmed up:
-        the triton backend loads and graph-captures its precompiled steps before the first request."""
+        the triton backend loads and graph-captures its precompiled steps, then one short request
+        of each precompiled shape runs end to end (``engine.serve.warmup``), before the first
+        request."""
         from engine.load import load_model, pick_device
+        from engine.serve.warmup import warm_up_requests
 
         if self.engine is not None:
             model = load_model(None, device=self.device, engine=Path(self.engine), backend=self.backend)
         else:
             model = load_model(None if self.ckpt is None else Path(self.ckpt), device=pick_device(self.device))
         model.warm_up()
+        warm_up_requests(model, log=log)
         return model
 
     def wants_gpu(self) -> bool:
