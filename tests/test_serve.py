@@ -803,3 +803,35 @@ def test_warm_up_requests_run_every_precompiled_shape_end_to_end():
     assert clip.keypoints.shape == (16, 17, 2) and clip.image_size == (512, 256)
     assert (clip.keypoints[..., 0] > 0).all() and (clip.keypoints[..., 0] < 256).all()
     assert (clip.keypoints[..., 1] > 0).all() and (clip.keypoints[..., 1] < 512).all()
+
+
+def test_an_interrupt_swallowed_while_starting_prints_no_stack_dump(capsys):
+    """SIGTERM while the service starts can land where Python only reports and ignores the
+    KeyboardInterrupt (a fork hook, a finaliser): no "Exception ignored" stack dump then, since the
+    signal is recorded and acted on; any other ignored exception is still reported."""
+    from engine.cli.serve import _Signals
+
+    signals, reported = _Signals(), []
+
+    class Finalised:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            if self.exc is None:
+                signals(signal.SIGTERM, None)  # raises KeyboardInterrupt, as the handler does
+            raise self.exc
+
+    def record(info):
+        reported.append(info.exc_type)
+
+    previous, sys.unraisablehook = sys.unraisablehook, record
+    try:
+        with signals.quiet_swallowed_interrupts():
+            Finalised(None)
+            Finalised(ValueError("other"))
+        assert sys.unraisablehook is record  # put back
+    finally:
+        sys.unraisablehook = previous
+    assert signals.stop.is_set() and reported == [ValueError]
+    assert "Traceback" not in capsys.readouterr().err

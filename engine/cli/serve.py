@@ -1,6 +1,7 @@
 """``fpengine serve``: the engine as an HTTP service on Ray Serve."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -85,8 +86,9 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
     previous = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            service = start(config, host=host, port=port, address=address, num_cpus=num_cpus,
-                            object_store_mb=object_store_mb, own_workdir=own, interrupted=signals.stop.is_set)
+            with signals.quiet_swallowed_interrupts():
+                service = start(config, host=host, port=port, address=address, num_cpus=num_cpus,
+                                object_store_mb=object_store_mb, own_workdir=own, interrupted=signals.stop.is_set)
         except BaseException as exc:
             if own:
                 shutil.rmtree(root, ignore_errors=True)
@@ -145,3 +147,20 @@ class _Signals:
             self.stop.set()
             raise KeyboardInterrupt
         (self.now if self.stop.is_set() else self.stop).set()
+
+    @contextlib.contextmanager
+    def quiet_swallowed_interrupts(self):
+        """While starting, an interrupt raised where Python can only ignore it (a fork hook, a
+        finaliser) would print "Exception ignored in ..." and a stack dump; ``stop`` holds it
+        anyway, so drop those, and pass every other unraisable exception on."""
+        previous = sys.unraisablehook
+
+        def hook(info):
+            if not (isinstance(info.exc_value, KeyboardInterrupt) and self.stop.is_set()):
+                previous(info)
+
+        sys.unraisablehook = hook
+        try:
+            yield
+        finally:
+            sys.unraisablehook = previous
