@@ -762,10 +762,10 @@ def test_model_spec_runs_an_engine_directory(tmp_path, engine16, walk_clip, monk
 
 def test_warm_up_requests_run_every_precompiled_shape_end_to_end():
     """A replica's warm-up runs one short request of each precompiled shape (BxFxHxW) through the
-    request path itself: the pose stack on a standing figure, the text, the UNet at that batch
+    request path itself: the pose stack on `fpengine check`'s clip, the text, the UNet at that batch
     (2: guidance on, 1: off) and the decode of every frame; a model without such shapes runs none."""
     from engine.load import load_model
-    from engine.serve.warmup import standing_clip, warm_up_requests
+    from engine.serve.warmup import warm_up_requests
 
     class Packaged:
         """The demo model, claiming precompiled shapes and recording the UNet's and VAE's inputs."""
@@ -799,10 +799,6 @@ def test_warm_up_requests_run_every_precompiled_shape_end_to_end():
     assert [line.split(":")[0] for line in lines] == ["warm-up request 4x64x64", "warm-up request 3x32x64"]
     idle = Packaged(base, [])
     assert warm_up_requests(idle, log=lines.append) == [] and idle.unet == []
-    clip = standing_clip(16, 512, 256, 8.0)
-    assert clip.keypoints.shape == (16, 17, 2) and clip.image_size == (512, 256)
-    assert (clip.keypoints[..., 0] > 0).all() and (clip.keypoints[..., 0] < 256).all()
-    assert (clip.keypoints[..., 1] > 0).all() and (clip.keypoints[..., 1] < 512).all()
 
 
 def test_an_interrupt_swallowed_while_starting_prints_no_stack_dump(capsys):
