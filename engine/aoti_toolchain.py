@@ -61,6 +61,7 @@ def probe(cxx: str | None, device: str, timeout: float = PROBE_TIMEOUT_S) -> str
     if host_isa_configs(device):
         env["TORCHINDUCTOR_VEC_ISA_OK"] = "0"
     with tempfile.TemporaryDirectory() as d:
+        env["TMPDIR"] = d  # the loader unpacks the package under TMPDIR; a crashed probe leaves it here, not in /tmp
         try:
             r = subprocess.run([sys.executable, "-c", _PROBE, str(Path(d) / "probe.pt2"), device], env=env,
                                capture_output=True, text=True, timeout=timeout)

@@ -59,6 +59,22 @@ def test_probe_names_a_crash_by_its_signal_a_failure_by_its_error_line_and_a_tim
     assert tc.probe("cc", "cpu", timeout=5) == "timed out after 5 s"
 
 
+def test_what_a_crashed_probe_unpacked_is_removed_with_it(monkeypatch):
+    """The package loader unpacks into ``$TMPDIR/aotinductor_*`` and removes that on a clean exit
+    only: a probe whose package crashed its process must not leave it in the system temp folder."""
+    left = []
+
+    def crash(*a, **k):
+        unpacked = Path(k["env"]["TMPDIR"]) / "aotinductor_x" / "probe"
+        unpacked.mkdir(parents=True)
+        left.append(unpacked)
+        return subprocess.CompletedProcess(a, -11, "", "")
+
+    monkeypatch.setattr(tc.subprocess, "run", crash)
+    assert tc.probe("cc", "cpu").endswith("(SIGSEGV)")
+    assert len(left) == 1 and not left[0].exists()
+
+
 def test_a_crashing_cxx_is_passed_over_for_the_system_gxx_with_one_line(monkeypatch, tmp_path, fresh_choice):
     system = tmp_path / "g++"
     system.write_text("")
