@@ -83,9 +83,10 @@ class UNetShallowGraph(UNetCacheGraph):
                                          self.depth)
 
 
-def shape_key(t: torch.Tensor) -> str:
-    """A package's key: its first input's shape, e.g. ``2x4x16x64x64`` for a UNet step."""
-    return "x".join(str(int(d)) for d in t.shape)
+def shape_key(t) -> str:
+    """A package's key: its first input's shape (the tensor, or its shape), e.g. ``2x4x16x64x64``
+    for a UNet step."""
+    return "x".join(str(int(d)) for d in getattr(t, "shape", t))
 
 
 def step_key(channels: int, batch: int, frames: int, height: int, width: int, factor: int) -> str:

@@ -137,6 +137,13 @@ class ShapeProfile:
         return ShapeProfile(frames=(1, opt_frames, max_frames), height=side(cfg.height), width=side(cfg.width),
                             decode_batch=(1, min(VAE_CHUNK, opt_frames), VAE_CHUNK))
 
+    def fits_requests(self, requests: int, cfg_on: bool) -> bool:
+        """Whether ``requests`` generation requests fit one batch: their UNet batch and prompts (two
+        each with guidance) within the profile. The pose features and the decode run request by
+        request, so frames do not add up."""
+        n = requests * (2 if cfg_on else 1)
+        return n <= self.batch[2] and n <= self.prompts[2]
+
     def check(self, what: str, **values) -> None:
         """InputError unless every given dimension lies within the profile."""
         for name, v in values.items():

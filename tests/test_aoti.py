@@ -60,6 +60,34 @@ def test_load_says_which_packages_it_skips_and_which_are_stale(tmp_path, monkeyp
     assert len(lines) == 1 and "torch 2.9.0" in lines[0], lines
 
 
+def test_a_packaged_engine_batches_requests_only_where_packages_cover_the_batch(engine16):
+    """Serve's batching asks ``fits_batch``: within the profile (UNet batch and prompts up to 2),
+    and where one request of a shape runs from packages, a batch of them must too (else the
+    batch would compile just in time in the middle of serving). Shapes without packages batch as
+    the profile allows."""
+    from engine.backends.aoti import PackagedTritonModel
+    from finephys.sampler.options import Plan
+
+    def model(*keys):
+        return PackagedTritonModel(engine16, "cpu", [{"component": c, "key": k} for c, k in keys])
+
+    guided = Plan(frames=16, height=64, width=64, steps=2, guidance=7.5, length=16, stride=4)
+    plain = dataclasses.replace(guided, guidance=1.0)
+    deep = dataclasses.replace(plain, deep_cache=(2, 1))
+    text1, text2 = ("text_encoder", "1x77"), ("text_encoder", "2x77")
+    unet1, unet2 = ("unet", "1x4x16x16x16"), ("unet", "2x4x16x16x16")  # 64x64 at 4 pixels a latent
+    default = model(text2, unet2)  # export --compile's default shape: one request with guidance
+    assert default.fits_batch(guided, 1) and not default.fits_batch(guided, 2)  # a UNet batch of 4: the profile
+    assert default.fits_batch(plain, 2)  # unguided requests have no package either way
+    unguided = model(text1, unet1)
+    assert unguided.fits_batch(plain, 1) and not unguided.fits_batch(plain, 2)
+    assert model(text1, unet1, unet2).fits_batch(plain, 2) is False  # no text encoder for 2 prompts
+    assert model(text1, text2, unet1, unet2).fits_batch(plain, 2)
+    cached = [("unet_cache_d1", "1x4x16x16x16"), ("unet_shallow_d1", "1x4x16x16x16")]
+    assert not model(text1, text2, unet1, unet2, *cached).fits_batch(deep, 2)
+    assert model(text1, text2, *cached, *[(c, "2x4x16x16x16") for c, _ in cached]).fits_batch(deep, 2)
+
+
 def test_package_dims_cover_the_sampler_calls_of_a_shape(demo_ckpt):
     from finephys.model.checkpoint import read_config
 

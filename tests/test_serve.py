@@ -214,6 +214,53 @@ def test_batched_deep_cache_matches_single_requests(demo_model, walk_clip):
     assert parse_options({**SMALL, "deep_cache": 2}).deep_cache == 2
 
 
+def test_a_batch_holds_only_what_an_engine_runs_together(engine16, walk_clip):
+    """On an engine (here onnxruntime: its profile takes a UNet batch and prompts of up to 2),
+    guided requests of one shape go one to a batch and unguided ones two, each giving what it
+    gives alone. Two guided requests in one batch were refused ("prompts 4 is outside this
+    engine's profile"), so concurrent requests got 400s. The heatmap encoder and the decoder see
+    one request's frames, so two clips of 24-frame windows (48 frames together, over the
+    profile's 32) batch too."""
+    model = load_model(None, "cpu", engine=engine16, backend="onnxruntime")
+    guided = GenerateOptions("a walk", num_frames=4, height=64, width=64, num_inference_steps=1,
+                             guidance_scale=2.0, seed=1)
+    plain = dataclasses.replace(guided, prompt="a run", num_frames=24, context_length=24, guidance_scale=1.0)
+    assert 2 * plain.num_frames > model.profile.frames[2]
+    opts = [guided, dataclasses.replace(guided, seed=3), dataclasses.replace(guided, seed=4),
+            plain, dataclasses.replace(plain, seed=5), dataclasses.replace(plain, seed=6)]
+    streams = [generate_stream(model, walk_clip, o, progress=False) for o in opts]
+    assert group_by_shape(streams) == [[0], [1], [2], [3, 4], [5]]
+    for group in ([1], [3, 4]):
+        chunks = list(run_group([streams[i] for i in group]))
+        for k, i in enumerate(group):
+            batched = np.concatenate([chunk[k] for chunk in chunks])
+            alone = np.stack(list(generate_stream(model, walk_clip, opts[i], progress=False)))
+            assert batched.shape == alone.shape and np.abs(batched.astype(int) - alone).max() <= 2
+
+
+def test_a_batch_decodes_request_by_request_in_the_chunks_one_request_gives():
+    """An engine's packaged VAE decoder is built for the chunks one request decodes (8 frames and
+    the remainder): two 10-frame requests decode as 8 + 2 each, not as 8 + 8 + 4 over their 20
+    frames (a 4-frame chunk has no package and would compile just in time)."""
+    import torch
+
+    from engine.serve.batching import decode_batch
+
+    seen = []
+
+    class Decoder:
+        def decode_latents(self, z):
+            seen.append(z.shape[0])
+            return z[:, :3] / 10
+
+    latents = torch.arange(2 * 4 * 10 * 2 * 2, dtype=torch.float32).reshape(2, 4, 10, 2, 2) % 7 - 3
+    frames = decode_batch(Decoder(), latents)
+    assert seen == [8, 2, 8, 2]
+    for i in range(2):
+        want = (latents[i, :3].permute(1, 2, 3, 0) / 10).clamp(-1, 1).add(1).mul(127.5).round()
+        assert np.array_equal(frames[i], want.to(torch.uint8).numpy())
+
+
 def test_batches_of_4_from_8_queued_requests():
     """Behind a running batch 8 requests queue up one by one; the next batches are 4 and 4. (Ray
     Serve's @serve.batch formed each next batch as soon as requests came, from what came within

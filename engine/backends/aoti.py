@@ -214,5 +214,30 @@ class PackagedTritonModel(GraphBackend):
                 out.append(f"{b}x{f}x{s * h}x{s * w}")
         return sorted(out)
 
+    def _packaged_calls(self, plan, requests: int) -> list[tuple[str, str]]:
+        """(component, key) of the text encoder and UNet packages ``requests`` requests of
+        ``plan`` call as one batch (the pose features and the decode go request by request)."""
+        from engine.aoti import step_key
+        from engine.precompile import planned_steps
+
+        per = 2 if plan.cfg_on else 1
+        ids = self.contracts["text_encoder"].inputs[0].shape({"prompts": per * requests})  # (prompts, tokens)
+        calls = [("text_encoder", shape_key(ids))]
+        for entry, depth, s in planned_steps(plan):
+            component = "unet" if entry == "forward" else cache_component(entry, depth)
+            calls.append((component, step_key(self.latent_channels, s.batch * requests, s.frames, s.height, s.width,
+                                              self.vae_scale_factor)))
+        return calls
+
+    def fits_batch(self, plan, requests: int) -> bool:
+        """Within the profile, and where one request of ``plan`` runs from packages, ``requests``
+        of them together must too: a batch no package covers would compile just in time (minutes on
+        a full-size UNet) in the middle of serving."""
+        if not super().fits_batch(plan, requests):
+            return False
+        one = self._packaged_calls(plan, 1)
+        return not all(c in self.packages for c in one) or all(c in self.packages
+                                                                for c in self._packaged_calls(plan, requests))
+
     def compiled_steps_used(self) -> int:
         return self.package_calls + (self._jit.compiled_steps_used() if self._jit is not None else 0)

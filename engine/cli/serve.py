@@ -35,7 +35,8 @@ from engine.cli.common import PATH
 @click.option("--workdir", type=PATH, default=None,
               help="Working folder for the service's files (default: a new temporary folder, removed at exit).")
 @click.option("--max-batch-size", type=int, default=4, show_default=True,
-              help="Requests of one shape denoised together.")
+              help="Requests of one shape denoised together (with --engine: at most what its profile and "
+                   "packages run as one batch).")
 @click.option("--batch-wait-ms", type=float, default=50.0, show_default=True,
               help="How long a replica waits to fill a batch.")
 @click.option("--max-ongoing", type=int, default=0, help="Requests one replica holds (default: 2 x --max-batch-size).")

@@ -3,7 +3,8 @@
 ``Generator``: one model per replica (one replica per GPU, or CPU replicas for the demo model).
 Requests reach it through a ``Batcher``: when the model is free, the requests waiting (up to
 ``max_batch_size``, waiting up to ``batch_wait_s`` for more) form a batch, split by shape
-(``Plan.shape_key``); each shape group
+(``Plan.shape_key``) into groups of at most what the model runs as one batch (``fits_batch``:
+an engine's profile and precompiled packages); each group
 is denoised as one batch, the groups take turns window by window, and every finished frame range
 is encoded into the request's own fragmented mp4 and streamed out at once.
 

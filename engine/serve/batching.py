@@ -20,20 +20,29 @@ from finephys.sampler.stream import GenerationStream, decode
 
 
 def group_by_shape(streams: list) -> list[list[int]]:
-    """Indices of ``streams`` (None = skip) grouped by shape key, in order of first arrival."""
+    """Indices of ``streams`` (None = skip) grouped by shape key, in order of first arrival. A
+    group holds only as many requests as its model runs as one batch (``fits_batch``: an engine's
+    profile, its precompiled packages); the rest of that shape forms the next groups, in order."""
     groups: dict[tuple, list[int]] = {}
     for i, stream in enumerate(streams):
         if stream is not None:
             groups.setdefault(stream.plan.shape_key(), []).append(i)
-    return list(groups.values())
+    out = []
+    for todo in groups.values():
+        first = streams[todo[0]]
+        while todo:
+            n = len(todo)
+            while n > 1 and not first.model.fits_batch(first.plan, n):
+                n -= 1
+            out.append(todo[:n])
+            todo = todo[n:]
+    return out
 
 
 def decode_batch(model, latents: torch.Tensor) -> list[np.ndarray]:
-    """(B,C,F,h,w) -> B arrays (F,H,W,3) uint8, the VAE run over all B*F frames together."""
-    b, c, f, h, w = latents.shape
-    flat = latents.transpose(0, 1).reshape(1, c, b * f, h, w)
-    frames = decode(model, flat)
-    return [frames[i * f:(i + 1) * f] for i in range(b)]
+    """(B,C,F,h,w) -> B arrays (F,H,W,3) uint8, request by request: the VAE sees the chunks one
+    request of this shape gives it (the shapes an engine's decoder was built for)."""
+    return [decode(model, latents[i:i + 1]) for i in range(latents.shape[0])]
 
 
 def run_group(streams: list[GenerationStream]) -> Iterator[list[np.ndarray]]:

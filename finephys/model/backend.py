@@ -72,6 +72,8 @@ class Backend(Protocol):
 
     def compiled_steps_used(self) -> int | None: ...
 
+    def fits_batch(self, plan, requests: int) -> bool: ...
+
 
 class BackendBase:
     """What every backend derives from its ``config``, ``parts`` and ``dtype``; subclasses give
@@ -115,6 +117,12 @@ class BackendBase:
     def compiled_steps_used(self) -> int | None:
         """How many UNet steps ran from precompiled steps so far; None where a backend has none."""
         return None
+
+    def fits_batch(self, plan, requests: int) -> bool:
+        """Whether ``requests`` requests of ``plan``'s shape may run as one batch (serve's batching
+        asks; one request always runs, refused by the backend's own checks where it does not fit).
+        Here any number: the reference model has no fixed shapes."""
+        return True
 
     def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
         raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")

@@ -148,10 +148,12 @@ class WindowChain:
 def window_inputs(model, sched, heatmaps, text, seeds, start, cfg_on):
     """One window's initial latents (B,C,n,h,w), text embeddings (2B*n or B*n,77,C) and pose
     features (computed once per window; doubled for the guidance batch) for B requests: heatmaps
-    (B*n,J,H,W) request-major, one seed per request, ``text`` [uncond_1..uncond_B, cond_1..cond_B]."""
+    (B*n,J,H,W) request-major, one seed per request, ``text`` [uncond_1..uncond_B, cond_1..cond_B].
+    The pose features are encoded request by request: the heatmap encoder sees the frames of one
+    window, whatever the batch (the shapes an engine's encoder was built for)."""
     n = heatmaps.shape[0] // len(seeds)
     height, width = heatmaps.shape[-2:]
-    feats = model.encode_pose(heatmaps)
+    feats = [torch.cat(level) for level in zip(*(model.encode_pose(h) for h in heatmaps.split(n)))]
     if cfg_on:
         feats = [torch.cat([f, f]) for f in feats]
     ehs = text.repeat_interleave(n, dim=0)  # UNetMotionModel takes B*F text embeddings
