@@ -11,6 +11,7 @@ import sys
 import textwrap
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,30 @@ def test_a_packaged_engine_batches_requests_only_where_packages_cover_the_batch(
     cached = [("unet_cache_d1", "1x4x16x16x16"), ("unet_shallow_d1", "1x4x16x16x16")]
     assert not model(text1, text2, unet1, unet2, *cached).fits_batch(deep, 2)
     assert model(text1, text2, *cached, *[(c, "2x4x16x16x16") for c, _ in cached]).fits_batch(deep, 2)
+
+
+def test_a_decode_chunk_without_a_package_runs_padded_in_a_packaged_one(engine16):
+    """A 16-frame engine's decoder is packaged for 8-frame chunks, but a long clip's windows finish
+    12 frames at a time (8 + 4): the 4 run in the 8-frame package (the VAE decodes each frame on
+    its own) instead of compiling just in time, or stopping a --require-compiled run mid-clip."""
+    from engine.backends.aoti import PackagedTritonModel
+
+    model = PackagedTritonModel(engine16, "cpu", [{"component": "vae_decoder", "key": "8x4x16x16"}],
+                                require_compiled=True)
+    seen = []
+
+    def run(component, feeds):
+        (z,) = feeds.values()
+        seen.append((component, tuple(z.shape)))
+        return [z[:, :3] * 2 + torch.arange(len(z), dtype=z.dtype).view(-1, 1, 1, 1)]  # frame by frame, in order
+
+    model._run = run
+    z = torch.randn(4, 4, 16, 16)
+    out = model.decode_latents(z)
+    assert seen == [("vae_decoder", (8, 4, 16, 16))]
+    assert torch.equal(out, z[:, :3].half() * 2 + torch.arange(4, dtype=torch.half).view(-1, 1, 1, 1))
+    with pytest.raises(InputError, match="no compiled vae_decoder package for shape 4x4x16x12"):
+        model.decode_latents(torch.randn(4, 4, 16, 12))  # no package at this latent size
 
 
 def test_package_dims_cover_the_sampler_calls_of_a_shape(demo_ckpt):
@@ -212,6 +237,25 @@ def test_warm_up_loads_and_runs_every_package_of_each_packaged_shape(packaged):
     model.warm_up()
     assert sorted(model._runners) == sorted(model.packages)
     assert model.package_calls == 3  # the UNet step, and DeepCache's full and shallow steps at depth 1
+
+
+@pytest.mark.slow
+def test_a_long_clip_decodes_its_short_chunks_in_the_packages(packaged, demo_ckpt):
+    """10 frames through 4-frame windows finish 3, 3 and 4 frames at a time; the packaged decoder
+    (4-frame chunks) decodes the 3s padded, with no just-in-time fallback, as the reference does."""
+    from engine.backends.aoti import load_packaged
+    from engine.load import load_model
+    from finephys.poses.clip import load_clip
+    from finephys.sampler.options import GenerateOptions
+    from finephys.sampler.stream import generate
+
+    opts = GenerateOptions("a person in a red shirt walking", num_frames=10, height=64, width=64,
+                           num_inference_steps=2, seed=1, context_length=4, context_stride=3)
+    model = load_packaged(packaged, "cpu", require_compiled=True)
+    got = generate(model, load_clip("examples/walk.npz"), opts, progress=False).frames
+    assert model._jit is None and got.shape == (10, 64, 64, 3)
+    want = generate(load_model(demo_ckpt, "cpu"), load_clip("examples/walk.npz"), opts, progress=False).frames
+    assert np.abs(got.astype(int) - want).max() <= 2
 
 
 @pytest.mark.slow

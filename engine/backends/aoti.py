@@ -179,7 +179,20 @@ class PackagedTritonModel(GraphBackend):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self._has("vae_decoder", latents):
             return super().decode_latents(latents)
+        size = self._decode_size(latents)
+        if size is not None:  # the VAE decodes each frame on its own: pad to a packaged chunk, drop the extra
+            n = latents.shape[0]
+            padded = torch.cat([latents, latents[-1:].expand(size - n, *latents.shape[1:])])
+            return super().decode_latents(padded)[:n]
         return self._fallback("vae_decoder", latents).decode_latents(latents)
+
+    def _decode_size(self, latents: torch.Tensor) -> int | None:
+        """The smallest packaged decoder chunk above ``latents``' frames at their latent size (a
+        window's finished frames, e.g. 12 = 8 + 4 of a 16-frame engine whose decoder was built for
+        8), or None."""
+        rest = shape_key(latents.shape[1:])
+        sizes = [int(k.split("x", 1)[0]) for c, k in self.packages if c == "vae_decoder" and k.split("x", 1)[1] == rest]
+        return min((s for s in sizes if s > latents.shape[0]), default=None)
 
     # -- what the commands ask ----------------------------------------------------------------
     def warm_up(self) -> None:
