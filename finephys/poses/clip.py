@@ -224,6 +224,30 @@ def save_clip(clip: PoseClip, path, overwrite: bool = False) -> Path:
     return path
 
 
+COLLAPSED_PX = 1.0  # a frame whose visible joints all lie within this of each other shows no pose
+
+
+def drop_collapsed_frames(clip: PoseClip) -> tuple[PoseClip, str | None]:
+    """Frames whose visible joints (two or more) all lie at one point, within ``COLLAPSED_PX``
+    (a detector's placeholder, or a clip of zeros), carry no pose: their scores become 0, as an
+    undetected frame's. Returns the clip and a note naming those frames (None where there are
+    none); InputError where no frame is left with a pose."""
+    visible = clip.scores > 0
+    hi = np.where(visible[..., None], clip.keypoints, -np.inf).max(axis=1)
+    lo = np.where(visible[..., None], clip.keypoints, np.inf).min(axis=1)
+    collapsed = (visible.sum(axis=1) >= 2) & ((hi - lo).max(axis=1) < COLLAPSED_PX)
+    if not collapsed.any():
+        return clip, None
+    frames = np.flatnonzero(collapsed)
+    if (visible & ~collapsed[:, None]).sum(axis=1).max() < 2:
+        raise InputError(f"clip: every frame's visible joints lie at one point (frame 0: {clip.keypoints[frames[0]][0]}), "
+                         "expected a skeleton (an undetected frame has scores 0)")
+    shown = ", ".join(map(str, frames[:8])) + (f" and {len(frames) - 8} more" if len(frames) > 8 else "")
+    scores = np.where(collapsed[:, None], 0, clip.scores).astype(np.float32)
+    return replace(clip, scores=scores), (f"frame{'s' if len(frames) > 1 else ''} {shown}: every visible joint at one "
+                                          "point; treated as undetected")
+
+
 def to_layout(clip: PoseClip, layout: str) -> PoseClip:
     """The same clip in another joint layout (see ``layouts.convert_keypoints``)."""
     kp, sc = convert_keypoints(clip.keypoints, clip.scores, clip.layout, layout)

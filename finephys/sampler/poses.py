@@ -12,7 +12,7 @@ from finephys.model.backend import Capabilities
 from finephys.model.lifter import lift_windows, normalise_2d
 from finephys.model.physnet import integrate, keep_bone_lengths
 from finephys.poses.camera import fit_and_project, to_camera_axes, virtual_camera
-from finephys.poses.clip import PoseClip, resample, to_layout
+from finephys.poses.clip import PoseClip, drop_collapsed_frames, resample, to_layout
 from finephys.poses.layouts import H36M17
 from finephys.poses.layout_check import layout_warning
 from finephys.sampler.options import GenerateOptions, Plan, plan
@@ -64,8 +64,9 @@ class PoseModel:
 def prepare_clip(clip: PoseClip, model) -> tuple[PoseClip, list[str]]:
     """Convert to the model's layout and frame rate; returns the clip and notes for the user (the
     first a warning where the motion does not fit the clip's declared layout)."""
+    clip, dropped = drop_collapsed_frames(clip)
     warning = layout_warning(clip)
-    notes = [] if warning is None else [warning]
+    notes = [line for line in (warning, dropped) if line is not None]
     cfg = model.config
     clip = to_layout(clip, cfg.layout)
     if abs(clip.fps - cfg.fps) > 1e-6:
