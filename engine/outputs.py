@@ -63,15 +63,19 @@ class PngSequence:
         self.folder, self.count, self.threads = Path(folder), 0, max(1, threads)
         if self.folder.exists() and not overwrite:
             raise InputError(f"{self.folder} already exists (pass --overwrite to replace it)")
-        self._pool, self._pending = None, []
+        self._pool, self._pending, self._failed = None, [], False
 
     def _write(self, frame: np.ndarray, index: int) -> None:
         from PIL import Image
 
         final = self.folder / f"frame_{index:05d}.png"
         tmp = final.with_name(f".{final.name}.tmp")
-        Image.fromarray(frame).save(tmp, format="PNG", compress_level=PNG_LEVEL)
-        os.replace(tmp, final)
+        try:
+            Image.fromarray(frame).save(tmp, format="PNG", compress_level=PNG_LEVEL)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
 
     def append(self, frame: np.ndarray) -> None:
         if self.count == 0:
@@ -83,20 +87,30 @@ class PngSequence:
 
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="png")
         while len(self._pending) >= 2 * self.threads:  # a bounded queue: finished frames are not held in memory
-            self._pending.pop(0).result()
+            self._wait(self._pending.pop(0))
         self._pending.append(self._pool.submit(self._write, np.array(frame, copy=True), self.count))
         self.count += 1
 
+    def _wait(self, written) -> None:
+        try:
+            written.result()
+        except BaseException:
+            self._failed = True
+            raise
+
     def close(self) -> None:
-        """Wait for every frame handed over; raise the first write that failed."""
+        """Wait for every frame handed over; raise the first write that failed. After a failure
+        the folder goes too where no frame was finished in it."""
         pending, self._pending = self._pending, []
         try:
             for f in pending:
-                f.result()
+                self._wait(f)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            if self._failed and self.folder.is_dir() and not any(self.folder.iterdir()):
+                self.folder.rmdir()
 
 
 def interrupted_line(count: int, out: Path | None, frames_dir: Path | None, when: str = "") -> str:

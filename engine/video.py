@@ -6,8 +6,10 @@ interrupted run never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -33,6 +35,32 @@ def _check_frame(frame, index: int, size=None) -> np.ndarray:
     if size is not None and arr.shape[:2] != size:
         raise InputError(f"frame {index} has size {arr.shape[:2]}, expected {size} like frame 0")
     return arr
+
+
+def mp4_is_whole(path: Path) -> bool:
+    """Whether the mp4's top-level boxes are whole and include its index (``moov``, written last).
+    imageio-ffmpeg does not report ffmpeg's exit status, so a video ffmpeg could not finish (a
+    full disk) would otherwise pass for a finished one."""
+    size, pos, kinds = path.stat().st_size, 0, set()
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", head)
+            if length == 1:
+                wide = f.read(8)
+                if len(wide) < 8:
+                    return False
+                length = struct.unpack(">Q", wide)[0]
+            elif length == 0:
+                length = size - pos
+            if length < 8 or pos + length > size:
+                return False
+            kinds.add(kind)
+            pos += length
+    return b"moov" in kinds
 
 
 def close_quietly(writer) -> None:
@@ -105,6 +133,9 @@ class VideoWriter:
             raise InputError(f"{self.path}: no frames were written, expected at least one")
         try:
             self._writer.close()
+            if not mp4_is_whole(self._tmp):
+                raise OSError(errno.EIO, "ffmpeg could not finish the video (is the disk full?); nothing was written",
+                              str(self.path))
             os.chmod(self._tmp, file_mode())
             os.replace(self._tmp, self.path)
         except BaseException:

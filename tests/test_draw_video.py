@@ -105,3 +105,33 @@ def test_frames_dir(tmp_path):
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(folder / "frame_00000.png")), frames[0])
+
+
+def test_a_video_ffmpeg_could_not_finish_is_an_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """On a full disk ffmpeg cannot write the video's index; imageio-ffmpeg does not report its exit
+    status, so the broken file was renamed over the old one and the run said it wrote it."""
+    import imageio.v2 as iio
+
+    real = iio.get_writer
+
+    class Truncated:  # what a full disk leaves: ffmpeg wrote the frames but not the index
+        def __init__(self, path, **kw):
+            self.path, self.inner = path, real(path, **kw)
+
+        def append_data(self, frame):
+            self.inner.append_data(frame)
+
+        def close(self):
+            self.inner.close()
+            with open(self.path, "r+b") as f:
+                f.truncate(f.seek(0, 2) // 2)
+
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"old video")
+    monkeypatch.setattr(iio, "get_writer", Truncated)
+    with pytest.raises(OSError, match="ffmpeg could not finish the video") as e:
+        write_video(np.zeros((3, 16, 16, 3), np.uint8), path, fps=8, overwrite=True)
+    assert e.value.filename == str(path)
+    assert path.read_bytes() == b"old video" and [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+    monkeypatch.setattr(iio, "get_writer", real)
+    assert read_video(write_video(np.zeros((3, 16, 16, 3), np.uint8), path, fps=8, overwrite=True)).shape[0] == 3

@@ -177,6 +177,62 @@ def test_real_subprocess(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
 
 
+def test_a_frame_whose_joints_lie_at_one_point_is_treated_as_undetected(demo_model, walk_clip, tmp_path):
+    """A detector's placeholder frame (every joint at one point) made the camera fit singular and
+    `generate`, `poses` and `check` died with a traceback; it now counts as an undetected frame,
+    with a note, and a clip of nothing else is refused in one line."""
+    import dataclasses
+
+    from finephys.sampler.poses import prepare_clip, run_pose_stack
+
+    kp = walk_clip.keypoints.copy()
+    kp[5] = (100.0, 100.0)
+    clip, notes = prepare_clip(dataclasses.replace(walk_clip, keypoints=kp), demo_model)
+    assert notes == ["frame 5: every visible joint at one point; treated as undetected"]
+    sc = walk_clip.scores.copy()
+    sc[5] = 0
+    undetected, _ = prepare_clip(dataclasses.replace(walk_clip, scores=sc), demo_model)
+    assert np.array_equal(clip.scores, undetected.scores)
+    got, want = run_pose_stack(demo_model, clip), run_pose_stack(demo_model, undetected)
+    np.testing.assert_array_equal(got.s_fused, want.s_fused)
+    zeros = _bad_clip(tmp_path, keypoints=np.zeros_like(walk_clip.keypoints))
+    r = CliRunner().invoke(main, ["poses", "--poses", str(zeros), "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code == 2 and not (tmp_path / "s.npz").exists()
+    assert r.output.strip().splitlines() == ["error: clip: every frame's visible joints lie at one point (frame 0: "
+                                             "[0. 0.]), expected a skeleton (an undetected frame has scores 0)"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """PNG frames: the error names the frame's file, and no temporary file or empty folder stays.
+    Weights (safetensors raises its own error type, not OSError): one line, not a traceback."""
+    import safetensors.torch
+    from PIL import Image
+
+    def full(self, fp, *a, **k):
+        Path(fp).write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    args = ["generate", "--poses", "examples/walk.npz", "--prompt", "a walk", "--frames", "4", "--height", "32",
+            "--width", "32", "--steps", "1", "--frames-dir", str(tmp_path / "fd")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'fd' / 'frame_00000.png'}: No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+    def no_space(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    import finephys.model.checkpoint
+
+    monkeypatch.setattr(finephys.model.checkpoint, "save_file", no_space)
+    r = CliRunner().invoke(main, ["init", "--demo", str(tmp_path / "ck")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: a .safetensors file could not be written or read: No space left on device (os error 28)"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     import dataclasses
 

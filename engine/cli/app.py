@@ -32,6 +32,19 @@ class _Group(click.Group):
             fail(f"{where}{exc.strerror or exc}")
         except KeyboardInterrupt:
             fail("interrupted")
+        except Exception as exc:
+            safetensors = sys.modules.get("safetensors")
+            if safetensors is None or not isinstance(exc, safetensors.SafetensorError):
+                raise
+            fail(f"a .safetensors file could not be written or read: {_os_message(str(exc))}")
+
+
+def _os_message(text: str) -> str:
+    """A safetensors error without its wrapping ("Error while serializing: I/O error: No space left
+    on device (os error 28)" -> "No space left on device (os error 28)")."""
+    import re
+
+    return re.sub(r"^Error while [a-z ]+: (I/O error: )?", "", text)
 
 
 @click.group(cls=_Group)
