@@ -372,6 +372,89 @@ def test_ray_temp_dir_is_in_the_workdir_unless_its_sockets_would_not_fit(tmp_pat
         shutil.rmtree(short)
 
 
+def _serve_refuses(args, tmp_path, monkeypatch) -> str:
+    """What `fpengine serve ARGS` prints, asserting it is one line with exit 2, and that nothing
+    was made (no working folder) and Ray never started."""
+    import engine.serve.launch as launch
+
+    made = []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(launch, "prepare_workdir", lambda workdir: made.append(workdir))
+    monkeypatch.setattr(launch, "_init_ray", lambda *a, **kw: made.append("ray") or 1 / 0)
+    r = CliRunner().invoke(main, ["serve", "--port", str(_free_port()), *args])
+    assert made == [] and list((tmp_path / "temp").iterdir()) == [], (made, r.output)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, (r.output, r.exception)
+    return r.output
+
+
+def test_serve_refuses_a_folder_that_is_no_checkpoint_before_starting(tmp_path, monkeypatch, demo_ckpt):
+    from engine.serve.config import ModelSpec
+
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert _serve_refuses(["--ckpt", str(folder)], tmp_path, monkeypatch) == (
+        f"error: {folder}: not a FinePhys checkpoint (no finephys.json)\n")
+    with pytest.raises(InputError, match="not a FinePhys checkpoint"):
+        ModelSpec(ckpt=str(folder)).check()
+    ModelSpec(ckpt=str(demo_ckpt)).check()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-upload-mb", "inf"], "--max-upload-mb inf: expected a number > 0 and <= 1048576"),
+    (["--max-upload-mb", "nan"], "--max-upload-mb nan: expected a number > 0 and <= 1048576"),
+    (["--max-upload-mb", "1e308"], "--max-upload-mb 1e+308: expected a number > 0 and <= 1048576"),
+    (["--replica-cpus", "nan"], "--replica-cpus nan: expected a number > 0"),
+    (["--replica-cpus", "inf"], "--replica-cpus inf: expected a number > 0"),
+    (["--replica-gpus", "inf"], "--replica-gpus inf: expected a number >= 0 (or -1 for automatic)"),
+])
+def test_serve_refuses_non_finite_numbers_before_making_a_folder(args, message, tmp_path, monkeypatch):
+    assert _serve_refuses(args, tmp_path, monkeypatch) == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replica-cpus", "0"], "--replica-cpus 0: expected a number > 0"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms -1: expected 0..10000"),
+    (["--batch-wait-ms", "nan"], "--batch-wait-ms nan: expected 0..10000"),
+    (["--max-batch-size", "0"], "--max-batch-size 0: expected 1..64"),
+    (["--max-queue", "0"], "--max-queue 0: expected a positive integer (the queue is bounded)"),
+    (["--max-ongoing", "-1"], "--max-ongoing -1: expected a number >= 0 (0 = 2 x batch)"),
+    (["--max-frames", "0"], "--max-frames 0: expected a positive integer"),
+    (["--max-side", "0"], "--max-side 0: expected a positive integer"),
+    (["--max-steps", "0"], "--max-steps 0: expected a positive integer"),
+    (["--replicas", "-1"], "--replicas -1: expected a positive integer (or 0 for automatic)"),
+    (["--device", "cuda"], "--device cuda: this machine has no GPU, expected cpu or auto"),
+    (["--device", "cuda:1"], "--device cuda:1: this machine has no GPU, expected cpu or auto"),
+])
+def test_serve_checks_every_setting_before_ray_starts(args, message, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _serve_refuses(args, tmp_path, monkeypatch) == f"error: {message}\n"
+
+
+def test_a_gpu_engine_backend_needs_a_gpu():
+    from engine.serve.config import ModelSpec
+
+    with pytest.raises(InputError, match=r"^--backend triton: runs on a GPU and this machine has none, "
+                                         r"expected onnxruntime or auto$"):
+        ModelSpec(engine="e", backend="triton").check_gpus(0, "this machine")
+    ModelSpec(engine="e", backend="triton").check_gpus(1, "this machine")
+    ModelSpec(engine="e", backend="onnxruntime").check_gpus(0, "this machine")
+
+
+@pytest.mark.parametrize("value", ["-7", "-0.5", "-inf"])
+def test_only_minus_one_means_automatic_replica_gpus(value, tmp_path, monkeypatch):
+    from engine.serve.config import ServeConfig
+    from engine.serve.launch import resolve
+
+    assert _serve_refuses(["--replica-gpus", value], tmp_path, monkeypatch) == (
+        f"error: --replica-gpus {float(value):g}: expected a number >= 0 (or -1 for automatic)\n")
+    auto = ServeConfig(replicas=0, replica_gpus=-1)
+    auto.check()
+    assert (resolve(auto, {"CPU": 2}).replica_gpus, resolve(auto, {"CPU": 2, "GPU": 2}).replica_gpus) == (0, 1)
+
+
 # ---- the service ------------------------------------------------------------------------------
 
 def _need_ray():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -27,7 +29,7 @@ from engine.cli.common import PATH
 @click.option("--replica-cpus", type=float, default=1.0, show_default=True,
               help="Ray CPUs (and torch threads) per replica.")
 @click.option("--replica-gpus", type=float, default=-1.0,
-              help="Ray GPUs per replica (default: 1 where the cluster has GPUs, else 0).")
+              help="Ray GPUs per replica (default -1: one where the cluster has GPUs, else 0).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--address", default=None,
@@ -65,24 +67,24 @@ def serve(ckpt, engine, backend, device, replicas, replica_cpus, replica_gpus, h
     instance, once the requests already accepted have finished (at most --drain-s seconds).
     """
     from engine.serve.config import MIB, Limits, ModelSpec, ServeConfig
-    from engine.serve.launch import start
+    from engine.serve.launch import check, start
 
-    if replicas < 0:
-        raise InputError(f"--replicas {replicas}: expected a positive integer (or 0 for automatic)")
-    if not max_upload_mb > 0:
-        raise InputError(f"--max-upload-mb {max_upload_mb:g}: expected a number > 0")
+    if not 0 < max_upload_mb <= MIB:
+        raise InputError(f"--max-upload-mb {max_upload_mb:g}: expected a number > 0 and <= {MIB}")
     if not 0 <= drain_s <= 3600:
         raise InputError(f"--drain-s {drain_s:g}: expected 0..3600")
-    own = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="fpengine-serve-")) if own else workdir
-    limits = Limits(max_upload_bytes=int(max_upload_mb * MIB), max_frames=max_frames, max_side=max_side,
+    limits = Limits(max_upload_bytes=math.ceil(max_upload_mb * MIB), max_frames=max_frames, max_side=max_side,
                     max_steps=max_steps)
     config = ServeConfig(
         model=ModelSpec(ckpt=None if ckpt is None else str(ckpt), device=device,
-                        engine=None if engine is None else str(engine), backend=backend), workdir=str(root),
+                        engine=None if engine is None else str(engine), backend=backend),
         replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus, max_batch_size=max_batch_size,
         batch_wait_s=batch_wait_ms / 1000.0, max_ongoing=max_ongoing, max_queue=max_queue, limits=limits,
     )
+    check(config, host=host, port=port, address=address, num_cpus=num_cpus, object_store_mb=object_store_mb)
+    own = workdir is None  # every input checked: now the working folder
+    root = Path(tempfile.mkdtemp(prefix="fpengine-serve-")) if own else workdir
+    config = dataclasses.replace(config, workdir=str(root))
     signals = _Signals()
     previous = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -33,6 +33,8 @@ class ModelSpec:
             raise InputError("pass --ckpt or --engine, not both (an engine directory names its checkpoint)")
         if self.ckpt is not None and not Path(self.ckpt).exists():
             raise InputError(f"--ckpt {self.ckpt} does not exist")
+        if self.ckpt is not None:
+            self.config()  # a FinePhys checkpoint folder (its manifest; no weights read)
         if self.engine is not None:
             from engine.backends import ENGINE_BACKENDS
 
@@ -86,6 +88,14 @@ class ModelSpec:
     def wants_gpu(self) -> bool:
         return self.device.startswith("cuda") or (self.engine is not None and self.backend in ("triton", "tensorrt"))
 
+    def check_gpus(self, gpus: int, where: str) -> None:
+        """Refuse a model that runs on a GPU where there is none (``where``: this machine, the Ray cluster)."""
+        if gpus or not self.wants_gpu():
+            return
+        if self.device.startswith("cuda"):
+            raise InputError(f"--device {self.device}: {where} has no GPU, expected cpu or auto")
+        raise InputError(f"--backend {self.backend}: runs on a GPU and {where} has none, expected onnxruntime or auto")
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -128,14 +138,16 @@ class ServeConfig:
             object.__setattr__(self, "limits", Limits(**self.limits))
 
     def check(self) -> None:
+        """Every setting, before anything starts; the automatic ``replicas`` 0 and ``replica_gpus``
+        -1 pass (``launch.resolve`` fills them in)."""
         self.model.check()
         self.limits.check()
-        if not isinstance(self.replicas, int) or self.replicas < 1:
-            raise InputError(f"--replicas {self.replicas}: expected a positive integer")
+        if not isinstance(self.replicas, int) or self.replicas < 0:
+            raise InputError(f"--replicas {self.replicas}: expected a positive integer (or 0 for automatic)")
         if not (self.replica_cpus > 0 and math.isfinite(self.replica_cpus)):
-            raise InputError(f"--replica-cpus {self.replica_cpus}: expected a number > 0")
-        if not (self.replica_gpus >= 0 and math.isfinite(self.replica_gpus)):
-            raise InputError(f"--replica-gpus {self.replica_gpus}: expected a number >= 0")
+            raise InputError(f"--replica-cpus {self.replica_cpus:g}: expected a number > 0")
+        if not (self.replica_gpus == -1 or self.replica_gpus >= 0 and math.isfinite(self.replica_gpus)):
+            raise InputError(f"--replica-gpus {self.replica_gpus:g}: expected a number >= 0 (or -1 for automatic)")
         if not 1 <= self.max_batch_size <= 64:
             raise InputError(f"--max-batch-size {self.max_batch_size}: expected 1..64")
         if not 0 <= self.batch_wait_s <= 10:

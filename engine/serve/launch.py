@@ -64,8 +64,7 @@ def resolve(config: ServeConfig, resources: dict) -> ServeConfig:
     model on ``auto`` or ``cuda``) one replica per GPU, each holding one GPU; else 1 CPU replica."""
     gpus = int(resources.get("GPU", 0))
     spec = config.model
-    if spec.wants_gpu() and gpus == 0:
-        raise InputError(f"--device {spec.device}: the Ray cluster has no GPU, expected cpu or auto")
+    spec.check_gpus(gpus, "the Ray cluster")
     replica_gpus = config.replica_gpus
     if replica_gpus < 0:
         replica_gpus = 1.0 if gpus and spec.device != "cpu" else 0.0
@@ -87,6 +86,27 @@ def _check_port(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as exc:
             raise InputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+
+
+def check(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+          num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
+    """What ``start`` checks before it makes or starts anything: every setting, the model's
+    source, and for a local Ray instance its sizes, the port and this machine's GPUs."""
+    config.check()
+    if address:
+        if num_cpus is not None or object_store_mb is not None:
+            raise InputError("--num-cpus and --object-store-mb size a local Ray instance; with --address "
+                             "the cluster's own sizes apply")
+        return
+    _check_port(host, port)
+    if num_cpus is not None and num_cpus < 1:
+        raise InputError(f"--num-cpus {num_cpus}: expected a positive integer")
+    if object_store_mb is not None and object_store_mb < 80:
+        raise InputError(f"--object-store-mb {object_store_mb}: expected at least 80 (Ray's minimum)")
+    if config.model.wants_gpu():
+        import torch
+
+        config.model.check_gpus(torch.cuda.device_count(), "this machine")
 
 
 def _stop_ray(local: bool, ray_dir: Path | None) -> None:
@@ -181,21 +201,12 @@ def _init_ray(interrupted=None, **kwargs) -> None:
 def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           num_cpus: int | None = None, object_store_mb: int | None = None, own_workdir: bool = False,
           log_to_driver: bool = True, interrupted=None) -> Service:
-    """Start (or join) Ray, then Serve, then the application; returns once it answers.
-    ``interrupted()`` says whether a signal handler asked to stop (checked after Ray starts)."""
+    """Check (``check``), then start (or join) Ray, then Serve, then the application; returns once
+    it answers. ``interrupted()`` says whether a signal handler asked to stop (checked after Ray starts)."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    config.model.check()
+    check(config, host, port, address, num_cpus, object_store_mb)
     local = not address
-    if local:
-        _check_port(host, port)
-        if num_cpus is not None and num_cpus < 1:
-            raise InputError(f"--num-cpus {num_cpus}: expected a positive integer")
-        if object_store_mb is not None and object_store_mb < 80:
-            raise InputError(f"--object-store-mb {object_store_mb}: expected at least 80 (Ray's minimum)")
-    elif num_cpus is not None or object_store_mb is not None:
-        raise InputError("--num-cpus and --object-store-mb size a local Ray instance; with --address "
-                         "the cluster's own sizes apply")
     root = prepare_workdir(config.workdir)
     ray_dir = ray_temp_dir(root) if local else None
     try:
