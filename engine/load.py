@@ -52,13 +52,17 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
     also that the engine carries a usable compiled UNet step for every call the plan makes.
     Without a clip (a video whose poses are not detected yet), the checks that need none.
     Returns the plan (None without a clip, or where the engine's manifest is left to the loader)."""
+    profile = None
     if engine is not None:
+        from export.contract import ShapeProfile
         from export.manifest import engine_config, read_engine_manifest
 
         try:
-            config = engine_config(read_engine_manifest(engine))
+            manifest = read_engine_manifest(engine)
+            config = engine_config(manifest)
         except InputError:
             return None  # loading the backend reports it, after what it checks first (a GPU for triton)
+        profile = ShapeProfile.from_dict(manifest["profile"])
     elif ckpt is not None:
         from finephys.model.checkpoint import read_config
 
@@ -72,6 +76,9 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
         check_settings(model, opts)
         return None
     p = plan(model, prepare_clip(clip, model)[0], opts)
+    if profile is not None:  # what the engine's graphs take, as its backend checks at each call
+        for name, value in (("height", p.height), ("width", p.width), ("frames", min(p.frames, p.length))):
+            profile.check(f"--{name} {value}" if name != "frames" else f"a window of {value} frames", **{name: value})
     if require_compiled and engine is not None:
         from engine.precompile import require_steps
 

@@ -248,8 +248,14 @@ def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     (["--frames", "100000"], "--frames 100000: expected 1..24"),
     (["--deep-cache", "2", "--deep-cache-depth", "9"], "--deep-cache-depth 9: expected 1..2"),
     (["--prompt", "  "], "--prompt '  ': empty, expected a description of the video"),
+    # were "--context-stride 1: expected 1..0" (an option not given), or taken without a word
+    (["--frames", "6", "--context-length", "1"], "--context-length 1: expected 2..32 for 6 frames"),
+    (["--frames", "6", "--context-stride", "-5"], "--context-stride -5: expected 1..15 so that windows overlap"),
+    (["--guidance", "1e38"], "--guidance: expected a number in 0..100, got 1e+38"),  # wrote a black video
+    (["--deep-cache-depth", "-99"], "--deep-cache-depth -99: expected a number >= 1"),
+    (["--engine", "ENGINE", "--height", "512"], "--height 512: height 512 is outside this engine's profile 64..256"),
 ])
-def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra, words):
+def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra, words, request):
     """Options are checked against the model's config before its weights load (that took 14-16 s)."""
     import engine.load
 
@@ -257,6 +263,8 @@ def test_option_errors_come_before_any_weights_load(tmp_path, monkeypatch, extra
         raise AssertionError("weights were loaded before the options were checked")
 
     monkeypatch.setattr(engine.load, "load_model", no_load)
+    if "ENGINE" in extra:  # the demo's engine directory: its profile is checked before it loads
+        extra = [str(request.getfixturevalue("engine16")) if a == "ENGINE" else a for a in extra]
     args = ["generate", "--poses", "examples/walk.npz", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *extra]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output

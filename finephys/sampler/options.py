@@ -10,6 +10,7 @@ from finephys.model.backend import Capabilities
 
 
 MAX_PIXELS = 16 * 1024 * 1024  # per window: 16 frames at 1024x1024, 4x SD 1.5's 16 x 512x512
+MAX_GUIDANCE = 100.0  # classifier-free guidance scales in use run 1..20; far beyond, the latents overflow
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,12 @@ def check_settings(model, opts: GenerateOptions) -> tuple[int, int, int, float]:
     if not 1 <= steps <= 1000:
         raise InputError(f"--steps: expected 1..1000, got {steps}")
     guidance = _pick(opts.guidance_scale, cfg.guidance_scale)
-    if not np.isfinite(guidance) or guidance < 0:
-        raise InputError(f"--guidance: expected a finite number >= 0, got {guidance}")
+    if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise InputError(f"--guidance: expected a number in 0..{MAX_GUIDANCE:g}, got {guidance}")
     if opts.seed < 0:
         raise InputError(f"--seed: expected a number >= 0, got {opts.seed}")
+    if opts.deep_cache_depth < 1:
+        raise InputError(f"--deep-cache-depth {opts.deep_cache_depth}: expected a number >= 1")
     if not 1 <= opts.deep_cache <= max(steps, 1):
         raise InputError(f"--deep-cache {opts.deep_cache}: expected 1 (off) .. {steps} (the number of steps)")
     if opts.deep_cache > 1:
@@ -134,9 +137,11 @@ def plan(model, clip, opts: GenerateOptions) -> Plan:
     length = _pick(opts.context_length, min(cfg.num_frames, max_len))
     if length < 1 or length > max_len:
         raise InputError(f"--context-length {length}: expected 1..{max_len} (the motion modules' longest sequence)")
+    if frames > length and length < 2:
+        raise InputError(f"--context-length {length}: expected 2..{max_len} for {frames} frames (windows that overlap)")
     _check_pixels(min(frames, length), height, width, opts.max_pixels)
     stride = _pick(opts.context_stride, max(1, length * 3 // 4))
-    if frames > length and not 1 <= stride < length:
-        raise InputError(f"--context-stride {stride}: expected 1..{length - 1} so that windows overlap")
+    if not 1 <= stride < max(length, 2):
+        raise InputError(f"--context-stride {stride}: expected 1..{max(length - 1, 1)} so that windows overlap")
     return Plan(frames, height, width, steps, float(guidance), length, stride,
                 (opts.deep_cache, opts.deep_cache_depth))
