@@ -77,7 +77,8 @@ def _source_checkpoint(manifest: dict, ckpt: Path | None) -> Path:
     path = Path(ckpt) if ckpt is not None else Path(source.get("path", ""))
     if not (path / MANIFEST).is_file():
         where = "--ckpt" if ckpt is not None else "the engine's source checkpoint"
-        raise InputError(f"{where} {path} is not there (pass --ckpt with the checkpoint this engine was exported from)")
+        what = "is not a FinePhys checkpoint folder" if path.is_dir() else "is not there"
+        raise InputError(f"{where} {path} {what} (pass --ckpt with the checkpoint this engine was exported from)")
     if sha256(path / MANIFEST) != source.get("sha256"):
         raise InputError(f"{path} is not the checkpoint this engine was exported from (its {MANIFEST} hash differs)")
     return path

@@ -76,8 +76,10 @@ def read_npz(path: Path, what: str) -> dict:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected {what}")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: file not found, expected {what}")
+    if not path.is_file():  # a pipe or a device: read once, or never ends
+        raise InputError(f"{path}: not a regular file, expected {what}")
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic == b"\x93NUMPY":

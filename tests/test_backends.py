@@ -139,6 +139,8 @@ def test_check_needs_the_source_checkpoint(engine16, tmp_path, demo_ckpt):
     (other / "finephys.json").write_text((other / "finephys.json").read_text().replace("finephys-demo", "other"))
     r = CliRunner().invoke(main, ["check", "--engine", str(engine16), "--ckpt", str(other)])
     assert r.exit_code == 2 and "not the checkpoint this engine was exported from" in r.output, r.output
+    r = CliRunner().invoke(main, ["check", "--engine", str(engine16), "--ckpt", str(tmp_path)])  # was "is not there"
+    assert r.exit_code == 2 and f"--ckpt {tmp_path} is not a FinePhys checkpoint folder (pass --ckpt" in r.output
 
 
 # --- TensorRT --------------------------------------------------------------------------------

@@ -244,3 +244,16 @@ def test_scores_a_little_over_one_are_clipped_with_one_warning(tmp_path, caplog)
     assert len(warned) == 1 and "1.06" in warned[0] and str(path) in warned[0]
     with pytest.raises(InputError, match=r"'scores' is 1.2 .*expected values in \[0, 1\]"):
         load_clip(write(tmp_path, scores=np.full((T, J), 1.2)))
+
+
+def test_a_pipe_or_a_device_is_not_a_clip_file(tmp_path):
+    """Both were "file not found"; a pipe would be read once, a device may never end."""
+    import os
+
+    fifo = tmp_path / "clip.npz"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        with pytest.raises(InputError, match=f"^{path}: not a regular file, expected a clip.npz file$"):
+            load_clip(path)
+    with pytest.raises(InputError, match="file not found"):
+        load_clip(tmp_path / "missing.npz")

@@ -73,6 +73,10 @@ def load_tokenizer(folder: Path) -> ClipTokenizer:
     return ClipTokenizer.from_folder(Path(folder))
 
 
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def tokenize(tokenizer: ClipTokenizer, prompts: list[str]) -> torch.Tensor:
     """Prompts -> (N, 77) token ids, padded; over-long prompts are truncated with a warning."""
     for p in prompts:
@@ -82,6 +86,8 @@ def tokenize(tokenizer: ClipTokenizer, prompts: list[str]) -> torch.Tensor:
         full = tokenizer.encode(p)
         if len(full) > MAX_LENGTH:
             removed = tokenizer.decode(full[MAX_LENGTH - 1 : -1])
-            log.warning("The prompt is longer than %d CLIP tokens; this part was truncated: %r", MAX_LENGTH, removed)
+            shown = removed if len(removed) <= 60 else removed[:57] + "..."
+            log.warning("A prompt (%r) is longer than %d CLIP tokens; %d tokens were cut: %r", _short(p), MAX_LENGTH,
+                        len(full) - MAX_LENGTH, shown)
     ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     return ids.input_ids.reshape(len(prompts), MAX_LENGTH)
