@@ -26,6 +26,7 @@ from finephys.training.scene import SHIRTS, TROUSERS, parse_caption
 LIMBS = tuple(range(5, 17))  # COCO-17 shoulders .. ankles
 PCK_FRACTION = 0.1
 JUDGE_MIN_SCORE = 0.1
+MAX_GUIDE_PX = 1e6  # guiding joints beyond this are no pixels of any video
 
 
 def figure_size(guide: np.ndarray) -> np.ndarray:
@@ -127,7 +128,15 @@ def read_guide(path: Path) -> np.ndarray:
     if "video_2d" not in data:
         raise InputError(f"--poses {path}: no key 'video_2d', expected a stages.npz written by "
                          f"generate --save-poses (keys found: {', '.join(sorted(data))})")
-    guide = np.asarray(data["video_2d"], np.float64)
-    if guide.ndim != 3 or guide.shape[1:] != (17, 2) or not np.isfinite(guide).all():
+    guide = data["video_2d"]
+    if guide.dtype.kind not in "fiu":
+        raise InputError(f"--poses {path}: video_2d has dtype {guide.dtype}, expected numbers (T, 17, 2) pixels")
+    guide = np.asarray(guide, np.float64)
+    if guide.ndim != 3 or guide.shape[1:] != (17, 2):
         raise InputError(f"--poses {path}: video_2d has shape {guide.shape}, expected finite (T, 17, 2)")
+    if not np.isfinite(guide).all():
+        raise InputError(f"--poses {path}: video_2d holds NaN or inf, expected finite pixel coordinates")
+    if np.abs(guide).max(initial=0.0) > MAX_GUIDE_PX:
+        raise InputError(f"--poses {path}: video_2d reaches {np.abs(guide).max():.3g} px, expected pixel "
+                         f"coordinates |x| <= {MAX_GUIDE_PX:,.0f}")
     return guide

@@ -152,3 +152,20 @@ def test_a_norm_without_an_onnx_model_is_refused(tmp_path):
     r = CliRunner().invoke(main, ["eval-video", "--video", str(tmp_path / "v.mp4"), "--poses", str(tmp_path / "s.npz"),
                                   "--mediapipe", "--pose-model-norm", "unit"])
     assert r.exit_code == 2 and "--pose-model-norm goes with an ONNX pose model" in r.output, r.output
+
+
+@pytest.mark.parametrize("array, said", [
+    (np.array(["a", "b"]), "video_2d has dtype <U1, expected numbers (T, 17, 2) pixels"),
+    (np.zeros((4, 17, 2), np.complex64), "video_2d has dtype complex64, expected numbers (T, 17, 2) pixels"),
+    (np.zeros((4, 17, 3)), "video_2d has shape (4, 17, 3), expected finite (T, 17, 2)"),
+    (np.full((4, 17, 2), np.nan), "video_2d holds NaN or inf, expected finite pixel coordinates"),
+    (np.full((4, 17, 2), 50.0) * 1e30, "video_2d reaches 5e+31 px, expected pixel coordinates |x| <= 1,000,000"),
+])
+def test_bad_guiding_joints_are_refused_in_one_line(tmp_path, array, said):
+    """A string array was a ValueError traceback; joints at 1e31 px gave a joint error of 1e32 px."""
+    video, poses, out = tmp_path / "v.mp4", tmp_path / "st.npz", tmp_path / "m.json"
+    write_video(np.zeros((4, 64, 64, 3), np.uint8), video, 8.0)
+    np.savez(poses, video_2d=array)
+    r = CliRunner().invoke(main, ["eval-video", "--video", str(video), "--poses", str(poses), "--json", str(out)])
+    assert r.exit_code == 2 and r.output.strip() == f"error: --poses {poses}: {said}", r.output
+    assert not out.exists()

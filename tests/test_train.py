@@ -311,3 +311,21 @@ def test_held_out_motion_that_is_also_trained_on_is_refused(untrained, made_moti
                                   "--hold-out", str(motion), "--out", str(tmp_path / "x"), "--smoke"])
     assert r.exit_code == 2 and "is also in the training motion" in r.output, r.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "0"], "--height 0: expected a positive multiple of 8"),
+    (["--width", "0"], "--width 0: expected a positive multiple of 8"),
+    (["--height", "-8"], "--height -8: expected a positive multiple of 8"),
+    (["--frames", "0"], "--frames 0: expected at least 3"),
+])
+def test_a_zero_or_negative_size_is_refused_not_taken_as_the_default(demo_ckpt, made_motion, tmp_path, args,
+                                                                     message, monkeypatch):
+    """0 once read as "not given" (``height or cfg.height``) and trained at the model's size."""
+    import finephys.training.train_data
+
+    monkeypatch.setattr(finephys.training.train_data, "open_source", lambda *a, **k: pytest.fail("data read first"))
+    r = CliRunner().invoke(main, ["train", "--ckpt", str(demo_ckpt), "--data", _render_spec(made_motion),
+                                  "--out", str(tmp_path / "x"), "--smoke", *args])
+    assert r.exit_code == 2 and r.output.strip() == f"error: {message}", r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()

@@ -340,3 +340,74 @@ def test_the_shipped_stack_sees_one_person_whatever_the_lens(motion):
         fused[focal, known] = out[2].double().numpy()
     for known in (True, False):  # with the clip's camera, and with none (the default camera)
         assert np.abs(fused[0.5, known] - fused[2.0, known]).max() * 1000 < 5.0
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["train-pose", "eval-pose"])
+def test_motion_of_absurd_magnitude_is_refused(tmp_path, command):
+    """joints3d x 1e30 trained NaN weights and evaluated to an MPJPE of 4.6e32 mm."""
+    from tests.conftest import made_walk
+
+    walk = made_walk(frames=40, fps=8.0)
+    np.savez(tmp_path / "huge.npz", joints3d=walk * 1e30, fps=np.array(8.0))
+    peak = np.abs(walk).max() * 1e30
+    out = tmp_path / "w.safetensors"
+    extra = ["--out", out] if command == "train-pose" else ["--json", tmp_path / "e.json"]
+    result = _cli(command, "--motion", tmp_path / "huge.npz", *extra)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: {tmp_path / 'huge.npz'}: joint coordinates reach {peak:.3g} m, "
+                                     f"expected metres with |x| <= 1,000 (H36M-17, Y up)")
+    assert not out.exists() and not out.with_suffix(".png").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_a_diverging_loss_writes_no_weights(tmp_path, monkeypatch):
+    import finephys.training.train_pose as tp
+    from finephys.training.train_pose import save_trained
+    from tests.conftest import made_walk
+
+    np.savez(tmp_path / "walk.npz", joints3d=made_walk(frames=40, fps=8.0), fps=np.array(8.0))
+    step = tp._lifter_step
+    monkeypatch.setattr(tp, "_lifter_step", lambda *a: step(*a) * float("nan"))
+    out = tmp_path / "w.safetensors"
+    result = _cli("train-pose", "--motion", tmp_path / "walk.npz", "--out", out, "--epochs", 1, "--physnet-epochs", 0,
+                  "--steps-per-epoch", 2, "--batch-size", 2, "--threads", 1, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == ("error: the lifter loss diverged at step 1 (loss nan, gradient "
+                                                      "norm nan), expected finite; no weights written")
+    assert not out.exists() and not out.with_suffix(".png").exists()
+    lifter, physnet = Lifter(TINY.lifter), PhysNet(TINY.physnet)
+    with torch.no_grad():
+        next(lifter.parameters()).fill_(float("inf"))
+    with pytest.raises(InputError, match="the trained weights hold NaN or inf, expected finite; not written"):
+        save_trained(out, lifter, physnet, TINY, 8.0, {})
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", 0], "--epochs: 0, expected >= 1"),
+    (["--steps-per-epoch", 0], "--steps-per-epoch: 0, expected >= 1"),
+    (["--batch-size", 0], "--batch-size: 0, expected >= 1"),
+    (["--val-fraction", 1], "--val-fraction: 1.0, expected a fraction in [0, 1)"),
+])
+def test_training_options_are_checked_before_any_motion_is_read(tmp_path, monkeypatch, args, message):
+    import finephys.training.pose_data
+
+    monkeypatch.setattr(finephys.training.pose_data, "find_motion", lambda *a: pytest.fail("motion read first"))
+    out = tmp_path / "w.safetensors"
+    result = _cli("train-pose", "--motion", tmp_path / "none.npz", "--out", out, *args)
+    assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
+    assert not out.exists()
+
+
+def test_eval_pose_weights_that_are_a_folder(tmp_path):
+    from tests.conftest import made_walk
+
+    np.savez(tmp_path / "walk.npz", joints3d=made_walk(frames=40, fps=8.0), fps=np.array(8.0))
+    (tmp_path / "w").mkdir()
+    result = _cli("eval-pose", "--motion", tmp_path / "walk.npz", "--weights", tmp_path / "w",
+                  "--json", tmp_path / "e.json")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: --weights {tmp_path / 'w'}: is a folder, expected a pose weights file "
+                                     f"(.safetensors from fpengine train-pose)")
+    assert not (tmp_path / "e.json").exists()

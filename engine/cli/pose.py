@@ -92,6 +92,10 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
     check_output(curve, overwrite, "--curve", (".png",))
     check_distinct({"--out": out, "--curve": curve})
     _threads(threads)
+    opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
+                        batch_size=batch_size,
+                        seed=seed, val_fraction=val_fraction)
+    opts.check()  # before any motion is read
     fuse = None if fuse_weight is None else _fuse_weight(fuse_weight)
     pose_cfg, fps = _pose_config(ckpt)
     if fuse not in (None, "fit"):
@@ -101,9 +105,6 @@ def train_pose_cmd(motion, val_motion, hold_out, out, curve, ckpt, epochs, physn
     val = find_motion(val_motion)
     check_apart(motions, val, "--val-motion")
     held_out = val + whole
-    opts = TrainOptions(epochs=epochs, physnet_epochs=physnet_epochs, steps_per_epoch=steps_per_epoch,
-                        batch_size=batch_size,
-                        seed=seed, val_fraction=val_fraction)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     log(f"training on {len(motions)} sequences ({sum(m.duration for m in motions):.1f} s, last "
         f"{val_fraction:g} held out) + {len(held_out)} held-out sequences, {fps:g} fps")
@@ -169,8 +170,11 @@ def eval_pose_cmd(motion, weights, tail, framings, phases, cameras, noises, drop
     check_tail(tail)
     fixed = None if fuse_weight is None else _fuse_weight(fuse_weight, fit=False)
     _threads(threads)
-    motions = find_motion(motion)
+    if weights is not None and weights.is_dir():
+        raise InputError(f"--weights {weights}: is a folder, expected a pose weights file (.safetensors from "
+                         f"fpengine train-pose)")
     lifter, physnet, meta = load_pose_stack(DEMO_WEIGHTS if weights is None else weights)
+    motions = find_motion(motion)
     if fixed is not None:
         meta["fuse_weight"] = fixed
     short = {id(m): too_short(m, meta["fps"], tail, phases) for m in motions}

@@ -99,20 +99,22 @@ def train_cmd(ckpt, data, held_out, out, train, steps, vae_steps, vae_from, vae_
     cfg = read_config(ckpt)
     if vae_from:
         read_manifest(vae_from)  # a checkpoint folder, checked before any work
-    size = (height or cfg.height, width or cfg.width)
+    # the model's sizes only where none was given: 0 is refused below, not taken as the default
+    size = (cfg.height if height is None else height, cfg.width if width is None else width)
     check_video_size(*size)
-    if (frames or cfg.num_frames) < 3:
+    frames = cfg.num_frames if frames is None else frames
+    if frames < 3:
         raise InputError(f"--frames {frames}: expected at least 3")
-    if (frames or cfg.num_frames) > cfg.max_frames:
+    if frames > cfg.max_frames:
         raise InputError(f"--frames {frames}: expected at most the motion modules' {cfg.max_frames}")
-    pixels = (frames or cfg.num_frames) * size[0] * size[1]
+    pixels = frames * size[0] * size[1]
     if pixels > MAX_PIXELS:
-        raise InputError(f"--height {size[0]} --width {size[1]}: {frames or cfg.num_frames} frames x "
+        raise InputError(f"--height {size[0]} --width {size[1]}: {frames} frames x "
                          f"{size[0]}x{size[1]} = {pixels:,} pixels per clip, expected at most {MAX_PIXELS:,} "
                          "(the largest window generate takes)")
     dev = _device(device)
     check_run(ckpt, out, opts, resume, overwrite)  # before the data, which may be videos to decode
-    source = open_source(data, size, cfg.fps, frames or cfg.num_frames, load_tokenizer(Path(ckpt) / "tokenizer"),
+    source = open_source(data, size, cfg.fps, frames, load_tokenizer(Path(ckpt) / "tokenizer"),
                          held_out=held_out)
     trainer = Trainer(ckpt, source, out, opts, device=dev, resume=resume, overwrite=overwrite)
     click.echo(f"training {','.join(modules)} of {ckpt} on {source.description}, {dev}", err=True)

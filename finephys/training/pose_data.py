@@ -27,6 +27,7 @@ from finephys.errors import InputError
 from finephys.poses.layouts import H36M17, convert_keypoints
 
 PANOPTIC_FPS = 29.97
+MAX_MOTION_M = 1e3  # joints farther from the origin are no metres of a person (a file in other units, or garbage)
 # COCO-17 from Panoptic's COCO-19 (data/motion/README.md).
 COCO19_TO_COCO17 = (1, 15, 17, 16, 18, 3, 9, 4, 10, 5, 11, 6, 12, 7, 13, 8, 14)
 FLIP = np.array(H36M17.flip)
@@ -45,6 +46,17 @@ class Motion:
     @property
     def duration(self) -> float:
         return (len(self.joints) - 1) / self.fps
+
+
+def check_motion(motion: Motion) -> Motion:
+    """Refuse joints that are not finite metres within ``MAX_MOTION_M`` of the origin."""
+    if not np.isfinite(motion.joints).all():
+        raise InputError(f"{motion.name}: joint coordinates hold NaN or inf, expected finite metres")
+    peak = float(np.abs(motion.joints).max(initial=0.0))
+    if peak > MAX_MOTION_M:
+        raise InputError(f"{motion.name}: joint coordinates reach {peak:.3g} m, expected metres with "
+                         f"|x| <= {MAX_MOTION_M:,.0f} (H36M-17, Y up)")
+    return motion
 
 
 def _npz_fps(path: Path) -> float:
@@ -77,7 +89,7 @@ def read_motion_file(path) -> Motion:
     else:
         raise InputError(f"{path}: unsupported motion file type {suffix!r}, expected .bvh, .npz "
                          f"or a Panoptic hdPose3d_stage1_coco19 folder")
-    return Motion(str(path), np.asarray(joints, np.float64), float(fps))
+    return check_motion(Motion(str(path), np.asarray(joints, np.float64), float(fps)))
 
 
 def read_panoptic(folder) -> list[Motion]:
@@ -118,7 +130,7 @@ def read_panoptic(folder) -> list[Motion]:
             coco = np.stack([x for _, x in run]) / 100.0  # cm -> m
             h36m, _ = convert_keypoints(coco, np.ones(coco.shape[:2]), "coco17", "h36m17")
             h36m = h36m * np.array([1.0, -1.0, -1.0])  # y down -> Y up (a rotation about x)
-            out.append(Motion(f"{folder}:body{body}:{run[0][0]}-{run[-1][0]}", h36m, PANOPTIC_FPS))
+            out.append(check_motion(Motion(f"{folder}:body{body}:{run[0][0]}-{run[-1][0]}", h36m, PANOPTIC_FPS)))
     return out
 
 

@@ -303,7 +303,10 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
                     loss = _physnet_step(lifter, physnet, batcher, rng, frames, fps, opts)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):  # NaN weights otherwise
+                    raise InputError(f"the {name} loss diverged at step {step + 1} (loss {loss.item():g}, gradient "
+                                     f"norm {norm.item():g}), expected finite; no weights written")
                 optim.step()
                 sched.step()
                 total += loss.item()
@@ -355,6 +358,9 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
 
 def save_trained(path, lifter, physnet, pose_cfg: PoseConfig, fps: float, info: dict) -> Path:
     """Write the weights (fp16; ``load_pose_stack`` reads them back as fp32)."""
+    for module in (lifter, physnet):
+        if not all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()):
+            raise InputError(f"{path}: the trained weights hold NaN or inf, expected finite; not written")
     info = dict(info)
     info.pop("seconds", None)  # keep the file identical across runs of one seed
     if "fuse_weight" in info:  # the fitted weights go into the file's pose config
