@@ -338,6 +338,11 @@ def test_read_weights_refuses_pickles_and_bad_files(tmp_path):
     torch.save([torch.ones(2)], tmp_path / "list.pth")
     with pytest.raises(InputError, match="holds a list"):
         read_weights(tmp_path / "list.pth")
+    for text in (b"notackpt", b"hello world\n"):  # were "holds pickled objects" and "KeyError: 101"
+        (tmp_path / "text.ckpt").write_bytes(text)
+        with pytest.raises(InputError, match=r"text\.ckpt: not a torch checkpoint \(neither torch\.save's zip archive "
+                                             r"nor a pickle\), expected \.ckpt weights or a \.safetensors file$"):
+            read_weights(tmp_path / "text.ckpt")
     (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02garbage")
     with pytest.raises(InputError, match="not a readable safetensors file"):
         read_weights(tmp_path / "bad.safetensors")

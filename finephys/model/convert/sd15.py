@@ -130,6 +130,13 @@ def read_weights(path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises SafetensorError / OSError on bad headers
             raise InputError(f"weights file {p}: not a readable safetensors file ({_one_line(e)})") from None
     elif suffix in _TORCH_SUFFIXES:
+        import zipfile
+
+        with open(p, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # a pickle's protocol opcode (torch.save's legacy format)
+        if not (pickled or zipfile.is_zipfile(p)):
+            raise InputError(f"weights file {p}: not a torch checkpoint (neither torch.save's zip archive nor a "
+                             f"pickle), expected {suffix} weights or a .safetensors file")
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
