@@ -1,6 +1,7 @@
-"""Writing frames out: mp4 (libx264, yuv420p, via imageio + imageio-ffmpeg) or a folder of PNGs.
+"""Writing and reading mp4 video (libx264, yuv420p, via imageio + imageio-ffmpeg); PNG frame folders
+are ``engine.outputs.PngSequence``.
 
-Every writer goes to a temporary name in the target folder and renames at the end, so an
+The writer goes to a temporary name in the target folder and renames at the end, so an
 interrupted run never leaves a half-written file under the final name.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -163,39 +163,6 @@ def write_video(frames, path, fps: float, overwrite: bool = False, crf: int = 18
         for frame in frames:
             writer.append(frame)
     return writer.path
-
-
-def write_frames_dir(frames, folder, overwrite: bool = False) -> Path:
-    """Write frames as ``folder/frame_00000.png`` ...; the folder appears complete or not at all."""
-    from PIL import Image
-
-    folder = Path(folder)
-    _check_target(folder, overwrite, "frames folder")
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder}: is a file, expected a folder path for the frames")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        size, count = None, 0
-        for i, frame in enumerate(frames):
-            arr = _check_frame(frame, i, size)
-            size = arr.shape[:2]
-            Image.fromarray(arr).save(tmp / f"frame_{i:05d}.png")
-            count += 1
-        if count == 0:
-            raise InputError(f"{folder}: no frames were given, expected at least one")
-        os.chmod(tmp, file_mode(directory=True))
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old",
-                                        dir=folder.parent))
-            os.replace(folder, old / "d")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def read_video(path) -> np.ndarray:

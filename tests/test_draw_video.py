@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.video import VideoWriter, read_video, write_frames_dir, write_video
+from engine.video import VideoWriter, read_video, write_video
 from finephys.poses.draw import BACKGROUND, SIDE_COLORS, draw_skeleton, render_pose_frames
 from finephys.errors import InputError
 
@@ -89,22 +89,6 @@ def test_interrupted_writer_leaves_nothing(tmp_path):
     with pytest.raises(InputError, match="no frames"):
         write_video([], path, 8)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_frames_dir(tmp_path):
-    frames = np.random.default_rng(0).integers(0, 255, (3, 8, 10, 3), dtype=np.uint8)
-    folder = write_frames_dir(frames, tmp_path / "f")
-    assert sorted(p.name for p in folder.iterdir()) == [f"frame_0000{i}.png" for i in range(3)]
-    with pytest.raises(InputError, match="already exists"):
-        write_frames_dir(frames, folder)
-    write_frames_dir(frames[:1], folder, overwrite=True)
-    assert [p.name for p in folder.iterdir()] == ["frame_00000.png"]
-    with pytest.raises(InputError, match="frame 1"):
-        write_frames_dir([frames[0], frames[0, :4]], tmp_path / "g")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
-    from PIL import Image
-
-    np.testing.assert_array_equal(np.asarray(Image.open(folder / "frame_00000.png")), frames[0])
 
 
 def test_a_video_ffmpeg_could_not_finish_is_an_error_and_keeps_the_old_file(tmp_path, monkeypatch):

@@ -425,6 +425,7 @@ def test_serve_refuses_non_finite_numbers_before_making_a_folder(args, message, 
     (["--replicas", "-1"], "--replicas -1: expected a positive integer (or 0 for automatic)"),
     (["--device", "cuda"], "--device cuda: this machine has no GPU, expected cpu or auto"),
     (["--device", "cuda:1"], "--device cuda:1: this machine has no GPU, expected cpu or auto"),
+    (["--device", "cudax"], "--device cudax: expected auto, cpu, cuda or cuda:N"),  # passed as a GPU device
 ])
 def test_serve_checks_every_setting_before_ray_starts(args, message, tmp_path, monkeypatch):
     import torch

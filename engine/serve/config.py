@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +45,8 @@ class ModelSpec:
                                  f"{', '.join(ENGINE_BACKENDS)} or auto")
         elif self.backend not in ("auto", "reference"):
             raise InputError(f"--backend {self.backend} runs an engine directory: pass --engine DIR")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise InputError(f"--device {self.device}: expected cpu, cuda or auto")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InputError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
 
     @property
     def name(self) -> str:
