@@ -52,6 +52,12 @@ def host_isa_configs(device: str) -> dict:
     return {"cpp.vec_isa_ok": False} if device == "cuda" else {}
 
 
+def _inductor_cache() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
 def probe(cxx: str | None, device: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None where a one-op package linked by ``cxx`` (None: Inductor's default) loads and runs in a
     fresh process on ``device`` ('cpu' or 'cuda'); else what went wrong, in words."""
@@ -61,6 +67,7 @@ def probe(cxx: str | None, device: str, timeout: float = PROBE_TIMEOUT_S) -> str
     if host_isa_configs(device):
         env["TORCHINDUCTOR_VEC_ISA_OK"] = "0"
     with tempfile.TemporaryDirectory() as d:
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache())  # the cache stays where it was
         env["TMPDIR"] = d  # the loader unpacks the package under TMPDIR; a crashed probe leaves it here, not in /tmp
         try:
             r = subprocess.run([sys.executable, "-c", _PROBE, str(Path(d) / "probe.pt2"), device], env=env,

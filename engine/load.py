@@ -46,7 +46,7 @@ def load_model(ckpt: Path | None, device: str = "cpu", dtype=torch.float32, engi
 
 
 def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | None = None,
-                  engine: Path | None = None, require_compiled: bool = False) -> Plan | None:
+                  engine: Path | None = None, require_compiled: bool = False, backend: str = "auto") -> Plan | None:
     """``plan``'s checks from the config of ``ckpt`` / ``engine`` / the demo, before loading weights
     (seconds earlier); the stream checks again against the loaded backend. ``require_compiled``:
     also that the engine carries a usable compiled UNet step for every call the plan makes.
@@ -76,7 +76,7 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
         check_settings(model, opts)
         return None
     p = plan(model, prepare_clip(clip, model)[0], opts)
-    if profile is not None:  # what the engine's graphs take, as its backend checks at each call
+    if profile is not None and not _compiles_any_shape(backend):  # what the engine's graphs take
         for name, value in (("height", p.height), ("width", p.width), ("frames", min(p.frames, p.length))):
             profile.check(f"--{name} {value}" if name != "frames" else f"a window of {value} frames", **{name: value})
     if require_compiled and engine is not None:
@@ -84,6 +84,12 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
 
         require_steps(engine, p)
     return p
+
+
+def _compiles_any_shape(backend: str) -> bool:
+    """Whether ``backend`` (``auto``: as it resolves here) may run sizes outside the engine's profile:
+    the triton backend compiles a new shape just in time; ONNX Runtime and TensorRT take the profile."""
+    return backend == "triton" or (backend == "auto" and torch.cuda.is_available())
 
 
 def load_pose_model(ckpt: Path | None) -> PoseModel:

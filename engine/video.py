@@ -54,8 +54,8 @@ def mp4_is_whole(path: Path) -> bool:
                 if len(wide) < 8:
                     return False
                 length = struct.unpack(">Q", wide)[0]
-            elif length == 0:
-                length = size - pos
+            elif length == 0:  # ffmpeg's placeholder until the box is finished: never in a whole file
+                return False
             if length < 8 or pos + length > size:
                 return False
             kinds.add(kind)

@@ -78,7 +78,8 @@ def test_a_packaged_engine_batches_requests_only_where_packages_cover_the_batch(
     text1, text2 = ("text_encoder", "1x77"), ("text_encoder", "2x77")
     unet1, unet2 = ("unet", "1x4x16x16x16"), ("unet", "2x4x16x16x16")  # 64x64 at 4 pixels a latent
     default = model(text2, unet2)  # export --compile's default shape: one request with guidance
-    assert default.fits_batch(guided, 1) and not default.fits_batch(guided, 2)  # a UNet batch of 4: the profile
+    assert default.fits_batch(guided, 1) and not default.fits_batch(guided, 2)  # a UNet batch of 4: over the profile
+    # (the profile's batch of 2 leaves unguided requests as the only batches the package rule decides)
     assert default.fits_batch(plain, 2)  # unguided requests have no package either way
     unguided = model(text1, unet1)
     assert unguided.fits_batch(plain, 1) and not unguided.fits_batch(plain, 2)

@@ -91,6 +91,27 @@ def test_interrupted_writer_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_whole_mp4_has_whole_top_level_boxes_and_its_index(tmp_path):
+    import struct
+
+    from engine.video import mp4_is_whole
+
+    def box(kind, body=b"", size=None):
+        return struct.pack(">I4s", 8 + len(body) if size is None else size, kind) + body
+
+    wide = struct.pack(">I4sQ", 1, b"mdat", 16 + 4) + b"abcd"  # a 64-bit size
+    cases = {b"": False, box(b"ftyp", b"isom") + wide + box(b"moov", b"x" * 8): True,
+             box(b"ftyp", b"isom") + box(b"mdat", b"abcd"): False,  # no index: ffmpeg stopped before its trailer
+             box(b"ftyp", b"isom") + box(b"mdat", b"abcd", size=0): False,  # the size ffmpeg fills in at the end
+             box(b"ftyp", b"isom") + box(b"moov", b"x" * 8)[:-3]: False,  # cut inside a box
+             box(b"ftyp", b"isom") + box(b"moov", b"x" * 8, size=0): False}
+    for i, (data, whole) in enumerate(cases.items()):
+        path = tmp_path / f"{i}.mp4"
+        path.write_bytes(data)
+        assert mp4_is_whole(path) is whole, (i, data)
+    assert mp4_is_whole(write_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "real.mp4", fps=8))
+
+
 def test_a_video_ffmpeg_could_not_finish_is_an_error_and_keeps_the_old_file(tmp_path, monkeypatch):
     """On a full disk ffmpeg cannot write the video's index; imageio-ffmpeg does not report its exit
     status, so the broken file was renamed over the old one and the run said it wrote it."""

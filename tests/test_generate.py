@@ -234,6 +234,29 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_single_window_ignores_its_stride_but_not_nonsense(demo_model, walk_clip):
+    """A clip that fits one window never slides it: any positive stride is fine there (the check
+    that refuses negative strides must not refuse these)."""
+    from finephys.sampler.options import plan
+
+    for length, stride in ((None, 16), (8, 8), (8, 100)):
+        opts = GenerateOptions("a walk", num_frames=8, context_length=length, context_stride=stride)
+        assert plan(demo_model, walk_clip, opts).stride == stride
+    with pytest.raises(InputError, match="--context-stride 0: expected 1..7"):
+        plan(demo_model, walk_clip, GenerateOptions("a walk", num_frames=8, context_length=8, context_stride=0))
+
+
+def test_an_engines_profile_is_checked_early_only_where_the_backend_takes_no_other_size(engine16, walk_clip):
+    """ONNX Runtime and TensorRT run the profile's sizes only, so generate refuses others before
+    loading; the triton backend compiles a size outside it just in time, so it is not refused."""
+    from engine.load import check_options
+
+    opts = GenerateOptions("a walk", num_frames=4, height=512, width=64, num_inference_steps=1)
+    with pytest.raises(InputError, match="--height 512: height 512 is outside this engine's profile 64..256"):
+        check_options(walk_clip, opts, engine=engine16, backend="onnxruntime")
+    assert check_options(walk_clip, opts, engine=engine16, backend="triton").height == 512
+
+
 def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     import dataclasses
 

@@ -127,7 +127,7 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
     clip, detected = generate_input(poses, video, save_clip, detect_kw)
     outputs = GenerateOutputs(out, frames_dir, save_poses, preview, overwrite, detected)
     if ckpt is None or engine is None:  # both: load_model says which to drop
-        p = check_options(clip, opts, ckpt, engine, require_compiled)  # before any weights load
+        p = check_options(clip, opts, ckpt, engine, require_compiled, backend)  # before any weights load
         if parallel is not None and p is not None:
             from engine.distributed import check_guidance_split
 

@@ -141,7 +141,7 @@ def plan(model, clip, opts: GenerateOptions) -> Plan:
         raise InputError(f"--context-length {length}: expected 2..{max_len} for {frames} frames (windows that overlap)")
     _check_pixels(min(frames, length), height, width, opts.max_pixels)
     stride = _pick(opts.context_stride, max(1, length * 3 // 4))
-    if not 1 <= stride < max(length, 2):
+    if stride < 1 or (frames > length and stride >= length):
         raise InputError(f"--context-stride {stride}: expected 1..{max(length - 1, 1)} so that windows overlap")
     return Plan(frames, height, width, steps, float(guidance), length, stride,
                 (opts.deep_cache, opts.deep_cache_depth))
