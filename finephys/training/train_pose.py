@@ -304,15 +304,16 @@ def train_pose(motions: list[Motion], pose_cfg: PoseConfig, fps: float, opts: Tr
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-                if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):  # NaN weights otherwise
-                    raise InputError(f"the {name} loss diverged at step {step + 1} (loss {loss.item():g}, gradient "
-                                     f"norm {norm.item():g}), expected finite; no weights written")
+                value, grad = torch.stack([loss.detach(), norm.to(loss.dtype)]).tolist()  # one read back a step
+                if not (math.isfinite(value) and math.isfinite(grad)):  # NaN weights otherwise
+                    raise InputError(f"the {name} loss diverged at step {step + 1} (loss {value:g}, gradient "
+                                     f"norm {grad:g}), expected finite; no weights written")
                 optim.step()
                 sched.step()
-                total += loss.item()
+                total += value
                 step += 1
                 bar.update(1)
-                bar.set_postfix({f"{name}_mm": f"{loss.item() * 1000:.0f}"})
+                bar.set_postfix({f"{name}_mm": f"{value * 1000:.0f}"})
             getattr(hist, name).append(total / n * 1000)
             getattr(hist, f"{name}_step").append(step)
             module.eval()
