@@ -414,6 +414,9 @@ def test_serve_refuses_non_finite_numbers_before_making_a_folder(args, message, 
 
 @pytest.mark.parametrize("args, message", [
     (["--replica-cpus", "0"], "--replica-cpus 0: expected a number > 0"),
+    (["--replica-cpus", "1e9"], "--replica-cpus 1e+09: expected at most 2 (the CPUs of this machine)"),
+    (["--num-cpus", "2", "--replica-cpus", "3"], "--replica-cpus 3: expected at most 2 (the CPUs of --num-cpus)"),
+    (["--num-cpus", "2", "--replicas", "3"], "--replicas 3 x --replica-cpus 1 needs 3 CPUs, --num-cpus is 2"),
     (["--batch-wait-ms", "-1"], "--batch-wait-ms -1: expected 0..10000"),
     (["--batch-wait-ms", "nan"], "--batch-wait-ms nan: expected 0..10000"),
     (["--max-batch-size", "0"], "--max-batch-size 0: expected 1..64"),
@@ -431,6 +434,7 @@ def test_serve_checks_every_setting_before_ray_starts(args, message, tmp_path, m
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert _serve_refuses(args, tmp_path, monkeypatch) == f"error: {message}\n"
 
 

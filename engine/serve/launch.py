@@ -103,6 +103,13 @@ def check(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, addres
         raise InputError(f"--num-cpus {num_cpus}: expected a positive integer")
     if object_store_mb is not None and object_store_mb < 80:
         raise InputError(f"--object-store-mb {object_store_mb}: expected at least 80 (Ray's minimum)")
+    cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
+    if config.replica_cpus > cpus:  # a replica's torch threads; more than the instance has only oversubscribes it
+        raise InputError(f"--replica-cpus {config.replica_cpus:g}: expected at most {cpus} "
+                         f"(the CPUs of {'--num-cpus' if num_cpus is not None else 'this machine'})")
+    if num_cpus is not None and config.replicas * config.replica_cpus > num_cpus:
+        raise InputError(f"--replicas {config.replicas} x --replica-cpus {config.replica_cpus:g} needs "
+                         f"{config.replicas * config.replica_cpus:g} CPUs, --num-cpus is {num_cpus}")
     if config.model.wants_gpu():
         import torch
 
