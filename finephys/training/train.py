@@ -91,6 +91,9 @@ class GenTrainOptions:
         for name in ("steps", "batch_size", "vae_batch_size", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}: {getattr(self, name)}, expected >= 1")
+        for name in ("frames", "height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name} {getattr(self, name)}: expected >= 1 (or unset for the model's)")
         if "vae" in self.train and "vae_decoder" in self.train:
             raise InputError("--train: vae (the whole VAE) or vae_decoder (its decoder alone), not both")
         trains_vae = "vae" in self.train or "vae_decoder" in self.train
@@ -295,8 +298,8 @@ class Trainer:
         self.hist, self.step, self.vae_step = TrainHistory(), 0, 0
         self.scaling = float(parts.vae.config.scaling_factor)
         cfg = parts.config
-        self.frames = opts.frames or cfg.num_frames
-        self.size = (opts.height or cfg.height, opts.width or cfg.width)
+        self.frames = cfg.num_frames if opts.frames is None else opts.frames
+        self.size = (cfg.height if opts.height is None else opts.height, cfg.width if opts.width is None else opts.width)
         self.amp = PRECISIONS[opts.precision] if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         if resume:
