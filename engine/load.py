@@ -79,6 +79,10 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
     if profile is not None and not _compiles_any_shape(backend):  # what the engine's graphs take
         for name, value in (("height", p.height), ("width", p.width), ("frames", min(p.frames, p.length))):
             profile.check(f"--{name} {value}" if name != "frames" else f"a window of {value} frames", **{name: value})
+        if not profile.fits_requests(1, p.cfg_on):
+            raise InputError(f"--guidance {p.guidance:g}: guidance runs a UNet batch of 2, outside this engine's "
+                             f"profile {profile.batch[0]}..{profile.batch[2]} (re-export with a wider --batch, "
+                             "or --guidance 1)")
     if require_compiled and engine is not None:
         from engine.precompile import require_steps
 

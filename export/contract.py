@@ -149,7 +149,8 @@ class ShapeProfile:
         for name, v in values.items():
             lo, _, hi = getattr(self, name)
             if not lo <= v <= hi:
-                hint = f" (re-export with a wider --{name})" if name in ("frames", "height", "width") else ""
+                option = {"prompts": "batch"}.get(name, name)
+                hint = f" (re-export with a wider --{option})" if option in ("frames", "height", "width", "batch") else ""
                 raise InputError(f"{what}: {name} {v} is outside this engine's profile {lo}..{hi}{hint}")
 
 

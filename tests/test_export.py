@@ -211,12 +211,32 @@ def test_export_full_disk_leaves_nothing(demo_ckpt, tmp_path, monkeypatch):
     (["--height", "64:60:128"], "MIN <= OPT <= MAX"),
     (["--out", "nodir/e"], "does not exist"),
     (["--height", "8:100000:100000"], "--height 8:100000:100000: expected sizes up to 8192 pixels"),
+    (["--batch", "0:2:2"], "batch: expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got 0:2:2"),
+    (["--batch", "1:2:256"], "--batch 1:2:256: expected a UNet batch up to 128"),
+    (["--batch", "1:1:1", "--compile", None, "--compile-shape", "2x16x64x64"], "batch 2 is outside this engine's "
+     "profile 1..1 (re-export with a wider --batch)"),
 ])
 def test_export_bad_options(demo_ckpt, tmp_path, args, words):
     base = {"--ckpt": str(demo_ckpt), "--out": str(tmp_path / "e")}
     base.update(dict(zip(args[::2], args[1::2])))
-    r = CliRunner().invoke(main, ["export", *[x for kv in base.items() for x in kv]])
+    r = CliRunner().invoke(main, ["export", *[x for kv in base.items() for x in kv if x is not None]])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_an_engine_without_a_guided_batch_refuses_guidance_before_loading(demo_ckpt, tmp_path):
+    """`--batch 1:1:1` keeps guidance out of the engine's profile: generate says so in one line and
+    what to do, before anything loads, and runs without guidance."""
+    out = tmp_path / "e"
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(demo_ckpt), "--out", str(out), "--batch", "1:1:1",
+                                  "--no-check", "--triton-only"])
+    assert r.exit_code == 0, r.output
+    assert read_engine_manifest(out)["profile"]["prompts"] == [1, 1, 1]
+    args = ["generate", "--engine", str(out), "--backend", "onnxruntime", "--poses", "examples/walk.npz",
+            "--prompt", "a walk", "--frames", "4", "--height", "64", "--width", "64", "--out", str(tmp_path / "v.mp4")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output == (
+        "error: --guidance 7.5: guidance runs a UNet batch of 2, outside this engine's profile 1..1 (re-export "
+        "with a wider --batch, or --guidance 1)\n") and not (tmp_path / "v.mp4").exists()
 
 
 def test_export_refuses_a_foreign_directory(demo_ckpt, tmp_path):

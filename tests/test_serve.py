@@ -238,6 +238,31 @@ def test_a_batch_holds_only_what_an_engine_runs_together(engine16, walk_clip):
             assert batched.shape == alone.shape and np.abs(batched.astype(int) - alone).max() <= 2
 
 
+def test_an_engine_exported_with_a_wider_batch_runs_guided_requests_together(demo_ckpt, walk_clip, tmp_path):
+    """`export --batch 1:2:4` widens the UNet batch and the prompts: two guided requests of one
+    shape are then one batch on onnxruntime (its graphs take the batch), each as it is alone."""
+    from click.testing import CliRunner
+
+    from engine.cli.app import main
+
+    out = tmp_path / "e"
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(demo_ckpt), "--out", str(out), "--batch", "1:2:4",
+                                  "--no-check"])
+    assert r.exit_code == 0, r.output
+    model = load_model(None, "cpu", engine=out, backend="onnxruntime")
+    assert model.profile.batch == model.profile.prompts == (1, 2, 4)
+    guided = GenerateOptions("a walk", num_frames=4, height=64, width=64, num_inference_steps=1,
+                             guidance_scale=2.0, seed=1)
+    opts = [guided, dataclasses.replace(guided, prompt="a run", seed=3), dataclasses.replace(guided, seed=4)]
+    streams = [generate_stream(model, walk_clip, o, progress=False) for o in opts]
+    assert group_by_shape(streams) == [[0, 1], [2]]
+    chunks = list(run_group(streams[:2]))
+    for k in range(2):
+        batched = np.concatenate([chunk[k] for chunk in chunks])
+        alone = np.stack(list(generate_stream(model, walk_clip, opts[k], progress=False)))
+        assert batched.shape == alone.shape and np.abs(batched.astype(int) - alone).max() <= 2
+
+
 def test_a_batch_decodes_request_by_request_in_the_chunks_one_request_gives():
     """An engine's packaged VAE decoder is built for the chunks one request decodes (8 frames and
     the remainder): two 10-frame requests decode as 8 + 2 each, not as 8 + 8 + 4 over their 20

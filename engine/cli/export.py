@@ -11,6 +11,7 @@ from finephys.errors import InputError
 from engine.cli.common import PATH, DeviceChoice
 
 MAX_SIDE = 8192  # a profile's largest height or width (generate's --max-pixels caps the window anyway)
+MAX_BATCH = 128  # a profile's largest UNet batch
 
 
 def _range(option: str, text: str | None):
@@ -24,6 +25,9 @@ def _range(option: str, text: str | None):
         raise InputError(f"{option} {text}: expected MIN:OPT:MAX, three integers")
     if option in ("--height", "--width") and values[2] > MAX_SIDE:
         raise InputError(f"{option} {text}: expected sizes up to {MAX_SIDE} pixels")
+    if option == "--batch" and values[2] > MAX_BATCH:
+        raise InputError(f"{option} {text}: expected a UNet batch up to {MAX_BATCH} (serve's --max-batch-size 64 "
+                         "with guidance)")
     return values
 
 
@@ -36,7 +40,8 @@ def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
     from engine.precompile import StepShape
     from finephys.model.unet import cache_depths_of
 
-    parsed = [StepShape.parse(s) for s in shapes] or [StepShape(2, profile.frames[1], profile.height[1], profile.width[1])]
+    parsed = [StepShape.parse(s) for s in shapes] or [StepShape(min(2, profile.batch[2]), profile.frames[1],
+                                                                profile.height[1], profile.width[1])]
     for s in parsed:
         profile.check(f"--compile-shape {s}", batch=s.batch, frames=s.frames, height=s.height, width=s.width)
     allowed = cache_depths_of(cfg.unet)
@@ -56,6 +61,9 @@ def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
 @click.option("--frames", "frames", default=None, metavar="MIN:OPT:MAX", help="Frames the engine accepts (default 1:model:motion window).")
 @click.option("--height", "height", default=None, metavar="MIN:OPT:MAX", help="Video heights (multiples of 8; default half..twice the model's).")
 @click.option("--width", "width", default=None, metavar="MIN:OPT:MAX", help="Video widths (multiples of 8).")
+@click.option("--batch", "batch", default=None, metavar="MIN:OPT:MAX",
+              help="UNet batch the engine accepts, and prompts with it: 2 a request with guidance, 1 without "
+                   "(default 1:2:2). A wider MAX lets serve run several requests as one batch.")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the reference.")
 @click.option("--force", is_flag=True, help="Rebuild every stage, even those that are up to date.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory that is not this checkpoint's engine.")
@@ -68,7 +76,7 @@ def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
               help="With --compile: also DeepCache's two UNet calls at this --deep-cache-depth (repeatable).")
 @click.option("--triton-only", is_flag=True,
               help="Only what the triton backend runs: no ONNX graphs, TensorRT plans or onnxruntime check.")
-def export(ckpt, out, precision, frames, height, width, no_check, force, overwrite, compile_, compile_shapes,
+def export(ckpt, out, precision, frames, height, width, batch, no_check, force, overwrite, compile_, compile_shapes,
            compile_depths, triton_only):
     """Turn a checkpoint into an engine directory: fp16 weights with the LoRA merged, ONNX graphs,
     TensorRT plans where TensorRT is installed, a manifest and a parity report; with --compile, the
@@ -82,7 +90,9 @@ def export(ckpt, out, precision, frames, height, width, no_check, force, overwri
 
     if not Path(ckpt).exists():
         raise InputError(f"--ckpt {ckpt} does not exist")
-    ranges = {k: _range(f"--{k}", v) for k, v in (("frames", frames), ("height", height), ("width", width))}
+    ranges = {k: _range(f"--{k}", v) for k, v in (("frames", frames), ("height", height), ("width", width),
+                                                   ("batch", batch))}
+    ranges["prompts"] = ranges["batch"]  # one prompt a UNet batch entry (the prompt and the negative one)
     cfg = read_config(ckpt)
     profile = replace(ShapeProfile.default(cfg), **{k: v for k, v in ranges.items() if v})
     spec = _compile_spec(cfg, profile, compile_, compile_shapes, compile_depths)
