@@ -90,33 +90,6 @@ def test_a_packaged_engine_batches_requests_only_where_packages_cover_the_batch(
     assert model(text1, text2, *cached, *[(c, "2x4x16x16x16") for c, _ in cached]).fits_batch(deep, 2)
 
 
-def test_the_packaged_weights_are_read_on_a_thread_from_the_start_and_used_from_there(engine16, monkeypatch):
-    """A packaged engine starts reading its packaged components' weights (in the order a clip uses
-    them) before it loads the pose stack and tokenizer; a package's constants then come from that
-    read, not from a second one, and a read that failed fails the package that needed it."""
-    import safetensors.torch as st
-
-    from engine.aoti import PREFIX, WEIGHTS
-    from engine.backends.aoti import PackagedTritonModel
-
-    keys = [{"component": "unet_cache_d1", "key": "2x4x16x16x16"}, {"component": "text_encoder", "key": "2x77"}]
-    model = PackagedTritonModel(engine16, "cpu", keys)
-    assert list(model._loading) == ["text_encoder", "unet"]  # DeepCache's packages read the UNet's weights
-    name = next(iter(st.load_file(str(engine16 / WEIGHTS["unet"]))))
-    fetched = model._loading["unet"].result()
-    reads = []
-    monkeypatch.setattr(st, "load_file", lambda *a, **k: reads.append(a) or {})
-    got = model._constants("unet_cache_d1", [PREFIX["unet"] + name])
-    assert got[PREFIX["unet"] + name] is fetched[name] and reads == [] and "unet" not in model._loading
-    assert PackagedTritonModel(engine16, "cpu", keys, prefetch=False)._loading == {}
-
-    monkeypatch.undo()  # the real load_file again, with the text encoder's file missing
-    monkeypatch.setattr("engine.backends.aoti.WEIGHTS", {**WEIGHTS, "text_encoder": "missing.safetensors"})
-    model = PackagedTritonModel(engine16, "cpu", keys)
-    with pytest.raises(FileNotFoundError):
-        model._constants("text_encoder", [])
-
-
 def test_a_decode_chunk_without_a_package_runs_padded_in_a_packaged_one(engine16):
     """A 16-frame engine's decoder is packaged for 8-frame chunks, but a long clip's windows finish
     12 frames at a time (8 + 4): the 4 run in the 8-frame package (the VAE decodes each frame on

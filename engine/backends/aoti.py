@@ -19,7 +19,7 @@ from finephys.model.backend import Capabilities
 from finephys.model.unet import cache_depths_of
 
 from engine.aoti import (
-    COMPONENTS, WEIGHTS, PackageRunner, base_component, cache_component, cache_depth, derive_constants, package_dims, shape_key,
+    WEIGHTS, PackageRunner, base_component, cache_component, cache_depth, derive_constants, package_dims, shape_key,
 )
 from engine.backends.base import GraphBackend
 from engine.precompile import code_hash, env_mismatch, environment
@@ -61,12 +61,11 @@ class PackagedTritonModel(GraphBackend):
     name = "triton"
 
     def __init__(self, engine_dir: Path, device, packages: list[dict], require_compiled: bool = False,
-                 cuda_graphs: bool = True, prefetch: bool = True, log=None, **jit_kw):
-        self.packages = {(p["component"], p["key"]): p for p in packages}
-        self._weights, self._buffers, self._runners, self._jit, self._said = {}, {}, {}, None, set()
-        self._loading = self._prefetch(Path(engine_dir), torch.device(device)) if prefetch else {}
+                 cuda_graphs: bool = True, log=None, **jit_kw):
         super().__init__(engine_dir, device)
+        self.packages = {(p["component"], p["key"]): p for p in packages}
         self._require, self._graphs, self._log, self._jit_kw = require_compiled, cuda_graphs, log or _stderr, jit_kw
+        self._weights, self._buffers, self._runners, self._jit, self._said = {}, {}, {}, None, set()
         self._derived = {}  # component -> {fqn: the constant fed to its packages}
         self.package_calls = 0  # UNet shapes served by a package (tests count them)
 
@@ -75,29 +74,12 @@ class PackagedTritonModel(GraphBackend):
         return Capabilities(deep_cache=cache_depths_of(dict(self.config.unet)))
 
     # -- packages ---------------------------------------------------------------------------
-    def _prefetch(self, engine_dir: Path, device: torch.device) -> dict:
-        """Start reading the packaged components' weights onto ``device`` on one thread, in the
-        order a clip uses them: the copies run without the GIL, beside the pose stack, the tokenizer
-        and CUDA's start (about 0.7 s of a full-size engine's start-up otherwise spent in a row)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from safetensors.torch import load_file
-
-        wanted = {base_component(c) for c, _ in self.packages}
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fpengine-weights")
-        loading = {c: pool.submit(load_file, str(engine_dir / WEIGHTS[c]), device=str(device))
-                   for c in COMPONENTS if c in wanted}
-        pool.shutdown(wait=False)  # the thread ends after the last file
-        return loading
-
     def _constants(self, component: str, fqns: list[str]) -> dict:
         from safetensors.torch import load_file
 
         component = base_component(component)  # DeepCache's packages share the UNet's weights
         if component not in self._weights:
-            loading = self._loading.pop(component, None)
-            self._weights[component] = loading.result() if loading is not None else \
-                load_file(str(self.engine_dir / WEIGHTS[component]), device=str(self.device))
+            self._weights[component] = load_file(str(self.engine_dir / WEIGHTS[component]), device=str(self.device))
         derived = self._derived.setdefault(component, {})  # one fused or channels-last copy for all its packages
         missing = [f for f in fqns if f not in derived]
         derived.update(derive_constants(component, missing, self._weights[component], self._buffers.get(component, {})))
