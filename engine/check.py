@@ -114,6 +114,8 @@ def check_engine(engine_dir: Path, backend: str = "auto", ckpt: Path | None = No
     width = profile.width[0] if width is None else width
     frames = 4 if num_frames is None else num_frames
     profile.check("check", frames=frames, height=height, width=width)
+    if guidance_scale is None and not profile.fits_requests(1, model.config.guidance_scale > 1):
+        guidance_scale = 1.0  # an engine without a guided batch (export --batch 1:1:1) is checked without guidance
     opts = GenerateOptions(prompt, num_frames=frames, height=height, width=width,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed)
     clip = check_clip(frames, model.config.fps) if clip is None else clip

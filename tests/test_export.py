@@ -211,8 +211,9 @@ def test_export_full_disk_leaves_nothing(demo_ckpt, tmp_path, monkeypatch):
     (["--height", "64:60:128"], "MIN <= OPT <= MAX"),
     (["--out", "nodir/e"], "does not exist"),
     (["--height", "8:100000:100000"], "--height 8:100000:100000: expected sizes up to 8192 pixels"),
-    (["--batch", "0:2:2"], "batch: expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got 0:2:2"),
-    (["--batch", "1:2:256"], "--batch 1:2:256: expected a UNet batch up to 128"),
+    (["--batch", "1:3:2"], "batch: expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got 1:3:2"),
+    (["--batch", "2:2:2"], "--batch 2:2:2: expected MIN 1 (a request without guidance) and MAX up to 128"),
+    (["--batch", "1:2:256"], "--batch 1:2:256: expected MIN 1 (a request without guidance) and MAX up to 128"),
     (["--batch", "1:1:1", "--compile", None, "--compile-shape", "2x16x64x64"], "batch 2 is outside this engine's "
      "profile 1..1 (re-export with a wider --batch)"),
 ])
@@ -224,13 +225,13 @@ def test_export_bad_options(demo_ckpt, tmp_path, args, words):
 
 
 def test_an_engine_without_a_guided_batch_refuses_guidance_before_loading(demo_ckpt, tmp_path):
-    """`--batch 1:1:1` keeps guidance out of the engine's profile: generate says so in one line and
-    what to do, before anything loads, and runs without guidance."""
+    """`--batch 1:1:1` keeps guidance out of the engine's profile: export's parity check runs without
+    it, and generate says so in one line and what to do, before anything loads."""
     out = tmp_path / "e"
-    r = CliRunner().invoke(main, ["export", "--ckpt", str(demo_ckpt), "--out", str(out), "--batch", "1:1:1",
-                                  "--no-check", "--triton-only"])
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(demo_ckpt), "--out", str(out), "--batch", "1:1:1"])
     assert r.exit_code == 0, r.output
-    assert read_engine_manifest(out)["profile"]["prompts"] == [1, 1, 1]
+    manifest = read_engine_manifest(out)
+    assert manifest["profile"]["prompts"] == [1, 1, 1] and manifest["parity"]["guidance_scale"] == 1.0
     args = ["generate", "--engine", str(out), "--backend", "onnxruntime", "--poses", "examples/walk.npz",
             "--prompt", "a walk", "--frames", "4", "--height", "64", "--width", "64", "--out", str(tmp_path / "v.mp4")]
     r = CliRunner().invoke(main, args)

@@ -949,14 +949,18 @@ def test_warm_up_requests_run_every_precompiled_shape_end_to_end():
 
     base = load_model(None, device="cpu")
     s = base.config.vae_scale_factor
-    model = Packaged(base, ["2x4x64x64", "1x3x32x64"])
+    model = Packaged(base, ["2x4x64x64", "1x3x32x64", "4x4x32x32"])
     lines = []
-    assert warm_up_requests(model, steps=2, log=lines.append) == ["2x4x64x64", "1x3x32x64"]
+    assert warm_up_requests(model, steps=2, log=lines.append) == ["2x4x64x64", "1x3x32x64", "4x4x32x32"]
     c = 4  # SD's latent channels
-    assert model.unet == [(2, c, 4, 64 // s, 64 // s)] * 2 + [(1, c, 3, 32 // s, 64 // s)] * 2
+    assert model.unet == ([(2, c, 4, 64 // s, 64 // s)] * 2 + [(1, c, 3, 32 // s, 64 // s)] * 2
+                          + [(4, c, 4, 32 // s, 32 // s)] * 2)  # export --batch 1:2:4: two guided requests at once
     assert sum(d[0] for d in model.decoded if d[2:] == (64 // s, 64 // s)) == 4
     assert sum(d[0] for d in model.decoded if d[2:] == (32 // s, 64 // s)) == 3
-    assert [line.split(":")[0] for line in lines] == ["warm-up request 4x64x64", "warm-up request 3x32x64"]
+    assert sum(d[0] for d in model.decoded if d[2:] == (32 // s, 32 // s)) == 8
+    assert [line.split(":")[0] for line in lines] == [
+        "warm-up 1 request 4x64x64 (UNet batch 2)", "warm-up 1 request 3x32x64 (UNet batch 1)",
+        "warm-up 2 requests 4x32x32 (UNet batch 4)"]
     idle = Packaged(base, [])
     assert warm_up_requests(idle, log=lines.append) == [] and idle.unet == []
 

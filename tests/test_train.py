@@ -257,8 +257,10 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_steps_and_the_run_uses_i
     assert short[:3] == [1 / 3, 2 / 3, 1.0] and short[8] == 0.0 and short[3] > short[7] > 0  # warm-up 8 // 4 + 1
     with pytest.raises(Exception, match="--lr-schedule linear"):
         train.GenTrainOptions(train=("encoder",), lr_schedule="linear").check()
-    with pytest.raises(Exception, match=r"^--height 0: expected >= 1 \(or unset for the model's\)$"):
-        train.GenTrainOptions(train=("encoder",), height=0).check()
+    with pytest.raises(Exception, match=r"^--height 12: expected a positive multiple of 8$"):
+        train.GenTrainOptions(train=("encoder",), height=12).check()
+    with pytest.raises(Exception, match=r"^--frames 2: expected at least 3$"):
+        train.GenTrainOptions(train=("encoder",), frames=2).check()
     seen = []
     monkeypatch.setattr(train, "_lr", lambda *a: seen.append(a) or 1.0)
     r = _train(untrained, _render_spec(made_motion), tmp_path / "out", "--steps", "3", "--lr-schedule", "cosine")

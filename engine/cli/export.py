@@ -25,9 +25,9 @@ def _range(option: str, text: str | None):
         raise InputError(f"{option} {text}: expected MIN:OPT:MAX, three integers")
     if option in ("--height", "--width") and values[2] > MAX_SIDE:
         raise InputError(f"{option} {text}: expected sizes up to {MAX_SIDE} pixels")
-    if option == "--batch" and values[2] > MAX_BATCH:
-        raise InputError(f"{option} {text}: expected a UNet batch up to {MAX_BATCH} (serve's --max-batch-size 64 "
-                         "with guidance)")
+    if option == "--batch" and (values[0] != 1 or values[2] > MAX_BATCH):
+        raise InputError(f"{option} {text}: expected MIN 1 (a request without guidance) and MAX up to {MAX_BATCH} "
+                         "(serve's --max-batch-size 64 with guidance)")
     return values
 
 

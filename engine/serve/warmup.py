@@ -18,13 +18,16 @@ def warm_up_requests(model, steps: int = 2, log=print) -> list[str]:
     from finephys.sampler.stream import generate_stream
 
     shapes = model.compiled_shapes()
+    guided = float(model.config.guidance_scale) > 1
     for shape in shapes:
         b, f, h, w = (int(v) for v in shape.split("x"))
         start = time.perf_counter()
         clip = check_clip(f, float(model.config.fps), size=max(h, w))
+        # an even UNet batch: b / 2 requests with guidance (two rows each), else b without
+        n, scale = (b // 2, None) if guided and b % 2 == 0 else (b, 1.0)
         opts = GenerateOptions(CHECK_PROMPT, num_frames=f, height=h, width=w, num_inference_steps=steps,
-                               guidance_scale=None if b > 1 else 1.0)  # a UNet batch of 2: guidance on
-        for _ in run_group([generate_stream(model, clip, opts, progress=False)]):
+                               guidance_scale=scale)
+        for _ in run_group([generate_stream(model, clip, opts, progress=False) for _ in range(n)]):
             pass
-        log(f"warm-up request {f}x{h}x{w}: {time.perf_counter() - start:.2f} s")
+        log(f"warm-up {n} request{'s' * (n > 1)} {f}x{h}x{w} (UNet batch {b}): {time.perf_counter() - start:.2f} s")
     return shapes

@@ -43,6 +43,7 @@ from finephys.model.assembly import apply_lora, new_lora, new_parts
 from finephys.model.build import build_scheduler
 from finephys.model.encoder import HeatmapEncoder
 from finephys.sampler.poses import guidance_heatmaps, pose_stack
+from finephys.sampler.options import check_video_size
 from finephys.model.text import tokenize
 from finephys.model.unet import PoseGuidedUNet
 from finephys.poses.layouts import H36M17
@@ -91,9 +92,10 @@ class GenTrainOptions:
         for name in ("steps", "batch_size", "vae_batch_size", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}: {getattr(self, name)}, expected >= 1")
-        for name in ("frames", "height", "width"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"--{name} {getattr(self, name)}: expected >= 1 (or unset for the model's)")
+        if self.frames is not None and self.frames < 3:  # unset: the model's (as the CLI checks them)
+            raise InputError(f"--frames {self.frames}: expected at least 3")
+        if self.height is not None or self.width is not None:
+            check_video_size(8 if self.height is None else self.height, 8 if self.width is None else self.width)
         if "vae" in self.train and "vae_decoder" in self.train:
             raise InputError("--train: vae (the whole VAE) or vae_decoder (its decoder alone), not both")
         trains_vae = "vae" in self.train or "vae_decoder" in self.train
