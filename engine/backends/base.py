@@ -73,10 +73,6 @@ class GraphBackend(BackendBase):
     def _run(self, component: str, feeds: dict) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def fits_batch(self, plan, requests: int) -> bool:
-        """Within the engine's profile (``ShapeProfile.fits_requests``)."""
-        return self.profile.fits_requests(requests, plan.cfg_on)
-
     def _typed(self, component: str, *tensors) -> list[torch.Tensor]:
         """The inputs cast to ``component``'s contract dtypes, contiguous."""
         spec = self.contracts[component].inputs

@@ -44,7 +44,6 @@ class TritonModel(BackendBase):
     """The backend object: the sampler's four calls plus the pose stack (see FinePhysModel)."""
 
     name = "triton"
-    profile = None  # the engine directory's shape profile, when loaded from one
 
     @property
     def capabilities(self) -> Capabilities:
@@ -62,10 +61,6 @@ class TritonModel(BackendBase):
         self._calls = {}
         self.async_decode = True  # the VAE decodes on a side stream (benchmarks turn it off to compare)
         self.modules["vae"].to(memory_format=torch.channels_last)
-
-    def fits_batch(self, plan, requests: int) -> bool:
-        """Loaded from an engine directory: within its profile, as the engine's other backends."""
-        return self.profile is None or self.profile.fits_requests(requests, plan.cfg_on)
 
     def _call(self, name: str, depth: int | None = None):
         """The compiled (and graph-captured) UNet entry point ``name`` (with ``depth`` bound); made

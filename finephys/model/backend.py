@@ -80,6 +80,7 @@ class BackendBase:
     the text encoder's forward (``_encode_ids``) and the other sampler calls."""
 
     name = "reference"
+    profile = None  # an engine directory's shape profile (export.contract.ShapeProfile), where loaded from one
 
     @property
     def precision(self) -> Precision:
@@ -120,9 +121,9 @@ class BackendBase:
 
     def fits_batch(self, plan, requests: int) -> bool:
         """Whether ``requests`` requests of ``plan``'s shape may run as one batch (serve's batching
-        asks; one request always runs, refused by the backend's own checks where it does not fit).
-        Here any number: the reference model has no fixed shapes."""
-        return True
+        asks; one request always runs, refused by the backend's own checks where it does not fit):
+        within the engine's profile where there is one, else any number."""
+        return self.profile is None or self.profile.fits_requests(requests, plan.cfg_on)
 
     def predict_noise_cached(self, sample, timestep, text, pose_features, depth):
         raise NotImplementedError(f"the {self.name} backend has no partial UNet (DeepCache)")

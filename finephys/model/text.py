@@ -86,8 +86,7 @@ def tokenize(tokenizer: ClipTokenizer, prompts: list[str]) -> torch.Tensor:
         full = tokenizer.encode(p)
         if len(full) > MAX_LENGTH:
             removed = tokenizer.decode(full[MAX_LENGTH - 1 : -1])
-            shown = removed if len(removed) <= 60 else removed[:57] + "..."
             log.warning("A prompt (%r) is longer than %d CLIP tokens; %d tokens were cut: %r", _short(p), MAX_LENGTH,
-                        len(full) - MAX_LENGTH, shown)
+                        len(full) - MAX_LENGTH, _short(removed, 60))
     ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     return ids.input_ids.reshape(len(prompts), MAX_LENGTH)
