@@ -19,7 +19,7 @@ from finephys.model.backend import Capabilities
 from finephys.model.unet import cache_depths_of
 
 from engine.aoti import (
-    WEIGHTS, PackageRunner, base_component, cache_component, cache_depth, derive_constants, package_dims, shape_key,
+    COMPONENTS, WEIGHTS, PackageRunner, base_component, cache_component, cache_depth, derive_constants, package_dims, shape_key,
 )
 from engine.backends.base import GraphBackend
 from engine.precompile import code_hash, env_mismatch, environment
@@ -61,7 +61,14 @@ class PackagedTritonModel(GraphBackend):
     name = "triton"
 
     def __init__(self, engine_dir: Path, device, packages: list[dict], require_compiled: bool = False,
-                 cuda_graphs: bool = True, log=None, **jit_kw):
+                 cuda_graphs: bool = True, log=None, prefetch: bool = True, **jit_kw):
+        self._reader = None  # the packaged components' weights, read in the background from here on (CUDA)
+        if prefetch and torch.device(device).type == "cuda":
+            from engine.device_weights import DeviceWeights
+
+            bases = {base_component(p["component"]) for p in packages}
+            self._reader = DeviceWeights([Path(engine_dir) / WEIGHTS[c] for c in COMPONENTS if c in bases],
+                                         torch.device(device))
         super().__init__(engine_dir, device)
         self.packages = {(p["component"], p["key"]): p for p in packages}
         self._require, self._graphs, self._log, self._jit_kw = require_compiled, cuda_graphs, log or _stderr, jit_kw
@@ -79,7 +86,9 @@ class PackagedTritonModel(GraphBackend):
 
         component = base_component(component)  # DeepCache's packages share the UNet's weights
         if component not in self._weights:
-            self._weights[component] = load_file(str(self.engine_dir / WEIGHTS[component]), device=str(self.device))
+            path = self.engine_dir / WEIGHTS[component]
+            self._weights[component] = self._reader.get(path) if self._reader is not None and path in self._reader \
+                else load_file(str(path), device=str(self.device))
         derived = self._derived.setdefault(component, {})  # one fused or channels-last copy for all its packages
         missing = [f for f in fqns if f not in derived]
         derived.update(derive_constants(component, missing, self._weights[component], self._buffers.get(component, {})))

@@ -1,0 +1,126 @@
+"""Safetensors files read onto a CUDA device in the background, for the packaged triton backend's
+start-up (issue 19): the weights leave the critical path while the pose networks, the tokenizer
+and the pose stack run on the main thread.
+
+A thread streams each file through two pinned host buffers into one device buffer per file, on a
+stream of its own. Torch's side streams do not wait for the legacy default stream, so the pose
+stack's kernels do not queue behind the copies (they did behind ``safetensors.torch.load_file``'s,
+which copies on the default stream). File reads and copies release the GIL. ``get(path)`` waits
+for that file, makes the caller's stream wait for its copies and returns its tensors, each a view
+of the device buffer (cloned where a view would start off a 16-byte boundary: compiled kernels
+assume aligned pointers).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from pathlib import Path
+
+import torch
+
+CHUNK = 64 << 20  # bytes per pinned buffer
+ALIGN = 16
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_header(fh) -> tuple[dict, int]:
+    """(tensor entries, byte offset of the data) of an open safetensors file."""
+    raw = fh.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{fh.name}: not a safetensors file (shorter than its header)")
+    (n,) = struct.unpack("<Q", raw)
+    header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _tensors(buf: torch.Tensor, header: dict, name: str) -> dict:
+    out = {}
+    for key, entry in header.items():
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name}: tensor {key} has dtype {entry['dtype']}, which this reader does not know")
+        start, stop = entry["data_offsets"]
+        t = buf[start:stop].view(dtype).view(entry["shape"])
+        out[key] = t if t.data_ptr() % ALIGN == 0 else t.clone()
+    return out
+
+
+class DeviceWeights:
+    """``paths`` read in order onto ``device`` by a thread started here; ``get(path)`` their tensors.
+    On the CPU each file is read straight into its buffer (what the tests can run)."""
+
+    def __init__(self, paths: list[Path], device: torch.device, chunk: int = CHUNK):
+        self.device, self.chunk = torch.device(device), chunk
+        self._done = {Path(p): threading.Event() for p in paths}
+        self._result: dict = {}
+        self._thread = threading.Thread(target=self._read_all, name="device-weights", daemon=True)
+        self._thread.start()
+
+    def _read_all(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream, pins, copied = None, None, [None, None]
+        for path, done in self._done.items():
+            try:
+                if cuda and stream is None:
+                    stream = torch.cuda.Stream(self.device)
+                    pins = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                if cuda:
+                    with torch.cuda.stream(stream):
+                        self._result[path] = self._read(path, stream, pins, copied)
+                else:
+                    self._result[path] = self._read(path)
+            except BaseException as e:  # handed to the caller of get()
+                self._result[path] = e
+            done.set()
+
+    def _read(self, path: Path, stream=None, pins=None, copied=None) -> tuple[dict, torch.cuda.Event | None]:
+        with open(path, "rb", buffering=0) as fh:
+            header, base = read_header(fh)
+            size = max((e["data_offsets"][1] for e in header.values()), default=0)
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            fh.seek(base)
+            if stream is None:  # the CPU: straight into the buffer
+                got = fh.readinto(memoryview(buf.numpy())) if size else 0
+                if got != size:
+                    raise ValueError(f"{path}: truncated safetensors file ({base + got} of {base + size} bytes)")
+                return _tensors(buf, header, str(path)), None
+            off, k = 0, 0
+            while off < size:
+                n = min(self.chunk, size - off)
+                if copied[k] is not None:
+                    copied[k].synchronize()  # this pinned buffer's last copy is done
+                view = memoryview(pins[k].numpy())[:n]
+                got = fh.readinto(view)
+                if got != n:
+                    raise ValueError(f"{path}: truncated safetensors file ({base + off + got} of {base + size} bytes)")
+                buf[off:off + n].copy_(pins[k][:n], non_blocking=True)
+                copied[k] = torch.cuda.Event()
+                copied[k].record(stream)
+                off, k = off + n, k ^ 1
+        tensors = _tensors(buf, header, str(path))
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        return tensors, ready
+
+    def __contains__(self, path) -> bool:
+        return Path(path) in self._done
+
+    def get(self, path: Path) -> dict:
+        """The tensors of ``path``, usable on the current stream."""
+        path = Path(path)
+        self._done[path].wait()
+        got = self._result[path]
+        if isinstance(got, BaseException):
+            raise got
+        tensors, ready = got
+        if ready is None:
+            return tensors
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        for t in tensors.values():
+            t.record_stream(current)  # freed with the model: not reused before the current stream is done
+        return tensors
