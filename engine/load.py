@@ -76,7 +76,7 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
         check_settings(model, opts)
         return None
     p = plan(model, prepare_clip(clip, model)[0], opts)
-    if profile is not None and not _compiles_any_shape(backend):  # what the engine's graphs take
+    if profile is not None and not _compiles_any_shape(backend, engine):  # what the engine's graphs take
         for name, value in (("height", p.height), ("width", p.width), ("frames", min(p.frames, p.length))):
             profile.check(f"--{name} {value}" if name != "frames" else f"a window of {value} frames", **{name: value})
         if not profile.fits_requests(1, p.cfg_on):
@@ -90,10 +90,15 @@ def check_options(clip: PoseClip | None, opts: GenerateOptions, ckpt: Path | Non
     return p
 
 
-def _compiles_any_shape(backend: str) -> bool:
-    """Whether ``backend`` (``auto``: as it resolves here) may run sizes outside the engine's profile:
-    the triton backend compiles a new shape just in time; ONNX Runtime and TensorRT take the profile."""
-    return backend == "triton" or (backend == "auto" and torch.cuda.is_available())
+def _compiles_any_shape(backend: str, engine: Path) -> bool:
+    """Whether ``backend`` (``auto``: as it resolves for ``engine`` here) may run sizes outside the
+    engine's profile: the triton backend compiles a new shape just in time; ONNX Runtime and
+    TensorRT take the profile."""
+    if backend == "auto" and torch.cuda.is_available():
+        from engine.backends import resolve
+
+        backend = resolve(Path(engine), backend, None)[0]
+    return backend == "triton"
 
 
 def load_pose_model(ckpt: Path | None) -> PoseModel:

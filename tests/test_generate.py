@@ -257,6 +257,23 @@ def test_an_engines_profile_is_checked_early_only_where_the_backend_takes_no_oth
     assert check_options(walk_clip, opts, engine=engine16, backend="triton").height == 512
 
 
+@pytest.mark.parametrize("plans", [True, False])
+def test_auto_on_a_gpu_checks_the_profile_early_where_it_resolves_to_tensorrt(engine16, walk_clip, monkeypatch, plans):
+    """On a GPU, ``--backend auto`` picks TensorRT where the engine's plans fit the machine (then a
+    size outside the profile is refused before loading) and the triton backend otherwise."""
+    import engine.backends as backends
+    from engine.load import check_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_tensorrt_usable", lambda engine_dir: plans)
+    opts = GenerateOptions("a walk", num_frames=4, height=512, width=64, num_inference_steps=1)
+    if plans:
+        with pytest.raises(InputError, match="--height 512: height 512 is outside this engine's profile 64..256"):
+            check_options(walk_clip, opts, engine=engine16, backend="auto")
+    else:
+        assert check_options(walk_clip, opts, engine=engine16, backend="auto").height == 512
+
+
 def test_resampling_note_names_both_frame_rates(demo_model, walk_clip):
     import dataclasses
 
