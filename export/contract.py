@@ -144,13 +144,14 @@ class ShapeProfile:
         n = requests * (2 if cfg_on else 1)
         return n <= self.batch[2] and n <= self.prompts[2]
 
-    def check(self, what: str, **values) -> None:
-        """InputError unless every given dimension lies within the profile."""
+    def check(self, what: str, advice: str = "re-export with", **values) -> None:
+        """InputError unless every given dimension lies within the profile (the message ends with
+        ``advice`` a wider option: at export time, "export with")."""
         for name, v in values.items():
             lo, _, hi = getattr(self, name)
             if not lo <= v <= hi:
                 option = {"prompts": "batch"}.get(name, name)
-                hint = f" (re-export with a wider --{option})" if option in ("frames", "height", "width", "batch") else ""
+                hint = f" ({advice} a wider --{option})" if option in ("frames", "height", "width", "batch") else ""
                 raise InputError(f"{what}: {name} {v} is outside this engine's profile {lo}..{hi}{hint}")
 
 

@@ -215,7 +215,7 @@ def test_export_full_disk_leaves_nothing(demo_ckpt, tmp_path, monkeypatch):
     (["--batch", "2:2:2"], "--batch 2:2:2: expected MIN 1 (a request without guidance) and MAX up to 128"),
     (["--batch", "1:2:256"], "--batch 1:2:256: expected MIN 1 (a request without guidance) and MAX up to 128"),
     (["--batch", "1:1:1", "--compile", None, "--compile-shape", "2x16x64x64"], "batch 2 is outside this engine's "
-     "profile 1..1 (re-export with a wider --batch)"),
+     "profile 1..1 (export with a wider --batch)"),
 ])
 def test_export_bad_options(demo_ckpt, tmp_path, args, words):
     base = {"--ckpt": str(demo_ckpt), "--out": str(tmp_path / "e")}
