@@ -178,6 +178,32 @@ def test_real_subprocess(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
 
 
+def test_the_console_script_exits_at_once_only_after_a_generate_that_ran_to_the_end(monkeypatch):
+    """``run`` skips the interpreter's teardown (os._exit) after a finished generate; an error, an
+    interrupt or another command exits through SystemExit as before."""
+    import os
+
+    import engine.cli.app as app
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+
+    def command(code, finished):
+        def fake_main():
+            if finished:
+                app._FINISHED.add("generate")
+            sys.exit(code)
+        return fake_main
+
+    for code, finished, quick in ((0, True, [0]), (None, True, [0]), (0, False, []), (2, True, []), (130, False, [])):
+        exits.clear()
+        monkeypatch.setattr(app, "_FINISHED", set())
+        monkeypatch.setattr(app, "main", command(code, finished))
+        with pytest.raises(SystemExit) as e:  # os._exit is stubbed: the SystemExit follows it here
+            app.run()
+        assert e.value.code == code and exits == quick, (code, finished)
+
+
 def test_a_frame_whose_joints_lie_at_one_point_is_treated_as_undetected(demo_model, walk_clip, tmp_path):
     """A detector's placeholder frame (every joint at one point) made the camera fit singular and
     `generate`, `poses` and `check` died with a traceback; it now counts as an undetected frame,

@@ -64,7 +64,7 @@ class GraphBackend(BackendBase):
         self._config, self.dtype = files.config, files.dtype
         self.contracts = contracts(self._config)
         self.device = torch.device(device)
-        self.parts = load_pose_parts(self.engine_dir, self._config, self.device)
+        self.parts = load_pose_parts(self.engine_dir, self._config, self.pose_device)
 
     @property
     def config(self) -> FinePhysConfig:

@@ -53,6 +53,26 @@ def main():
     """fpengine: fast inference for FinePhys pose-guided human action video generation."""
 
 
+_FINISHED: set[str] = set()  # commands that ran to the end in this process, every output closed
+
+
+def run() -> None:
+    """The ``fpengine`` console script: ``main``; after a ``generate`` that ran to the end, a quick
+    exit that skips the interpreter's teardown (the GPU allocator freeing its segments one by one,
+    every module torn down: 0.25 s of a 7.6 s start-up on an H100). Its outputs are closed and its
+    model freed by then; any other ending (an error, an interrupt, another command) exits as usual."""
+    try:
+        main()
+    except SystemExit as exc:
+        if "generate" in _FINISHED and exc.code in (None, 0):
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
+
+
 @main.command(cls=SectionedCommand, sections=[
     ("Input (one of)", ("poses", "video")),
     ("With --video: pose detection (as `fpengine detect`)", (*DETECT_OPTION_NAMES, "save_clip"))])
@@ -149,6 +169,7 @@ def generate(poses, prompt, negative_prompt, ckpt, engine, backend, device, num_
         _, interrupted = outputs.write_frames(stream, stream, log)
     if interrupted:
         sys.exit(130)
+    _FINISHED.add("generate")
 
 
 @main.command()

@@ -5,8 +5,8 @@ A backend (the reference ``FinePhysModel``, or one that runs an engine directory
 
 - ``name``, ``config`` (FinePhysConfig), ``device``, ``dtype``, ``precision`` and
   ``capabilities``, which say what it can do beyond the four calls (no probing for attributes);
-- ``parts`` with the pose stack (``lifter``, ``physnet``, fp32 PyTorch on every backend) and the
-  ``tokenizer``;
+- ``parts`` with the pose stack (``lifter``, ``physnet``, fp32 PyTorch on every backend, on
+  ``pose_device``) and the ``tokenizer``;
 - the sampler's calls (the DDIM schedule comes from ``config.scheduler``): ``encode_text(prompts)``,
   ``encode_pose(heatmaps)``,
   ``predict_noise(sample, timestep, text, pose_features)``, ``decode_latents(latents)``, ``close()``, and
@@ -36,6 +36,9 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype
     parts: object
+
+    @property
+    def pose_device(self) -> torch.device: ...
 
     @property
     def config(self): ...
@@ -89,6 +92,12 @@ class BackendBase:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities()
+
+    @property
+    def pose_device(self) -> torch.device:
+        """Where the pose stack (``parts.lifter``, ``parts.physnet``) runs: the model's device,
+        unless a backend keeps it on the CPU."""
+        return self.device
 
     @property
     def latent_channels(self) -> int:

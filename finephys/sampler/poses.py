@@ -60,6 +60,10 @@ class PoseModel:
     device: torch.device = torch.device("cpu")
     capabilities: Capabilities = field(default_factory=Capabilities)
 
+    @property
+    def pose_device(self) -> torch.device:
+        return self.device
+
 
 def prepare_clip(clip: PoseClip, model) -> tuple[PoseClip, list[str]]:
     """Convert to the model's layout and frame rate; returns the clip and notes for the user (the
@@ -120,7 +124,7 @@ def pose_stack(parts, kp: torch.Tensor, sc: torch.Tensor, fps: float, fuse_weigh
 @torch.no_grad()
 def run_pose_stack(model, clip: PoseClip) -> PoseStages:
     """Lift, re-estimate with physics, fuse and project back; ``clip`` must be prepared."""
-    dev = model.device
+    dev = model.pose_device
     kp = torch.as_tensor(clip.keypoints, dtype=torch.float32, device=dev)[None]
     sc = torch.as_tensor(clip.scores, dtype=torch.float32, device=dev)[None]
     K = None if clip.camera_matrix is None else torch.as_tensor(clip.camera_matrix, dtype=torch.float32)
