@@ -141,7 +141,8 @@ def main():
             del compiled
             torch._dynamo.reset()
         if "fast" in modes:
-            from engine.fast_unet import CudaGraphCall, optimise_unet
+            from engine.cuda_graph import CudaGraphCall
+            from engine.fast_unet import optimise_unet
 
             wrapped = PoseGuidedUNet(unet)
             fn = optimise_unet(wrapped, channels_last=not a.no_channels_last, compile_mode=a.fast_compile_mode)

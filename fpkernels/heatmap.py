@@ -9,11 +9,9 @@ coordinates; keypoints (B,T,J,2) in pixels (x, y), visibility (B,T,J) -> (B,T,J,
 (B,T,J*r*r,H/r,W/r) with channel ``j*r*r + dy*r + dx`` holding pixel ``(y*r + dy, x*r + dx)``: the
 same numbers as ``pixel_unshuffle(render_heatmaps(...))`` without the extra pass over memory.
 """
-import math
-import numbers
-
 import torch
 
+from fpkernels.heatmap_ref import _OUT_DTYPES, _check_heatmap_args, _check_size, render_heatmaps_ref  # noqa: F401
 from fpkernels.launch import Launcher, cdiv as _cdiv, next_pow2 as _next_pow2
 
 try:  # fpkernels/ imports only torch and triton; triton is optional off Linux
@@ -22,46 +20,6 @@ try:  # fpkernels/ imports only torch and triton; triton is optional off Linux
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
-
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_size(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-
-
-def _check_heatmap_args(keypoints, visibility, height, width, sigma):
-    if not isinstance(keypoints, torch.Tensor):
-        raise ValueError(f"keypoints: expected a torch.Tensor, got {type(keypoints).__name__}")
-    if keypoints.dim() != 4 or keypoints.shape[-1] != 2:
-        raise ValueError(f"keypoints: expected shape (B,T,J,2), got {tuple(keypoints.shape)}")
-    if not isinstance(visibility, torch.Tensor):
-        raise ValueError(f"visibility: expected a torch.Tensor, got {type(visibility).__name__}")
-    if visibility.shape != keypoints.shape[:-1]:
-        raise ValueError(
-            f"visibility: expected shape {tuple(keypoints.shape[:-1])} to match keypoints, "
-            f"got {tuple(visibility.shape)}"
-        )
-    if visibility.device != keypoints.device:
-        raise ValueError(f"visibility: expected device {keypoints.device} (that of keypoints), got {visibility.device}")
-    _check_size("height", height)
-    _check_size("width", width)
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma: expected a finite number > 0, got {sigma!r}")
-
-
-def render_heatmaps_ref(keypoints, visibility, height, width, sigma, out_dtype=torch.float32):
-    """Plain-torch reference: fp32 math, output cast to ``out_dtype``."""
-    _check_heatmap_args(keypoints, visibility, height, width, sigma)
-    kp = keypoints.float()
-    xs = torch.arange(width, device=kp.device, dtype=torch.float32)
-    ys = torch.arange(height, device=kp.device, dtype=torch.float32)
-    inv = 1.0 / (2.0 * float(sigma) ** 2)
-    gx = torch.exp(-((xs - kp[..., 0:1]) ** 2) * inv)  # (B,T,J,W)
-    gy = torch.exp(-((ys - kp[..., 1:2]) ** 2) * inv)  # (B,T,J,H)
-    maps = visibility.float()[..., None, None] * gy[..., :, None] * gx[..., None, :]
-    return maps.to(out_dtype)
 
 
 if triton is not None:

@@ -173,9 +173,20 @@ _FRESH = textwrap.dedent("""
                            num_inference_steps=3, seed=1)
     out = generate(model, load_clip("examples/walk.npz"), opts, progress=False)
     heavy = sorted(m for m in sys.modules if m.startswith(("diffusers", "peft", "transformers", "tokenizers",
-                                                           "torch._dynamo", "torch._inductor")))
+                                                           "torch._dynamo", "torch._inductor", "triton")))
     torch.save({"latents": out.latents, "heavy": heavy, "unet_packages": model.package_calls}, sys.argv[2])
 """)
+
+
+def test_the_packaged_path_imports_no_triton():
+    """What `fpengine generate --engine E --backend triton` imports to run packages loads no triton
+    (their kernels are compiled in; the pose stack and heatmaps take the reference): importing it
+    cost 0.2 s of the start-up on an H100's host. The slow test below checks a whole generation."""
+    code = ("import sys, engine.cli.app, engine.load, engine.backends, engine.backends.aoti, engine.cuda_graph, "
+            "engine.device_weights, engine.outputs, finephys.sampler.stream\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 @pytest.mark.slow

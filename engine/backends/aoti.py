@@ -124,7 +124,7 @@ class PackagedTritonModel(GraphBackend):
         if base == "unet":
             self.package_calls += 1
             if self._graphs and self.device.type == "cuda":
-                from engine.fast_unet import CudaGraphCall
+                from engine.cuda_graph import CudaGraphCall
 
                 runner = CudaGraphCall(runner, warmup=1)  # a package is compiled: one call sets up its handles
         self._runners[key] = runner

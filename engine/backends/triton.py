@@ -21,7 +21,8 @@ from finephys.model.unet import PoseGuidedUNet
 from finephys.model.weights import build_loaded
 
 from engine.aoti import WEIGHTS
-from engine.fast_unet import CudaGraphCall, compile_call, prepare_unet
+from engine.cuda_graph import CudaGraphCall
+from engine.fast_unet import compile_call, prepare_unet
 from engine.precompile import (
     CompiledSteps, StepCall, StepShape, code_hash, environment, sample_inputs,
 )

@@ -3,7 +3,7 @@
 For every frame t and direction d (0 forward, 1 reverse) an MLP reads the local window of S_dd
 and predicts the lower triangle of a symmetric M^-1, the actuation force jtau and the
 Coriolis + gravity term. ``integrate`` then applies the Euler-Lagrange step in both directions
-and fuses; it is ``fpkernels.physnet.physnet_fused_ref``, the one reference that the fused Triton
+and fuses; it is ``fpkernels.physnet_ref.physnet_fused_ref``, the one reference that the fused Triton
 kernel is checked against.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from finephys.model.config import PhysNetConfig
-from fpkernels.physnet import physnet_fused_ref
+from fpkernels.physnet_ref import physnet_fused_ref
 
 
 def tril_size(d: int) -> int:
@@ -36,7 +36,7 @@ def tril_to_full(tril: torch.Tensor, d: int) -> torch.Tensor:
 # q_fwd[t+1] = 2 q[t] - q[t-1] + qdd_fwd[t] dt^2 and q_rev[t-1] = 2 q[t] - q[t+1] + qdd_rev[t] dt^2
 # for t in 1..T-2; S_pp[t] = mean of the predictions that exist for t (S_dd[t] if none);
 # S_fused = w S_dd + (1 - w) S_pp. One reference for the model, training and the fused kernel's
-# tests: ``fpkernels.physnet.physnet_fused_ref`` (plain torch, differentiable).
+# tests: ``fpkernels.physnet_ref.physnet_fused_ref`` (plain torch, differentiable).
 integrate = physnet_fused_ref
 
 

@@ -16,8 +16,7 @@ from finephys.poses.clip import PoseClip, drop_collapsed_frames, resample, to_la
 from finephys.poses.layouts import H36M17
 from finephys.poses.layout_check import layout_warning
 from finephys.sampler.options import GenerateOptions, Plan, plan
-from fpkernels.heatmap import render_heatmaps
-from fpkernels.physnet import physnet_fused
+from fpkernels.heatmap_ref import render_heatmaps_ref
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,12 @@ def lift_and_fuse(parts, kp: torch.Tensor, sc: torch.Tensor, K, fps: float, fuse
     view, turn = virtual_camera(kp, sc, K, dist)
     s_dd = lift_windows(parts.lifter, normalise_2d(view, sc), sc)
     minv, jtau, coriolis = parts.physnet.predict(s_dd)
-    # The reference integrates in plain torch; backends with kernels take the fused Triton kernel.
-    step = physnet_fused if use_kernels else integrate
+    # The reference integrates in plain torch; backends with kernels take the fused Triton kernel
+    # (imported only then: triton is not loaded on the reference and packaged paths).
+    if use_kernels:
+        from fpkernels.physnet import physnet_fused as step
+    else:
+        step = integrate
     per_joint = isinstance(fuse_weight, (list, tuple))
     s_pp, s_fused, _ = step(s_dd, minv, jtau, coriolis, 1.0 / fps, 0.0 if per_joint else fuse_weight)
     if per_joint:  # the kernel takes one weight: it gives S_pp, the blend is done here
@@ -153,7 +156,11 @@ def guidance_heatmaps(config, keypoints: torch.Tensor, visibility: torch.Tensor,
     """Heatmaps (B,T,J,H,W) that guide the video from joints (B,T,J,2) in video pixels; the
     Gaussians' sigma is the model's ``heatmap_sigma`` at 512 px, scaled with the video size."""
     sigma = config.pose.heatmap_sigma * max(height, width) / 512.0
-    return render_heatmaps(keypoints, visibility, height, width, sigma, use_kernel=use_kernel)
+    if use_kernel:
+        from fpkernels.heatmap import render_heatmaps
+
+        return render_heatmaps(keypoints, visibility, height, width, sigma, use_kernel=True)
+    return render_heatmaps_ref(keypoints, visibility, height, width, sigma)
 
 
 def pose_heatmaps(model, stages: PoseStages, height: int, width: int,
