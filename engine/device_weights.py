@@ -37,6 +37,18 @@ def read_header(fh) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _read_exact(fh, view: memoryview) -> int:
+    """Fill ``view`` from ``fh`` (a raw file may return fewer bytes than asked before its end);
+    returns the bytes read, fewer only at the end of the file."""
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def _tensors(buf: torch.Tensor, header: dict, name: str) -> dict:
     out = {}
     for key, entry in header.items():
@@ -84,7 +96,7 @@ class DeviceWeights:
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             fh.seek(base)
             if stream is None:  # the CPU: straight into the buffer
-                got = fh.readinto(memoryview(buf.numpy())) if size else 0
+                got = _read_exact(fh, memoryview(buf.numpy())) if size else 0
                 if got != size:
                     raise ValueError(f"{path}: truncated safetensors file ({base + got} of {base + size} bytes)")
                 return _tensors(buf, header, str(path)), None
@@ -94,7 +106,7 @@ class DeviceWeights:
                 if copied[k] is not None:
                     copied[k].synchronize()  # this pinned buffer's last copy is done
                 view = memoryview(pins[k].numpy())[:n]
-                got = fh.readinto(view)
+                got = _read_exact(fh, view)
                 if got != n:
                     raise ValueError(f"{path}: truncated safetensors file ({base + off + got} of {base + size} bytes)")
                 buf[off:off + n].copy_(pins[k][:n], non_blocking=True)

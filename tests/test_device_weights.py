@@ -71,3 +71,24 @@ def test_on_cuda_the_tensors_are_ready_on_the_current_stream(tmp_path):
     reader = DeviceWeights([path], torch.device("cuda"), chunk=1 << 20)  # many chunks through the two buffers
     torch.cuda.current_stream().synchronize()
     _check(reader.get(path), path, "cuda")
+
+
+def test_short_reads_are_read_on_until_the_end_of_the_file():
+    """A raw file may return fewer bytes than asked before its end; the reader asks again."""
+    import io
+
+    from engine.device_weights import _read_exact
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data):
+            self.data, self.pos = data, 0
+
+        def readinto(self, view):
+            n = min(3, len(view), len(self.data) - self.pos)
+            view[:n] = self.data[self.pos:self.pos + n]
+            self.pos += n
+            return n
+
+    buf = bytearray(10)
+    assert _read_exact(Trickle(bytes(range(10))), memoryview(buf)) == 10 and bytes(buf) == bytes(range(10))
+    assert _read_exact(Trickle(b"abcd"), memoryview(bytearray(10))) == 4  # the end of the file
