@@ -28,11 +28,14 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 def read_header(fh) -> tuple[dict, int]:
     """(tensor entries, byte offset of the data) of an open safetensors file."""
-    raw = fh.read(8)
-    if len(raw) != 8:
+    raw = bytearray(8)
+    if _read_exact(fh, memoryview(raw)) != 8:
         raise ValueError(f"{fh.name}: not a safetensors file (shorter than its header)")
     (n,) = struct.unpack("<Q", raw)
-    header = json.loads(fh.read(n))
+    text = bytearray(n)
+    if _read_exact(fh, memoryview(text)) != n:
+        raise ValueError(f"{fh.name}: not a safetensors file (its header is cut short)")
+    header = json.loads(text)
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -56,19 +59,35 @@ def _tensors(buf: torch.Tensor, header: dict, name: str) -> dict:
         if dtype is None:
             raise ValueError(f"{name}: tensor {key} has dtype {entry['dtype']}, which this reader does not know")
         start, stop = entry["data_offsets"]
+        count = 1
+        for d in entry["shape"]:
+            count *= d
+        if stop - start != count * dtype.itemsize:
+            raise ValueError(f"{name}: tensor {key} takes {stop - start} bytes, not the {count * dtype.itemsize} of "
+                             f"{entry['dtype']} {entry['shape']}")
         t = buf[start:stop].view(dtype).view(entry["shape"])
         out[key] = t if t.data_ptr() % ALIGN == 0 else t.clone()
     return out
 
 
+class Stopped(Exception):
+    """The reader was closed before it read this file."""
+
+
 class DeviceWeights:
-    """``paths`` read in order onto ``device`` by a thread started here; ``get(path)`` their tensors.
-    On the CPU each file is read straight into its buffer (what the tests can run)."""
+    """``paths`` read in order onto ``device`` by a thread started here; ``get(path)`` their tensors,
+    ``drop(path)`` forgets a file's (its memory goes back), ``close()`` stops the reading. On the
+    CPU each file is read straight into its buffer."""
 
     def __init__(self, paths: list[Path], device: torch.device, chunk: int = CHUNK):
-        self.device, self.chunk = torch.device(device), chunk
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the caller's device, not the thread's
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.chunk = device, chunk
         self._done = {Path(p): threading.Event() for p in paths}
         self._result: dict = {}
+        self._dropped: set[Path] = set()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_all, name="device-weights", daemon=True)
         self._thread.start()
 
@@ -77,6 +96,8 @@ class DeviceWeights:
         stream, pins, copied = None, None, [None, None]
         for path, done in self._done.items():
             try:
+                if self._stop.is_set():
+                    raise Stopped(f"{path}: not read (the model was closed)")
                 if cuda and stream is None:
                     stream = torch.cuda.Stream(self.device)
                     pins = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -85,8 +106,8 @@ class DeviceWeights:
                         self._result[path] = self._read(path, stream, pins, copied)
                 else:
                     self._result[path] = self._read(path)
-            except BaseException as e:  # handed to the caller of get()
-                self._result[path] = e
+            except BaseException as e:  # handed to the caller of get(), without the frames that hold buffers
+                self._result[path] = e.with_traceback(None)
             done.set()
 
     def _read(self, path: Path, stream=None, pins=None, copied=None) -> tuple[dict, torch.cuda.Event | None]:
@@ -102,6 +123,8 @@ class DeviceWeights:
                 return _tensors(buf, header, str(path)), None
             off, k = 0, 0
             while off < size:
+                if self._stop.is_set():
+                    raise Stopped(f"{path}: not read to the end (the model was closed)")
                 n = min(self.chunk, size - off)
                 if copied[k] is not None:
                     copied[k].synchronize()  # this pinned buffer's last copy is done
@@ -119,11 +142,34 @@ class DeviceWeights:
         return tensors, ready
 
     def __contains__(self, path) -> bool:
-        return Path(path) in self._done
+        """Whether ``get(path)`` gives its tensors (read, or being read; not dropped)."""
+        return Path(path) in self._done and Path(path) not in self._dropped
+
+    def wait(self) -> None:
+        """Until every file is read (or the reader stopped): no CUDA call of the thread can then
+        meet a CUDA graph being captured."""
+        self._thread.join()
+
+    def close(self) -> None:
+        """Stop reading (after the current chunk) and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+    def drop(self, path: Path) -> None:
+        """Forget ``path``'s tensors (read or not yet): a run that will not use them. Later callers
+        read the file themselves (``path in reader`` is False)."""
+        path = Path(path)
+        if path not in self._done:
+            return
+        self._dropped.add(path)
+        self._done[path].wait()
+        self._result.pop(path, None)
 
     def get(self, path: Path) -> dict:
         """The tensors of ``path``, usable on the current stream."""
         path = Path(path)
+        if path not in self:
+            raise KeyError(f"{path}: not among the weights read in the background (or dropped)")
         self._done[path].wait()
         got = self._result[path]
         if isinstance(got, BaseException):

@@ -51,6 +51,8 @@ from finephys.sampler.options import GenerateOptions, plan
 from finephys.sampler.poses import prepare_clip, run_pose_stack
 from finephys.sampler.stream import Generation, GenerationStream, decode
 
+from engine.host import available_cpus
+
 MODES = ("guidance", "windows", "both")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 _RUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -133,10 +135,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @contextlib.contextmanager
 def _environ(values: dict):
     old = {k: os.environ.get(k) for k in values}
@@ -196,7 +194,7 @@ def launch(fn, nprocs: int, args: tuple = (), device: str = "auto", threads: int
     if not isinstance(nprocs, int) or nprocs < 1:
         raise InputError(f"--gpus {nprocs}: expected a positive number of processes")
     kind, _ = resolve_device(device, nprocs)
-    threads = threads or (max(1, _cpus() // nprocs) if kind == "cpu" else None)
+    threads = threads or (max(1, available_cpus() // nprocs) if kind == "cpu" else None)
     spawn = mp.get_context("spawn")
     port, procs, conns = _free_port(), [], {}
     with _environ(MULTICAST_OFF):
@@ -294,8 +292,8 @@ class GuidanceSplit:
 
     def __init__(self, model, group, half: int):
         self.model, self.group, self.half = model, group, half
-        for name in ("name", "config", "device", "dtype", "parts", "precision", "capabilities", "latent_channels",
-                     "vae_scale_factor"):
+        for name in ("name", "config", "device", "pose_device", "dtype", "parts", "precision", "capabilities",
+                     "latent_channels", "vae_scale_factor"):
             setattr(self, name, getattr(model, name))
         self.encode_text, self.encode_pose = model.encode_text, model.encode_pose
         self.decode_latents = model.decode_latents

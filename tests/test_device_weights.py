@@ -62,14 +62,64 @@ def test_an_unknown_dtype_names_the_tensor(tmp_path):
         DeviceWeights([path], torch.device("cpu")).get(path)
 
 
+def test_a_tensor_whose_bytes_do_not_match_its_shape_names_it(tmp_path):
+    header = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ValueError, match="tensor x takes 8 bytes, not the 12 of F32"):
+        DeviceWeights([path], torch.device("cpu")).get(path)
+
+
+def test_a_dropped_file_is_not_handed_out_and_a_closed_reader_stops_before_the_next_file(tmp_path, monkeypatch):
+    import threading
+
+    from engine import device_weights
+
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(3)]
+    for i, p in enumerate(paths):
+        save_file(_mixed(i), str(p))
+    reader = DeviceWeights(paths, torch.device("cpu"))
+    reader.drop(paths[1])
+    assert paths[1] not in reader and paths[0] in reader
+    with pytest.raises(KeyError, match="dropped"):
+        reader.get(paths[1])
+    _check(reader.get(paths[2]), paths[2], "cpu")
+
+    gate, read = threading.Event(), device_weights.DeviceWeights._read
+    monkeypatch.setattr(device_weights.DeviceWeights, "_read", lambda self, *a: gate.wait() and read(self, *a))
+    reader = DeviceWeights(paths, torch.device("cpu"))
+    closer = threading.Thread(target=reader.close)
+    closer.start()
+    while not reader._stop.is_set():
+        pass
+    gate.set()  # the first file is read to the end, the others not at all
+    closer.join()
+    _check(reader.get(paths[0]), paths[0], "cpu")
+    for p in paths[1:]:
+        with pytest.raises(device_weights.Stopped, match="not read"):
+            reader.get(p)
+
+
 @pytest.mark.gpu
-def test_on_cuda_the_tensors_are_ready_on_the_current_stream(tmp_path):
+def test_on_cuda_the_tensors_are_ready_on_the_current_stream(tmp_path, monkeypatch):
+    """The copies are held back on the reader's stream (a long sleep queued before them): the
+    tensors read right after get() must still be the file's, as get() makes the caller's stream
+    wait for that stream."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    from engine import device_weights
+
+    read_exact = device_weights._read_exact
+
+    def slow(fh, view):
+        if len(view) > 8 << 10:  # a chunk of the data, not the header: on the reader's stream, before its copy
+            torch.cuda._sleep(50_000_000)
+        return read_exact(fh, view)
+
+    monkeypatch.setattr(device_weights, "_read_exact", slow)
     path = tmp_path / "big.safetensors"
     save_file({**_mixed(0), "big": torch.randn(3 << 20)}, str(path))
     reader = DeviceWeights([path], torch.device("cuda"), chunk=1 << 20)  # many chunks through the two buffers
-    torch.cuda.current_stream().synchronize()
     _check(reader.get(path), path, "cuda")
 
 

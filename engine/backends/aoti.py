@@ -62,14 +62,19 @@ class PackagedTritonModel(GraphBackend):
 
     def __init__(self, engine_dir: Path, device, packages: list[dict], require_compiled: bool = False,
                  cuda_graphs: bool = True, log=None, prefetch: bool = True, **jit_kw):
-        self._reader = None  # the packaged components' weights, read in the background from here on (CUDA)
-        if prefetch and torch.device(device).type == "cuda":
+        self._reader = None  # the packaged components' weights, read in the background from here on
+        if prefetch:
             from engine.device_weights import DeviceWeights
 
             bases = {base_component(p["component"]) for p in packages}
             self._reader = DeviceWeights([Path(engine_dir) / WEIGHTS[c] for c in COMPONENTS if c in bases],
                                          torch.device(device))
-        super().__init__(engine_dir, device)
+        try:
+            super().__init__(engine_dir, device)
+        except BaseException:
+            if self._reader is not None:
+                self._reader.close()
+            raise
         self.packages = {(p["component"], p["key"]): p for p in packages}
         self._require, self._graphs, self._log, self._jit_kw = require_compiled, cuda_graphs, log or _stderr, jit_kw
         self._weights, self._buffers, self._runners, self._jit, self._said = {}, {}, {}, None, set()
@@ -126,6 +131,8 @@ class PackagedTritonModel(GraphBackend):
             if self._graphs and self.device.type == "cuda":
                 from engine.cuda_graph import CudaGraphCall
 
+                if self._reader is not None:  # its thread's CUDA calls must not meet the graph's capture
+                    self._reader.wait()
                 runner = CudaGraphCall(runner, warmup=1)  # a package is compiled: one call sets up its handles
         self._runners[key] = runner
         return runner
@@ -146,6 +153,9 @@ class PackagedTritonModel(GraphBackend):
         if self._jit is None:
             from engine.backends.triton import load_triton_backend
 
+            base = base_component(component)
+            if self._reader is not None and base not in self._weights:  # the just-in-time backend loads its own
+                self._reader.drop(self.engine_dir / WEIGHTS[base])  # (a package of it, later, reads them again)
             self._jit = load_triton_backend(self.engine_dir, str(self.device), **self._jit_kw)
         return self._jit
 
@@ -209,6 +219,12 @@ class PackagedTritonModel(GraphBackend):
         rest = shape_key(latents.shape[1:])
         sizes = [int(k.split("x", 1)[0]) for c, k in self.packages if c == "vae_decoder" and k.split("x", 1)[1] == rest]
         return min((s for s in sizes if s > latents.shape[0]), default=None)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        if self._jit is not None:
+            self._jit.close()
 
     # -- what the commands ask ----------------------------------------------------------------
     def warm_up(self) -> None:

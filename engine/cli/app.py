@@ -65,10 +65,12 @@ def run() -> None:
         main()
     except SystemExit as exc:
         if "generate" in _FINISHED and exc.code in (None, 0):
+            import contextlib
             import os
 
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say there
+                    stream.flush()
             os._exit(0)
         raise
 
