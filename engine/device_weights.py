@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from finephys.errors import InputError
+
 CHUNK = 64 << 20  # bytes per pinned buffer
 ALIGN = 16
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -30,12 +32,17 @@ def read_header(fh) -> tuple[dict, int]:
     """(tensor entries, byte offset of the data) of an open safetensors file."""
     raw = bytearray(8)
     if _read_exact(fh, memoryview(raw)) != 8:
-        raise ValueError(f"{fh.name}: not a safetensors file (shorter than its header)")
+        raise InputError(f"{fh.name}: not a safetensors file (shorter than its header); re-export the engine")
     (n,) = struct.unpack("<Q", raw)
     text = bytearray(n)
     if _read_exact(fh, memoryview(text)) != n:
-        raise ValueError(f"{fh.name}: not a safetensors file (its header is cut short)")
-    header = json.loads(text)
+        raise InputError(f"{fh.name}: not a safetensors file (its header is cut short); re-export the engine")
+    try:
+        header = json.loads(text)
+    except ValueError:
+        raise InputError(f"{fh.name}: not a safetensors file (its header is not JSON); re-export the engine") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{fh.name}: not a safetensors file (its header is not a JSON object); re-export the engine")
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -52,20 +59,32 @@ def _read_exact(fh, view: memoryview) -> int:
     return got
 
 
-def _tensors(buf: torch.Tensor, header: dict, name: str) -> dict:
-    out = {}
+def _entries(header: dict, name: str) -> list[tuple]:
+    """(key, dtype, start, stop, shape) of every tensor of a safetensors header, checked."""
+    out = []
     for key, entry in header.items():
-        dtype = DTYPES.get(entry["dtype"])
+        try:
+            dtype, (start, stop) = DTYPES.get(entry["dtype"]), (int(v) for v in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{name}: tensor {key}'s entry {entry!r:.80} is not a safetensors entry (a corrupt file; "
+                             "re-export the engine)") from None
         if dtype is None:
-            raise ValueError(f"{name}: tensor {key} has dtype {entry['dtype']}, which this reader does not know")
-        start, stop = entry["data_offsets"]
+            raise InputError(f"{name}: tensor {key} has dtype {entry['dtype']}, which this reader does not know")
         count = 1
-        for d in entry["shape"]:
+        for d in shape:
             count *= d
-        if stop - start != count * dtype.itemsize:
-            raise ValueError(f"{name}: tensor {key} takes {stop - start} bytes, not the {count * dtype.itemsize} of "
-                             f"{entry['dtype']} {entry['shape']}")
-        t = buf[start:stop].view(dtype).view(entry["shape"])
+        if start < 0 or stop - start != count * dtype.itemsize:
+            raise InputError(f"{name}: tensor {key} takes bytes {start}..{stop}, not the {count * dtype.itemsize} of "
+                             f"{entry['dtype']} {shape} (a corrupt file; re-export the engine)")
+        out.append((key, dtype, start, stop, shape))
+    return out
+
+
+def _tensors(buf: torch.Tensor, entries: list[tuple]) -> dict:
+    out = {}
+    for key, dtype, start, stop, shape in entries:
+        t = buf[start:stop].view(dtype).view(shape)
         out[key] = t if t.data_ptr() % ALIGN == 0 else t.clone()
     return out
 
@@ -113,14 +132,16 @@ class DeviceWeights:
     def _read(self, path: Path, stream=None, pins=None, copied=None) -> tuple[dict, torch.cuda.Event | None]:
         with open(path, "rb", buffering=0) as fh:
             header, base = read_header(fh)
-            size = max((e["data_offsets"][1] for e in header.values()), default=0)
+            entries = _entries(header, str(path))
+            size = max((e[3] for e in entries), default=0)
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             fh.seek(base)
             if stream is None:  # the CPU: straight into the buffer
                 got = _read_exact(fh, memoryview(buf.numpy())) if size else 0
                 if got != size:
-                    raise ValueError(f"{path}: truncated safetensors file ({base + got} of {base + size} bytes)")
-                return _tensors(buf, header, str(path)), None
+                    raise InputError(f"{path}: truncated safetensors file ({base + got} of {base + size} bytes); "
+                                     "re-export the engine")
+                return _tensors(buf, entries), None
             off, k = 0, 0
             while off < size:
                 if self._stop.is_set():
@@ -131,12 +152,13 @@ class DeviceWeights:
                 view = memoryview(pins[k].numpy())[:n]
                 got = _read_exact(fh, view)
                 if got != n:
-                    raise ValueError(f"{path}: truncated safetensors file ({base + off + got} of {base + size} bytes)")
+                    raise InputError(f"{path}: truncated safetensors file ({base + off + got} of {base + size} bytes); "
+                                     "re-export the engine")
                 buf[off:off + n].copy_(pins[k][:n], non_blocking=True)
                 copied[k] = torch.cuda.Event()
                 copied[k].record(stream)
                 off, k = off + n, k ^ 1
-        tensors = _tensors(buf, header, str(path))
+        tensors = _tensors(buf, entries)
         ready = torch.cuda.Event()
         ready.record(stream)
         return tensors, ready

@@ -62,11 +62,26 @@ def test_an_unknown_dtype_names_the_tensor(tmp_path):
         DeviceWeights([path], torch.device("cpu")).get(path)
 
 
+@pytest.mark.parametrize("header,words", [
+    (b"{not json", "its header is not JSON"),
+    (b"[1, 2]", "its header is not a JSON object"),
+    (b'{"x": {"shape": [2], "data_offsets": [0, 8]}}', "tensor x's entry"),
+    (b'{"x": {"dtype": "F32", "shape": [2]}}', "tensor x's entry"),
+])
+def test_a_corrupt_header_is_one_line_of_bad_input_naming_the_file(tmp_path, header, words):
+    from finephys.errors import InputError
+
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(InputError, match=f"bad.safetensors: .*{words}"):
+        DeviceWeights([path], torch.device("cpu")).get(path)
+
+
 def test_a_tensor_whose_bytes_do_not_match_its_shape_names_it(tmp_path):
     header = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
     path = tmp_path / "short.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
-    with pytest.raises(ValueError, match="tensor x takes 8 bytes, not the 12 of F32"):
+    with pytest.raises(ValueError, match="tensor x takes bytes 0..8, not the 12 of F32"):
         DeviceWeights([path], torch.device("cpu")).get(path)
 
 
