@@ -100,8 +100,9 @@ class DeviceWeights:
 
     def __init__(self, paths: list[Path], device: torch.device, chunk: int = CHUNK):
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # the caller's device, not the thread's
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type == "cuda" and device.index is None:  # the caller's device, not the thread's (a caller
+            # that chose one has started CUDA; asking otherwise would start it here, on the critical path)
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
         self.device, self.chunk = device, chunk
         self._done = {Path(p): threading.Event() for p in paths}
         self._result: dict = {}
