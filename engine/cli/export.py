@@ -43,7 +43,8 @@ def _compile_spec(cfg, profile, compile_: bool, shapes: tuple, depths: tuple):
     parsed = [StepShape.parse(s) for s in shapes] or [StepShape(min(2, profile.batch[2]), profile.frames[1],
                                                                 profile.height[1], profile.width[1])]
     for s in parsed:
-        profile.check(f"--compile-shape {s}", "export with", batch=s.batch, frames=s.frames, height=s.height, width=s.width)
+        profile.check(f"--compile-shape {s}", "export with", batch=s.batch, frames=s.frames, height=s.height,
+                      width=s.width)
     allowed = cache_depths_of(cfg.unet)
     for d in depths:
         if d not in allowed:
