@@ -58,7 +58,7 @@ class PngSequence:
     is made (an old one replaced, with ``overwrite``) at the first frame: a run stopped before
     it leaves nothing. Frames are compressed on threads (zlib runs without the GIL): the 16
     frames of a window arrive at once, and one thread took 0.56 s for them at 512x512 on an H200's
-    host (4 threads 0.25 s on frames of noise, which compress slowest). ``close`` waits for every frame handed over and raises the first failure."""
+    host. ``close`` waits for every frame handed over and raises the first failure."""
 
     def __init__(self, folder: Path, overwrite: bool, threads: int = PNG_THREADS):
         self.folder, self.count, self.threads = Path(folder), 0, max(1, threads)
